@@ -1,0 +1,523 @@
+"""
+Qwen3 in one file: the architecture, Hugging Face weights in and out, LoRA, a KV cache and a fused
+sampler for batched generation. It matches transformers' Qwen3ForCausalLM (modeling_qwen3.py is the
+ground truth) for every dense Qwen3 size, 0.6B to 32B.
+
+    model = Qwen3.from_pretrained("Qwen/Qwen3-0.6B-Base", device="cuda", dtype=torch.bfloat16)
+    tok = Tokenizer.from_pretrained("Qwen/Qwen3-0.6B-Base")
+    out = model.generate([tok.encode("Question: 2+2?\nAnswer:")], max_new_tokens=32, temperature=0)
+    print(tok.decode(out[0]))
+"""
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# -----------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Qwen3Config:
+    """The fields of a Hugging Face Qwen3 config.json that define the computation (defaults: 0.6B)."""
+    vocab_size: int = 151936
+    hidden_size: int = 1024
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    rope_theta: float = 1000000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = 40960
+    bos_token_id: int = 151643
+    eos_token_id: int = 151643
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "Qwen3Config":
+        # Refuse what this file does not implement rather than silently computing something else.
+        if d.get("model_type", "qwen3") != "qwen3":
+            raise ValueError(f"{source}: model_type {d.get('model_type')!r} is not a dense Qwen3 ('qwen3')")
+        rope = d.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise ValueError(f"{source}: rope_scaling {rope} is not supported (only plain RoPE)")
+        if d.get("use_sliding_window") or d.get("attention_bias") or d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: sliding windows, attention biases and activations other than silu "
+                             "are not supported")
+        d = dict(d)
+        if "rope_theta" not in d and isinstance(d.get("rope_parameters"), dict):  # transformers >= 5 layout
+            d["rope_theta"] = d["rope_parameters"].get("rope_theta", cls.rope_theta)
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"{source}: missing required key(s) {', '.join(missing)}")
+        d.setdefault("num_key_value_heads", d["num_attention_heads"])
+        d.setdefault("head_dim", d["hidden_size"] // d["num_attention_heads"])
+        for k in ("bos_token_id", "eos_token_id"):  # some configs list several eos ids
+            if isinstance(d.get(k), list):
+                d[k] = d[k][0]
+        config = cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
+        if config.num_attention_heads % config.num_key_value_heads:
+            raise ValueError(f"{source}: num_attention_heads must be a multiple of num_key_value_heads")
+        return config
+
+    def to_dict(self, dtype: torch.dtype = torch.float32) -> dict:
+        """A config.json that transformers, vLLM and lm-eval load as Qwen3ForCausalLM."""
+        return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_act": "silu",
+                "attention_bias": False, "attention_dropout": 0.0, "rope_scaling": None,
+                "use_sliding_window": False, "sliding_window": None, **asdict(self),
+                "torch_dtype": str(dtype).removeprefix("torch.")}
+
+
+# -----------------------------------------------------------------------------------------------
+# The model
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # Normalise in fp32, scale in the input dtype: exactly transformers' order of rounding.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
+    """cos/sin tables (B, 1, T, head_dim) for integer positions (B, T), computed in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions[..., None].float() * inv_freq
+    angles = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin  # rotate-half, as in transformers
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Qwen3Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                                      config.head_dim)
+        self.q_proj = nn.Linear(config.hidden_size, self.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)  # Qwen3's per-head q/k norm, before RoPE
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache=None):
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:  # a whole causal sequence (training, scoring)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:  # generation: attend over the cache, masked for left padding and the future
+            k, v = cache.update(self.layer_idx, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, config: Qwen3Config, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class KVCache:
+    """Pre-allocated keys and values for every layer, stored for the KV heads only (GQA repeats
+    them inside attention, never in memory). Rows are left-padded to a common prompt length, so all
+    rows write the same slot at each step; `mask` hides the padding and the not-yet-written slots."""
+
+    def __init__(self, config: Qwen3Config, batch_size: int, max_len: int, device, dtype):
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.slots = None  # (T,) the cache slots the current tokens are written to
+        self.length = 0    # how many slots attention reads (all of them when the step is a CUDA graph)
+        self.mask = None   # (B, 1, T, length) bool, True where a query may attend a key
+
+    def update(self, layer: int, k, v):
+        self.k[layer].index_copy_(2, self.slots, k.to(self.k.dtype))
+        self.v[layer].index_copy_(2, self.slots, v.to(self.v.dtype))
+        return self.k[layer, :, :, :self.length], self.v[layer, :, :, :self.length]
+
+
+LOGPROB_CHUNK = 1024  # rows of (chunk, vocab) fp32 logits at a time: 0.6 GB for Qwen's vocab
+
+
+class Qwen3(nn.Module):
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @property
+    def device(self):
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self):
+        return self.embed_tokens.weight.dtype
+
+    def forward(self, idx, positions=None, cache=None, return_hidden=False):
+        """idx (B, T) token ids -> logits (B, T, vocab), or the final-norm hidden states (B, T, hidden).
+        positions (B, T) default to 0..T-1; `cache` is only used by generate()."""
+        if positions is None:
+            positions = torch.arange(idx.shape[1], device=idx.device).expand(idx.shape[0], -1)
+        x = self.embed_tokens(idx)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for block in self.layers:
+            x = block(x, cos, sin, cache)
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)
+
+    def token_logprobs(self, idx, targets, temperature: float = 1.0):
+        """log softmax(logits / temperature)[target] at every position, (B, T) in fp32.
+
+        The vocabulary projection runs in chunks of rows, each recomputed in the backward pass, so
+        the (B, T, vocab) fp32 log-softmax is never held in memory at once, with or without grad."""
+        hidden = self(idx, return_hidden=True)
+        flat_hidden, flat_targets = hidden.flatten(0, 1), targets.flatten()
+        chunks = []
+        for i in range(0, flat_hidden.shape[0], LOGPROB_CHUNK):
+            args = (self.lm_head.weight, flat_hidden[i:i + LOGPROB_CHUNK], flat_targets[i:i + LOGPROB_CHUNK],
+                    temperature)
+            chunks.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+                          if torch.is_grad_enabled() else _chunk_logprobs(*args))
+        return torch.cat(chunks).view_as(targets)
+
+    # -------------------------------------------------------------------------------------------
+    # Generation
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens: int, temperature: float = 1.0, top_k=None, top_p=None,
+                 stop_token_ids=None, seed=None, return_logprobs: bool = False, vocab_limit=None):
+        """Sample continuations for a batch of prompts (lists of token ids, any lengths).
+
+        Returns the new tokens of each prompt; a row that samples a stop token keeps it as its last
+        token and ends there. temperature=0 is greedy. With return_logprobs, also the log-probability
+        of each new token under the distribution it was drawn from (after temperature, top-k, top-p;
+        for greedy, under the plain softmax). vocab_limit masks embedding rows past the tokenizer's
+        real tokens. Finished rows ride along until every row is done, so the batch never reshapes
+        and the loop never waits on the host except for one check every 16 steps."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate: every prompt needs at least one token")
+        device, B = self.device, len(prompts)
+        prompt_len = max(len(p) for p in prompts)
+        max_len = prompt_len + max_new_tokens
+        if max_len > self.config.max_position_embeddings:
+            raise ValueError(f"generate: {max_len} tokens exceed max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        pad = torch.tensor([prompt_len - len(p) for p in prompts], device=device)
+        idx = torch.tensor([[0] * (prompt_len - len(p)) + list(p) for p in prompts], device=device)
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.dtype
+        cache = KVCache(self.config, B, max_len, device, dtype)
+        slot = torch.arange(max_len, device=device)
+        key_is_real = slot[None, :] >= pad[:, None]  # (B, max_len): False on each row's left padding
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+        stop = torch.tensor(sorted(set(stop_token_ids or [])), device=device, dtype=torch.long)
+
+        # Prefill: the whole padded prompt at once. Padding queries attend to themselves only, which
+        # keeps their (unused) outputs finite so no NaN can leak into the cache.
+        causal = slot[:prompt_len, None] >= slot[None, :prompt_len]
+        cache.slots, cache.length = slot[:prompt_len], prompt_len
+        cache.mask = (causal & key_is_real[:, None, :prompt_len]) | torch.eye(prompt_len, dtype=torch.bool,
+                                                                               device=device)
+        cache.mask = cache.mask[:, None]
+        positions = (slot[None, :prompt_len] - pad[:, None]).clamp(min=0)
+        logits = self(idx, positions, cache)[:, -1]
+
+        tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+        logprobs = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        steps = 0
+        for t in range(max_new_tokens):
+            tokens[:, t], logprobs[:, t] = sample_next(logits, temperature, top_k, top_p, vocab_limit, generator)
+            done |= torch.isin(tokens[:, t], stop)
+            steps = t + 1
+            if t == max_new_tokens - 1 or (t % 16 == 15 and bool(done.all())):
+                break
+            s = prompt_len + t  # the slot this token is written to
+            cache.slots, cache.length = slot[s:s + 1], s + 1
+            cache.mask = key_is_real[:, None, None, :s + 1]
+            logits = self(tokens[:, t:t + 1], (s - pad)[:, None], cache)[:, -1]
+
+        tokens, logprobs = tokens[:, :steps].tolist(), logprobs[:, :steps].tolist()
+        stop_set = set(stop.tolist())
+        for i, row in enumerate(tokens):
+            end = next((j + 1 for j, tok in enumerate(row) if tok in stop_set), len(row))
+            tokens[i], logprobs[i] = row[:end], logprobs[i][:end]
+        return (tokens, logprobs) if return_logprobs else tokens
+
+    # -------------------------------------------------------------------------------------------
+    # Hugging Face weights in and out
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, device="cpu", dtype=torch.float32) -> "Qwen3":
+        """Load a dense Qwen3 from a local folder or a Hugging Face hub repo id (safetensors only)."""
+        folder = resolve_model_dir(name_or_path)
+        config = Qwen3Config.from_dict(json.loads((folder / "config.json").read_text()),
+                                       source=str(folder / "config.json"))
+        with torch.device("meta"):  # no memory until the weights arrive, and then only in `dtype`
+            model = cls(config).to(dtype)
+        model = model.to_empty(device=device)
+        if config.tie_word_embeddings:  # to_empty unties shared parameters
+            model.lm_head.weight = model.embed_tokens.weight
+        model.load_hf_state_dict(read_safetensors(folder), source=str(folder))
+        return model.eval()
+
+    def load_hf_state_dict(self, tensors: dict, source: str = "checkpoint"):
+        """Copy Hugging Face-named tensors into the model, with a clear error for any missing,
+        unexpected or mis-shaped weight."""
+        expected = self.hf_state_dict()
+        if self.config.tie_word_embeddings:
+            tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}  # optional when tied
+        missing = sorted(expected.keys() - tensors.keys())
+        unexpected = sorted(tensors.keys() - expected.keys())
+        if missing or unexpected:
+            raise ValueError(f"{source}: missing weight(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                             f"unexpected weight(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        with torch.no_grad():
+            for name, param in expected.items():
+                if tensors[name].shape != param.shape:
+                    raise ValueError(f"{source}: weight {name} has shape {tuple(tensors[name].shape)}, "
+                                     f"expected {tuple(param.shape)} from config.json")
+                param.copy_(tensors[name])
+
+    def hf_state_dict(self, merged: bool = False) -> dict:
+        """Weights under their Hugging Face names (model.layers.0.self_attn.q_proj.weight, ...): the
+        live parameters, or with merged=True, LoRA adapters folded in (what save_pretrained writes)."""
+        weights = {}
+        for name, module in self.named_modules():
+            if isinstance(module, LoRALinear):
+                weights[name] = module.weight if merged else module.base.weight
+            elif isinstance(module, (nn.Linear, nn.Embedding, RMSNorm)) and not name.endswith(".base"):
+                weights[name] = module.weight
+        if self.config.tie_word_embeddings:
+            del weights["lm_head"]
+        return {(k if k == "lm_head" else "model." + k) + ".weight": v for k, v in weights.items()}
+
+    def save_pretrained(self, out_dir, tokenizer=None):
+        """Write config.json + model.safetensors (+ tokenizer.json) in the Hugging Face layout, LoRA
+        merged, atomically: a crash mid-save leaves any previous model in out_dir intact."""
+        from safetensors.torch import save_file
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.hf_state_dict(merged=True).items()}
+        files = {"config.json": json.dumps(self.config.to_dict(self.dtype), indent=2)}
+        if tokenizer is not None:
+            files["tokenizer.json"] = Path(tokenizer.path).read_text()
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+            save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            for name, text in files.items():
+                Path(tmp, name).write_text(text)
+            for name in ["model.safetensors", *files]:
+                os.replace(os.path.join(tmp, name), out_dir / name)
+
+
+def _chunk_logprobs(weight, hidden, targets, temperature):
+    logits = (hidden @ weight.t()).float() / temperature
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+# -----------------------------------------------------------------------------------------------
+# The fused sampler
+
+
+def sample_next(logits, temperature: float, top_k=None, top_p=None, vocab_limit=None, generator=None):
+    """One sampling step for a batch of next-token logits (B, vocab) -> (tokens (B,), logprobs (B,)).
+
+    Masks the rows past the tokenizer, applies temperature, keeps the top_k logits, keeps the smallest
+    set of tokens whose probability reaches top_p (the token that crosses p is kept), then draws with
+    the exponential race: argmax p_i / E_i with E_i ~ Exp(1) is a draw from p, with no host sync."""
+    logits = logits.float()
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        logits = logits.clone()
+        logits[:, vocab_limit:] = float("-inf")
+    if temperature == 0:
+        tokens = logits.argmax(-1)
+        return tokens, logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the strictly more likely tokens
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    logprobs = logits.log_softmax(-1)
+    race = torch.empty_like(logprobs).exponential_(generator=generator)
+    tokens = (logprobs.exp() / race).argmax(-1)
+    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+# -----------------------------------------------------------------------------------------------
+# LoRA
+
+
+class LoRALinear(nn.Module):
+    """y = W x + (alpha / rank) * B A x, with W frozen. B starts at zero, so training starts from the
+    unchanged model. The adapters are fp32 (they are the master weights under autocast)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base, self.scale = base, alpha / rank
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # PEFT's initialisation
+
+    @property
+    def weight(self):  # the merged weight, for saving and for code that reads .weight
+        return self.base.weight + (self.scale * self.lora_b @ self.lora_a).to(self.base.weight.dtype)
+
+    def forward(self, x):
+        return self.base(x) + (x.to(self.lora_a.dtype) @ self.lora_a.t() @ self.lora_b.t() * self.scale).to(x.dtype)
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def add_lora(model: Qwen3, rank: int, alpha: float) -> list:
+    """Wrap every attention and MLP projection in a LoRA adapter, freeze all other weights, and
+    return the trainable parameters."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if name in LORA_TARGETS and isinstance(child, nn.Linear):
+                setattr(parent, name, LoRALinear(child, rank, alpha))
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def merge_lora(model: Qwen3) -> Qwen3:
+    """Fold every adapter into its base weight, in place, leaving a plain Qwen3."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                with torch.no_grad():
+                    child.base.weight.copy_(child.weight)
+                setattr(parent, name, child.base)
+    return model
+
+
+# -----------------------------------------------------------------------------------------------
+# Files: hub downloads, safetensors, the tokenizer
+
+
+def resolve_model_dir(name_or_path) -> Path:
+    """A local folder as is; otherwise a hub repo id, downloaded (config, safetensors, tokenizer)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path}: no config.json in this model folder")
+        return path
+    if path.suffix or str(name_or_path).startswith((".", "/")) or str(name_or_path).count("/") != 1:
+        raise FileNotFoundError(f"{name_or_path}: no such model folder (nor a hub id like Qwen/Qwen3-0.6B-Base)")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(str(name_or_path), allow_patterns=[
+            "config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json"]))
+    except Exception as e:  # offline, unknown repo, ...: one clear line, not a stack of HTTP errors
+        raise FileNotFoundError(f"{name_or_path}: could not download from the Hugging Face hub "
+                                f"({type(e).__name__}); pass a local model folder instead") from None
+
+
+def read_safetensors(folder: Path) -> dict:
+    """All tensors of a model folder: model.safetensors, or the shards its index names. Never pickle."""
+    from safetensors.torch import load_file
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").exists():
+        shards = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json "
+                                "(only safetensors weights are loaded, never .bin/.pt pickles)")
+    tensors = {}
+    for shard in shards:
+        if not (folder / shard).exists():
+            raise FileNotFoundError(f"{folder / shard}: shard named in the index is missing")
+        tensors.update(load_file(folder / shard))
+    return tensors
+
+
+class Tokenizer:
+    """Qwen's byte-level BPE (tokenizer.json) through the `tokenizers` library. No BOS is added:
+    Qwen models are trained without one."""
+
+    def __init__(self, path):
+        from tokenizers import Tokenizer as HFTokenizer
+        self.path = str(path)
+        self.tok = HFTokenizer.from_file(self.path)
+        vocab = self.tok.get_vocab(with_added_tokens=True)
+        self.eos_id = vocab.get("<|endoftext|>", 0)
+        self.pad_id = self.eos_id
+        self.stop_ids = [vocab[t] for t in ("<|endoftext|>", "<|im_end|>") if t in vocab]
+        self.n_real_tokens = self.tok.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path) -> "Tokenizer":
+        path = Path(name_or_path)
+        if path.is_file():
+            return cls(path)
+        path = resolve_model_dir(name_or_path) / "tokenizer.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no tokenizer.json in this model folder")
+        return cls(path)
+
+    def encode(self, text: str) -> list:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts) -> list:
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def decode_batch(self, batch) -> list:
+        return self.tok.decode_batch([list(ids) for ids in batch], skip_special_tokens=False)

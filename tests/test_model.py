@@ -1,0 +1,199 @@
+"""model.py against references we did not write: transformers' Qwen3ForCausalLM for the logits and
+the checkpoint format, Qwen's tokenizer ids, and the definitions of the sampler's masks."""
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_config, tiny_model
+from model import Qwen3, Qwen3Config, Tokenizer, add_lora, merge_lora, sample_next
+
+SHAPES = {  # tied and untied heads, MHA and GQA, head_dim != hidden/heads, other rope theta
+    "tied-gqa": {},
+    "untied-mha": dict(tie_word_embeddings=False, num_key_value_heads=4, rope_theta=1e6),
+    "gqa4-hd16": dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16, num_hidden_layers=3),
+}
+
+
+def hf_model(folder):
+    transformers = pytest.importorskip("transformers")
+    return transformers.Qwen3ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_logits_equal_transformers(make_checkpoint, shape):
+    folder = make_checkpoint(seed=1, **SHAPES[shape])
+    ours, theirs = Qwen3.from_pretrained(folder), hf_model(folder)
+    idx = torch.randint(0, 512, (2, 37), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = theirs(idx).logits
+        assert (ours(idx) - expected).abs().max().item() < 1e-4
+        # and at shifted positions, which exercises RoPE beyond 0..T-1
+        positions = torch.arange(100, 137).expand(2, -1)
+        expected = theirs(idx, position_ids=positions).logits
+        assert (ours(idx, positions) - expected).abs().max().item() < 1e-4
+
+
+def test_bf16_logits_equal_transformers_to_the_bit(make_checkpoint):
+    folder = make_checkpoint(seed=2)
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.Qwen3ForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    ours = Qwen3.from_pretrained(folder, dtype=torch.bfloat16)
+    idx = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(ours(idx), theirs(idx).logits)
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    model = tiny_model(seed=3, tie_word_embeddings=False)
+    model.save_pretrained(tmp_path / "m")
+    loaded = Qwen3.from_pretrained(tmp_path / "m")
+    assert loaded.config == model.config
+    for (k, a), (_, b) in zip(model.hf_state_dict().items(), loaded.hf_state_dict().items()):
+        assert torch.equal(a, b), k
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3ForCausalLM"] and config["model_type"] == "qwen3"
+
+
+def test_greedy_generation_matches_transformers(make_checkpoint):
+    folder = make_checkpoint(seed=4)
+    ours, theirs = Qwen3.from_pretrained(folder), hf_model(folder)
+    prompt = [5, 17, 301, 42, 9]
+    expected = theirs.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert ours.generate([prompt], max_new_tokens=12, temperature=0) == [expected]
+
+
+def test_kv_cached_decode_equals_full_forward():
+    model = tiny_model(seed=5)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    tokens, logprobs = model.generate([prompt], max_new_tokens=20, temperature=1.0, seed=0, return_logprobs=True)
+    full = torch.tensor([prompt + tokens[0]])
+    with torch.no_grad():
+        expected = model.token_logprobs(full[:, :-1], full[:, 1:])[0, len(prompt) - 1:]
+    assert torch.allclose(torch.tensor(logprobs[0]), expected, atol=1e-5)
+
+
+def test_batched_different_lengths_equal_one_by_one():
+    model = tiny_model(seed=6)
+    prompts = [[7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [400, 300, 200], [9, 9, 9, 9, 9, 9]]
+    batched = model.generate(prompts, max_new_tokens=15, temperature=0)
+    assert batched == [model.generate([p], max_new_tokens=15, temperature=0)[0] for p in prompts]
+    batched_lp = model.generate(prompts, max_new_tokens=15, seed=1, return_logprobs=True)[1]
+    single = model.generate([prompts[1]], max_new_tokens=15, seed=1, return_logprobs=True)[1]
+    assert len(batched_lp[1]) == 15 and all(math.isfinite(x) for row in batched_lp for x in row)
+    assert len(single[0]) == 15
+
+
+def test_stop_tokens_end_rows_and_are_kept():
+    model = tiny_model(seed=7)
+    free = model.generate([[1, 2, 3], [4, 5]], max_new_tokens=10, temperature=0)
+    stop = free[0][3]  # a token the first row emits at its 4th step
+    out = model.generate([[1, 2, 3], [4, 5]], max_new_tokens=10, temperature=0, stop_token_ids=[stop])
+    assert out[0] == free[0][:free[0].index(stop) + 1]
+    assert out[1] == (free[1][:free[1].index(stop) + 1] if stop in free[1] else free[1])
+
+
+def test_seeded_sampling_is_deterministic():
+    model = tiny_model(seed=8)
+    a = model.generate([[1, 2], [3]], max_new_tokens=12, seed=123, top_p=0.9)
+    assert a == model.generate([[1, 2], [3]], max_new_tokens=12, seed=123, top_p=0.9)
+    assert a != model.generate([[1, 2], [3]], max_new_tokens=12, seed=124, top_p=0.9)
+
+
+def test_token_logprobs_equal_log_softmax_with_gradients():
+    model = tiny_model(seed=9)
+    idx = torch.randint(0, 512, (3, 10))
+    targets = torch.randint(0, 512, (3, 10))
+    lp = model.token_logprobs(idx, targets, temperature=0.7)
+    lp.sum().backward()
+    chunked_grad = model.layers[0].mlp.up_proj.weight.grad.clone()
+    model.zero_grad()
+    direct = (model(idx) / 0.7).float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+    direct.sum().backward()
+    assert torch.allclose(lp, direct, atol=1e-5)
+    assert torch.allclose(chunked_grad, model.layers[0].mlp.up_proj.weight.grad, atol=1e-5)
+
+
+# --- the sampler -------------------------------------------------------------------------------
+
+def test_sampler_masks_equal_their_definitions():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 3.0]])
+    probs = logits.softmax(-1)[0]
+    def support(**kw):
+        draws = {sample_next(logits, 1.0, generator=torch.Generator().manual_seed(s), **kw)[0].item()
+                 for s in range(300)}
+        return draws
+    assert support(top_k=2) == {0, 5}
+    # top_p: the smallest set of most likely tokens whose mass reaches p, including the one crossing p
+    order = probs.argsort(descending=True).tolist()
+    p = probs[order[0]].item() + 0.01  # crosses p at the second token
+    assert support(top_p=p) == set(order[:2])
+    assert support(top_p=probs[order[0]].item() - 0.01) == {order[0]}
+    assert support(vocab_limit=3) == {0, 1, 2}
+    # the returned log-prob is under the truncated, renormalised distribution
+    tok, lp = sample_next(logits, 1.0, top_k=2, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(lp.exp(), probs[tok] / (probs[0] + probs[5]))
+    assert sample_next(logits, 0.0)[0].item() == 5
+
+
+def test_sampler_draws_follow_the_target_distribution():
+    logits = torch.tensor([1.0, 0.2, -0.5, 2.0, 0.0, -2.0, 1.5, 0.7])
+    n = 200_000
+    tokens, _ = sample_next(logits.expand(n, -1), 0.8, generator=torch.Generator().manual_seed(0))
+    observed = torch.bincount(tokens, minlength=8).double()
+    expected = (logits / 0.8).softmax(-1).double() * n
+    chi2 = ((observed - expected) ** 2 / expected).sum().item()
+    assert chi2 < 24.3  # the 0.999 quantile of chi-squared with 7 degrees of freedom
+
+
+# --- LoRA --------------------------------------------------------------------------------------
+
+def test_lora_merge_gives_the_same_logits(tmp_path):
+    model = tiny_model(seed=10)
+    trainable = add_lora(model, rank=4, alpha=8)
+    assert len(trainable) == 2 * 7 * model.config.num_hidden_layers
+    with torch.no_grad():
+        for p in trainable:
+            p.add_(0.05 * torch.randn_like(p))
+    idx = torch.randint(0, 512, (2, 9))
+    with torch.no_grad():
+        with_adapters = model(idx)
+        model.save_pretrained(tmp_path / "merged")
+        merged = merge_lora(model)(idx)
+        loaded = Qwen3.from_pretrained(tmp_path / "merged")(idx)
+    assert (with_adapters - merged).abs().max() < 1e-5 and (with_adapters - loaded).abs().max() < 1e-5
+
+
+# --- files and errors --------------------------------------------------------------------------
+
+def test_tokenizer_ids_equal_qwens(tokenizer_file):
+    tok = Tokenizer.from_pretrained(tokenizer_file)
+    assert tok.encode("Hello world") == [9707, 1879]
+    assert tok.encode("Natalia sold clips to 48 of her friends in April") == [
+        45, 4212, 685, 6088, 26111, 311, 220, 19, 23, 315, 1059, 4780, 304, 5813]
+    assert tok.encode("<|endoftext|><|im_start|><|im_end|><think></think>") == [
+        151643, 151644, 151645, 151667, 151668]
+    assert (tok.eos_id, tok.stop_ids, tok.n_real_tokens) == (151643, [151643, 151645], 151669)
+    text = "Question: Janet’s ducks lay 16 eggs per day.\nAnswer: 16 - 3 - 4 = <<16-3-4=9>>9\n#### 9"
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_clear_errors(tmp_path, make_checkpoint):
+    with pytest.raises(FileNotFoundError, match="no such model folder"):
+        Qwen3.from_pretrained(tmp_path / "nope")
+    folder = make_checkpoint()
+    (folder / "model.safetensors").rename(folder / "other.safetensors")
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        Qwen3.from_pretrained(folder)
+    folder = make_checkpoint(name="wide")
+    config = json.loads((folder / "config.json").read_text())
+    config["intermediate_size"] = 96
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"mlp.gate_proj.weight has shape \(128, 64\), expected \(96, 64\)"):
+        Qwen3.from_pretrained(folder)
+    with pytest.raises(ValueError, match="qwen3_moe"):
+        Qwen3Config.from_dict({**tiny_config().to_dict(), "model_type": "qwen3_moe"})
+    with pytest.raises(ValueError, match="missing required key"):
+        Qwen3Config.from_dict({"model_type": "qwen3", "hidden_size": 8})
