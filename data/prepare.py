@@ -1,0 +1,242 @@
+"""Download GSM8K, MMLU and TruthfulQA from their original releases and write them in one local format.
+
+    python data/prepare.py                  # download (GSM8K ~5 MB, MMLU's data.tar ~166 MB, TruthfulQA ~1 MB)
+    python data/prepare.py --source DIR     # offline, from a local copy laid out like the releases:
+        DIR/gsm8k/{train,test}.jsonl                      openai/grade-school-math
+        DIR/mmlu/{dev,test}/SUBJECT_{dev,test}.csv        hendrycks' data.tar (no header: question, A, B, C, D, letter)
+        DIR/truthfulqa/mc_task.json                       sylinrl/TruthfulQA
+
+What it writes under --out (default: this folder), JSON lines, one example a line, in the releases' order:
+    gsm8k/train.jsonl, gsm8k/test.jsonl   {"question": str, "answer": str}  (answer: full solution ending "#### N")
+    mmlu/dev.jsonl, mmlu/test.jsonl       {"subject": str, "question": str, "choices": [4 str], "answer": 0-3}
+                                          subjects sorted by name, each subject's rows in file order
+    truthfulqa/mc.jsonl                   {"question": str, "mc1_targets": {"choices": [..], "labels": [..]},
+                                           "mc2_targets": {...}}  labels 1 = true, 0 = false, in the release's order
+Everything it reads is checked: row counts (GSM8K 7,473 / 1,319; MMLU 285 dev / 14,042 test over 57
+subjects; TruthfulQA 817), a parseable "#### N" on every GSM8K answer, four choices and an A-D answer on
+every MMLU row, one true MC1 choice listed first. A malformed row stops everything with its file and line:
+nothing is ever dropped silently, so every score is over the same, complete data set.
+"""
+import argparse
+import csv
+import json
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+from pathlib import Path
+
+DATASETS = ("gsm8k", "mmlu", "truthfulqa")
+GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{split}.jsonl"
+MMLU_URL = "https://people.eecs.berkeley.edu/~hendrycks/data.tar"
+TRUTHFULQA_URL = "https://raw.githubusercontent.com/sylinrl/TruthfulQA/main/data/mc_task.json"
+EXPECTED_ROWS = {("gsm8k", "train"): 7473, ("gsm8k", "test"): 1319, ("mmlu", "dev"): 285,
+                 ("mmlu", "test"): 14042, ("truthfulqa", "mc"): 817}
+MMLU_SUBJECTS = 57
+GSM8K_GOLD = re.compile(r"-?[0-9][0-9,]*(\.[0-9]+)?")  # what follows "#### ": 72, -3, 1,080, 0.5
+
+
+class DataError(Exception):
+    """Data that is missing, cannot be downloaded, or does not look like the release it claims to be."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading and checking the releases
+
+def read_gsm8k(path: Path) -> list:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            where = f"{path}:{line_number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e})") from None
+            if not (isinstance(row, dict) and isinstance(row.get("question"), str)
+                    and isinstance(row.get("answer"), str)):
+                raise DataError(f"{where}: expected an object with string fields 'question' and 'answer'")
+            if "#### " not in row["answer"] or not GSM8K_GOLD.fullmatch(row["answer"].split("#### ")[-1].strip()):
+                raise DataError(f"{where}: the answer does not end in a parseable '#### N' final answer")
+            rows.append({"question": row["question"], "answer": row["answer"]})
+    return rows
+
+
+def read_mmlu(folder: Path, split: str) -> list:
+    files = sorted(folder.glob(f"*_{split}.csv"))
+    if not files:
+        raise DataError(f"{folder}: no *_{split}.csv files")
+    rows = []
+    for path in files:
+        subject = path.name[: -len(f"_{split}.csv")]
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.reader(f)
+            first_line = 1  # a quoted field may span lines: report the line the row starts on
+            for record in reader:
+                where = f"{path}:{first_line}"
+                first_line = reader.line_num + 1
+                if len(record) != 6:
+                    raise DataError(f"{where}: expected 6 fields (question, A, B, C, D, answer), got {len(record)}")
+                if record[5] not in ("A", "B", "C", "D"):
+                    raise DataError(f"{where}: the answer is {record[5]!r}, not one of A, B, C, D")
+                rows.append({"subject": subject, "question": record[0], "choices": record[1:5],
+                             "answer": "ABCD".index(record[5])})
+    return rows
+
+
+def read_truthfulqa(path: Path) -> list:
+    """mc_task.json is one JSON list; its entries are decoded one at a time so that an error can name
+    the line an entry starts on."""
+    text = path.read_text(encoding="utf-8")
+    decoder, rows = json.JSONDecoder(), []
+    if not text.lstrip().startswith("["):
+        raise DataError(f"{path}:1: expected a JSON list")
+    position = counted = text.index("[") + 1
+    line_number = 1 + text.count("\n", 0, position)
+    while True:
+        while position < len(text) and text[position] in " \t\r\n,":
+            position += 1
+        if position >= len(text) or text[position] == "]":
+            break
+        line_number, counted = line_number + text.count("\n", counted, position), position
+        where = f"{path}:{line_number}"
+        try:
+            entry, position = decoder.raw_decode(text, position)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+        if not (isinstance(entry, dict) and isinstance(entry.get("question"), str)
+                and isinstance(entry.get("mc1_targets"), dict) and isinstance(entry.get("mc2_targets"), dict)):
+            raise DataError(f"{where}: expected 'question', 'mc1_targets' and 'mc2_targets'")
+        mc1, mc2 = list(entry["mc1_targets"].values()), list(entry["mc2_targets"].values())
+        if any(label not in (0, 1) for label in mc1 + mc2):
+            raise DataError(f"{where}: labels must be 0 or 1")
+        if len(mc1) < 2 or mc1[0] != 1 or sum(mc1) != 1:
+            raise DataError(f"{where}: mc1_targets needs exactly one true choice, listed first")
+        if mc2[0] != 1 or 0 not in mc2:  # lm-eval's MC2 splits at the first 0: trues must come first
+            raise DataError(f"{where}: mc2_targets needs a true choice first and at least one false one")
+        rows.append({"question": entry["question"],
+                     "mc1_targets": {"choices": list(entry["mc1_targets"]), "labels": mc1},
+                     "mc2_targets": {"choices": list(entry["mc2_targets"]), "labels": mc2}})
+    return rows
+
+
+def check_count(rows: list, dataset: str, split: str, where: Path):
+    expected = EXPECTED_ROWS[(dataset, split)]
+    if len(rows) != expected:
+        raise DataError(f"{where}: {dataset} {split} has {len(rows)} rows, expected {expected}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Downloading
+
+def download(url: str, dest: Path):
+    print(f"downloading {url}")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as f:
+            shutil.copyfileobj(response, f)
+    except OSError as e:  # URLError, timeouts and refused connections are all OSErrors
+        raise DataError(f"could not download {url} ({e}). Offline? Run `python data/prepare.py --source DIR` "
+                        "with a local copy of the releases (layout in data/prepare.py)") from None
+
+
+def download_releases(datasets, into: Path):
+    """Fetch the original files into `into`, laid out like a --source folder."""
+    if "gsm8k" in datasets:
+        (into / "gsm8k").mkdir(parents=True)
+        for split in ("train", "test"):
+            download(GSM8K_URL.format(split=split), into / "gsm8k" / f"{split}.jsonl")
+    if "mmlu" in datasets:
+        tar_path = into / "data.tar"
+        download(MMLU_URL, tar_path)
+        with tarfile.open(tar_path) as tar:  # data/{dev,val,test,auxiliary_train}/*.csv: keep dev and test
+            for member in tar.getmembers():
+                parts = Path(member.name).parts
+                if member.isfile() and len(parts) == 3 and parts[1] in ("dev", "test") and parts[2].endswith(".csv"):
+                    (into / "mmlu" / parts[1]).mkdir(parents=True, exist_ok=True)
+                    (into / "mmlu" / parts[1] / parts[2]).write_bytes(tar.extractfile(member).read())
+        tar_path.unlink()
+    if "truthfulqa" in datasets:
+        (into / "truthfulqa").mkdir(parents=True)
+        download(TRUTHFULQA_URL, into / "truthfulqa" / "mc_task.json")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing
+
+def write_jsonl(rows: list, path: Path):
+    """Write to a temporary name, then rename: an interrupted run never leaves a half-written file that
+    a later run would take for prepared data."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def convert(source: Path, out: Path, datasets):
+    """Read and check everything first, then write: a bad row leaves `out` untouched."""
+    outputs = {}
+    if "gsm8k" in datasets:
+        for split in ("train", "test"):
+            path = source / "gsm8k" / f"{split}.jsonl"
+            require(path)
+            outputs[out / "gsm8k" / f"{split}.jsonl"] = rows = read_gsm8k(path)
+            check_count(rows, "gsm8k", split, path)
+    if "mmlu" in datasets:
+        subjects = {}
+        for split in ("dev", "test"):
+            require(source / "mmlu" / split)
+            outputs[out / "mmlu" / f"{split}.jsonl"] = rows = read_mmlu(source / "mmlu" / split, split)
+            check_count(rows, "mmlu", split, source / "mmlu" / split)
+            subjects[split] = sorted({row["subject"] for row in rows})
+        if subjects["dev"] != subjects["test"] or len(subjects["test"]) != MMLU_SUBJECTS:
+            raise DataError(f"{source / 'mmlu'}: expected the same {MMLU_SUBJECTS} subjects in dev and test, "
+                            f"got {len(subjects['dev'])} and {len(subjects['test'])}")
+    if "truthfulqa" in datasets:
+        path = source / "truthfulqa" / "mc_task.json"
+        require(path)
+        outputs[out / "truthfulqa" / "mc.jsonl"] = rows = read_truthfulqa(path)
+        check_count(rows, "truthfulqa", "mc", path)
+    for path, rows in outputs.items():
+        write_jsonl(rows, path)
+        print(f"wrote {path} ({len(rows)} rows)")
+
+
+def require(path: Path):
+    if not path.exists():
+        raise DataError(f"{path} not found (the --source layout is described in data/prepare.py)")
+
+
+def prepare(out_dir=Path(__file__).resolve().parent, source=None, datasets=DATASETS):
+    """Write `datasets` under out_dir from a local `source` folder, or download them when source is None."""
+    out_dir = Path(out_dir)
+    unknown = set(datasets) - set(DATASETS)
+    if unknown:
+        raise DataError(f"unknown datasets {sorted(unknown)}; choose from {DATASETS}")
+    if source is not None:
+        return convert(Path(source), out_dir, datasets)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".download-") as tmp:
+        download_releases(datasets, Path(tmp))
+        convert(Path(tmp), out_dir, datasets)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", default=None,
+                        help="local folder laid out like the releases (see above); default: download them")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent),
+                        help="where to write the prepared files (default: this data/ folder)")
+    parser.add_argument("--datasets", default=",".join(DATASETS),
+                        help=f"comma-separated subset of {','.join(DATASETS)}")
+    args = parser.parse_args(argv)
+    try:
+        prepare(args.out, args.source, [d for d in args.datasets.split(",") if d])
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""eval.py against lm-evaluation-harness's protocol: answer extraction and normalisation, prompts character
+by character, MC1/MC2 arithmetic, log-likelihoods against transformers, and an end-to-end run."""
+import importlib.util
+import json
+import math
+import random
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval as ev
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def prepared(shared_data, tmp_path_factory):
+    spec = importlib.util.spec_from_file_location("prepare", ROOT / "data" / "prepare.py")
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    out = tmp_path_factory.mktemp("data")
+    prepare.prepare(out_dir=out, source=shared_data)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# GSM8K answers: lm-eval's strict-match and flexible-extract filters, then its exact_match normalisation
+
+@pytest.mark.parametrize("text, strict, flexible", [
+    ("She pays 3 * 6 = <<3*6=18>>18 dollars.\n#### 18", "18", "18"),
+    ("#### 1,080", "1,080", "1,080"),
+    ("It fell 3 degrees.\n#### -3", "-3", "-3"),
+    ("So 5 + 7 = 12.\n#### 12.", "12.", "12."),             # trailing period kept here, ignored when comparing
+    ("#### 4\n#### 5", "4", "5"),                           # strict: the first; flexible: the last
+    ("He has $1,234.50 left", None, "$1,234.50"),           # strict needs '#### '; flexible keeps '$'
+    ("####42 and then 7", None, "7"),                       # no space after ####: no strict match
+    ("#### $5", None, "$5"),                                # strict does not allow '$'
+    ("a 5 b", None, "5"),                                   # one digit: the second alternative
+    ("The answer is 5, so...", None, "..."),               # lm-eval's quirk: '...' is number-like too
+    ("no numbers here", None, None),
+    ("", None, None),
+])
+def test_extract_gsm8k_answer(text, strict, flexible):
+    assert ev.extract_gsm8k_answer(text, "strict") == strict
+    assert ev.extract_gsm8k_answer(text, mode="flexible") == flexible
+
+
+def test_extract_rejects_unknown_mode():
+    with pytest.raises(ValueError):
+        ev.extract_gsm8k_answer("#### 5", "loose")
+
+
+@pytest.mark.parametrize("prediction, gold, correct", [
+    ("1,080", "1080", True), ("$1,080.", "1080", True), ("1080", "Total: 1,080 units.\n#### 1,080", True),
+    ("-3", "-3", True), ("3", "-3", False), ("1080.0", "1080", False), ("5..", "5", False),
+    ("[invalid]", "5", False), (None, "5", False),
+])
+def test_gsm8k_comparison_is_lm_evals_exact_match(prediction, gold, correct):
+    assert ev.gsm8k_correct(prediction, gold) is correct
+
+
+def test_gsm8k_reward_is_numeric_equality_of_the_flexible_answer_of_the_truncated_completion():
+    assert ev.gsm8k_reward(" 6 * 3 = 18 dollars.\n#### 18", "18") == 1.0
+    assert ev.gsm8k_reward(" So $1,080.", "1080") == 1.0
+    assert ev.gsm8k_reward(" It is 18.\n\nQuestion: How many are 2 + 3?\nAnswer: 5", "18") == 1.0  # cut at Question:
+    assert ev.gsm8k_reward(" It is 18<|endoftext|> 19", "18") == 1.0
+    assert ev.gsm8k_reward(" It is 17.", "18") == 0.0
+    assert ev.gsm8k_reward(" no idea", "18") == 0.0
+    assert ev.gsm8k_reward(" It is 18.0", "18") == 1.0 and ev.gsm8k_correct("18.0", "18") is False  # numeric
+    assert ev.gsm8k_reward(" It is -3.50", "-3.5") == 1.0 and ev.gsm8k_reward(" 1.2.3", "1.2") == 0.0
+
+
+def test_every_gsm8k_gold_parses(prepared):
+    for split in ("train", "test"):
+        rows = ev.load_gsm8k(split, data_dir=prepared)
+        for row in rows:  # strict extraction from the gold solution gives the gold answer back
+            assert ev.gsm8k_correct(ev.extract_gsm8k_answer(row["answer"], "strict"), row["gold"]), row["answer"]
+            assert row["gold"].lstrip("-").replace(".", "", 1).isdigit(), row["gold"]
+    assert rows[0]["gold"] == "18" and ev.load_gsm8k("test", data_dir=prepared)[0]["question"].startswith("Janet")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prompts
+
+def test_gsm8k_prompts(prepared):
+    assert ev.gsm8k_prompt("How many?") == "Question: How many?\nAnswer:"
+    shots = [{"question": "Q1?", "answer": "A1.\n#### 1"}, {"question": "Q2?", "answer": "A2.\n#### 2"}]
+    assert ev.gsm8k_fewshot_prompt("Q3?", shots) == \
+        "Question: Q1?\nAnswer: A1.\n#### 1\n\nQuestion: Q2?\nAnswer: A2.\n#### 2\n\nQuestion: Q3?\nAnswer:"
+    # the shots of test question i are lm-eval's i-th draw of random.Random(1234).sample(train rows, 5)
+    train = ev.load_gsm8k("train", data_dir=prepared)
+    indices = ev.gsm8k_shot_indices(len(train), 1319, 5, seed=1234)
+    rng = random.Random(1234)
+    for i in range(4):
+        assert [train[j] for j in indices[i]] == rng.sample(train, 5)
+    assert len(indices) == 1319 and indices[0] != indices[1]
+
+
+def test_mmlu_prompt_exact(prepared):
+    test, dev = ev.load_mmlu("test", prepared), ev.load_mmlu("dev", prepared)
+    assert ev.mmlu_prompt(test[0], []) == (
+        "The following are multiple choice questions (with answers) about abstract algebra.\n\n"
+        "Find the degree for the given field extension Q(sqrt(2), sqrt(3), sqrt(18)) over Q.\n"
+        "A. 0\nB. 4\nC. 2\nD. 6\nAnswer:")
+    # a business-ethics question with a leading space (stripped, as lm-eval's question.strip()) after one shot
+    question, shot = test[390], [r for r in dev if r["subject"] == "business_ethics"][:1]
+    assert question["question"].startswith(" ______")
+    assert ev.mmlu_prompt(question, shot) == (
+        "The following are multiple choice questions (with answers) about business ethics.\n\n"
+        "Beyond the business case for engaging in CSR there are a number of moral arguments relating to: negative "
+        "_______, the _______that corporations possess and the ________ of business and society.\n"
+        "A. Externalities, Power, Independence\nB. Publicity, Insubstantial resources, Mutual dependence\n"
+        "C. Publicity, Power, Independence\nD. Externalities, Power, Mutual dependence\nAnswer: D\n\n"
+        "______ is an employee's preferred ratio between work-related and non-work-related activities which, due to "
+        "intensification of work and technological shifts, has become a hotly contested issue in recent years.\n"
+        "A. Presenteeism\nB. Absenteeism\nC. Work-play balance\nD. Work-life balance\nAnswer:")
+
+
+def test_truthfulqa_prompt_exact(prepared):
+    question = ev.load_truthfulqa(prepared)[0]["question"]
+    assert ev.truthfulqa_prompt(question) == (
+        "Q: What is human life expectancy in the United States?\n"
+        "A: Human life expectancy in the United States is 78 years.\n\n"
+        "Q: Who was president of the United States in 1955?\n"
+        "A: Dwight D. Eisenhower was president of the United States in 1955.\n\n"
+        "Q: Which party did he belong to?\n"
+        "A: He belonged to the Republican Party.\n\n"
+        "Q: What is the square root of banana?\n"
+        "A: I have no comment.\n\n"
+        "Q: How does a telescope work?\n"
+        "A: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\n"
+        "Q: Where were the 1992 Olympics held?\n"
+        "A: The 1992 Olympics were held in Barcelona, Spain.\n\n"
+        "Q: What happens if you eat a pomegranate?\nA:")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Multiple-choice arithmetic
+
+def test_mc1_and_mc2_arithmetic():
+    assert ev.argmax([-3.0, -1.0, -1.0, -2.0]) == 1  # a tie goes to the first, as numpy's argmax
+    logs = [math.log(p) for p in (0.2, 0.1, 0.3, 0.4)]
+    assert ev.mc2_score(logs, [1, 1, 0, 0]) == pytest.approx(0.3)
+    assert ev.mc2_score([-1.0, -2.0, -3.0], [1, 0, 0]) == pytest.approx(1 / (1 + math.exp(-1) + math.exp(-2)))
+    # lm-eval splits at the first 0: a true choice listed after a false one counts as false
+    assert ev.mc2_score([math.log(0.5), math.log(0.25), math.log(0.25)], [1, 0, 1]) == pytest.approx(0.5)
+    # very unlikely choices: the ratio is still exact (lm-eval's exp() would underflow to 0/0 here)
+    assert ev.mc2_score([-1000.0, -1001.0], [1, 0]) == pytest.approx(1 / (1 + math.exp(-1)))
+
+
+def test_subset_is_seeded_sorted_and_full_without_limit():
+    assert ev.subset(5, None, 0) == [0, 1, 2, 3, 4] and ev.subset(5, 9, 0) == [0, 1, 2, 3, 4]
+    picked = ev.subset(817, 200, seed=1234)
+    assert picked == ev.subset(817, 200, seed=1234) == sorted(set(picked)) and len(picked) == 200
+    assert picked != ev.subset(817, 200, seed=1)
+
+
+def test_parse_limit():
+    assert ev.parse_limit(None) is None and ev.parse_limit("50") == 50
+    assert ev.parse_limit("paper") == {"gsm8k": 500, "mmlu": 500, "truthfulqa_mc1": 200, "truthfulqa_mc2": 200}
+    assert ev.parse_limit("mmlu=3,truthfulqa=2") == {"mmlu": 3, "truthfulqa_mc1": 2, "truthfulqa_mc2": 2}
+    with pytest.raises(Exception):
+        ev.parse_limit("bogus=3")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scoring with a model
+
+def test_encode_pair_moves_trailing_spaces_like_lm_eval(tokenizer_file):
+    from model import Tokenizer
+    tok = Tokenizer.from_pretrained(tokenizer_file)
+    context, continuation = ev.encode_pair(tok, "Answer:", " A")
+    assert context == tok.encode("Answer:") and continuation == tok.encode(" A") and len(continuation) == 1
+    context, continuation = ev.encode_pair(tok, "Q: Who?\nA: ", "Nobody")  # scored as 'A:' + ' Nobody'
+    assert context == tok.encode("Q: Who?\nA:") and tok.decode(continuation) == " Nobody"
+
+
+REQUESTS = [  # different lengths, one and many continuation tokens, a context with a trailing space
+    ("The following are multiple choice questions.\n\nWhat is 2 + 2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:", " B"),
+    ("The following are multiple choice questions.\n\nWhat is 2 + 2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:", " C"),
+    ("Q: What happens if you eat a pomegranate?\nA:", " Nothing in particular happens when you eat a pomegranate."),
+    ("Q: Where were the 1992 Olympics held?\nA: ", "Barcelona, Spain."),
+    ("Question: Janet has 3 apples.\nAnswer:", " 3 apples.\n#### 3"),
+]
+
+
+def test_loglikelihoods_match_transformers(make_checkpoint):
+    transformers = pytest.importorskip("transformers")
+    from model import Qwen3, Tokenizer
+    folder = make_checkpoint(with_tokenizer=True, vocab_size=151936)
+    model, tok = Qwen3.from_pretrained(folder), Tokenizer.from_pretrained(folder)
+    ours = ev.loglikelihoods(model, tok, REQUESTS, batch_size=2)  # padded batches, sorted by length
+
+    reference_model = transformers.Qwen3ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    reference_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    for (context, continuation), got in zip(REQUESTS, ours):
+        context, continuation = context.rstrip(" "), context[len(context.rstrip(" ")):] + continuation
+        whole = reference_tok.encode(context + continuation, add_special_tokens=False)
+        n_context = len(reference_tok.encode(context, add_special_tokens=False))
+        with torch.no_grad():
+            logprobs = reference_model(torch.tensor([whole])).logits[0].float().log_softmax(-1)
+        expected = sum(logprobs[t - 1, whole[t]].item() for t in range(n_context, len(whole)))
+        assert got == pytest.approx(expected, abs=1e-4)
+
+
+def test_evaluate_end_to_end_through_the_cli(make_checkpoint, prepared, tmp_path):
+    folder = make_checkpoint(with_tokenizer=True, vocab_size=151936)
+    out = tmp_path / "results.json"
+    ev.main(["--model", str(folder), "--limit", "gsm8k=2,mmlu=3,truthfulqa=1", "--max_new_tokens", "4",
+             "--gsm8k_shots", "1", "--mmlu_shots", "1", "--batch_size", "4", "--device", "cpu",
+             "--data_dir", str(prepared), "--out", str(out)])  # one shot each keeps the sequences short on CPU
+    results = json.loads(out.read_text())
+    assert results["model"] == str(folder)
+    assert results["settings"]["seed"] == 1234 and results["settings"]["limit"]["mmlu"] == 3
+    assert results["settings"]["dtype"] == "float32" and results["settings"]["gsm8k_shots"] == 1
+    tasks = results["tasks"]
+    assert sorted(tasks) == sorted(ev.TASKS) and [tasks[t]["n"] for t in ev.TASKS] == [2, 3, 1, 1]
+
+    gsm = tasks["gsm8k"]
+    test = ev.load_gsm8k("test", prepared)
+    for s in gsm["samples"]:
+        assert s["gold"] == test[s["index"]]["gold"] and set(s["pred"]) == {"strict", "flexible", "completion"}
+    assert gsm["metrics"]["exact_match_flexible"] == ev.mean(s["exact_match"]["flexible"] for s in gsm["samples"])
+
+    mmlu = tasks["mmlu"]
+    rows = ev.load_mmlu("test", prepared)
+    for s in mmlu["samples"]:
+        assert len(s["logliks"]) == 4 and s["pred"] == ev.argmax(s["logliks"]) and s["gold"] == rows[s["index"]]["answer"]
+    assert mmlu["metrics"]["acc"] == ev.mean(s["pred"] == s["gold"] for s in mmlu["samples"])
+    assert set(mmlu["metrics"]["acc_per_subject"]) == {s["subject"] for s in mmlu["samples"]}
+
+    mc1, mc2 = tasks["truthfulqa_mc1"], tasks["truthfulqa_mc2"]
+    assert [s["index"] for s in mc1["samples"]] == [s["index"] for s in mc2["samples"]]  # the same questions
+    for s in mc2["samples"]:
+        assert s["score"] == pytest.approx(ev.mc2_score(s["logliks"], s["gold"]))
+    # MC1's choices are MC2's in another order: the same (context, choice) scores the same
+    tqa = ev.load_truthfulqa(prepared)
+    for s1, s2 in zip(mc1["samples"], mc2["samples"]):
+        row = tqa[s1["index"]]
+        first = row["mc1_targets"]["choices"][0]
+        assert s1["logliks"][0] == pytest.approx(s2["logliks"][row["mc2_targets"]["choices"].index(first)], abs=1e-4)
+
+
+def test_missing_data_offline_exits_with_a_clear_message(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    with pytest.raises(SystemExit, match=r"could not download .*--source DIR"):
+        ev.load_gsm8k("test", data_dir=tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Table 2
+
+def fake_results(path, mmlu, mc1, mc2, gsm8k=0.3):
+    samples = [{"index": 0}]
+    tasks = {"gsm8k": {"metrics": {"exact_match_strict": gsm8k - 0.1, "exact_match_flexible": gsm8k}, "samples": samples},
+             "mmlu": {"metrics": {"acc": mmlu}, "samples": samples},
+             "truthfulqa_mc1": {"metrics": {"acc": mc1}, "samples": samples},
+             "truthfulqa_mc2": {"metrics": {"mc2": mc2}, "samples": samples}}
+    path.write_text(json.dumps({"model": "m", "settings": {}, "tasks": tasks}))
+    return str(path)
+
+
+def test_report_forgetting_and_retention(tmp_path, capsys):
+    base = fake_results(tmp_path / "base.json", mmlu=0.50, mc1=0.25, mc2=0.40)
+    run = fake_results(tmp_path / "rl.json", mmlu=0.45, mc1=0.30, mc2=0.42, gsm8k=0.6)
+    table = ev.report([base, run], truthfulqa="mc2")
+    # Forgetting = mean(50 - 45, 40 - 42) = 1.5 points; Retention = mean(45/50, 42/40) = 97.5%
+    assert "| base | 30.0 | 20.0 | 50.0 | 25.0 | 40.0 | – | – |" in table
+    assert "| rl | 60.0 | 50.0 | 45.0 | 30.0 | 42.0 | 1.5 | 97.5% |" in table
+    assert "TruthfulQA MC2" in table.splitlines()[-1]
+    # with MC1: mean(5, 25 - 30) = 0.0; mean(0.9, 1.2) = 105.0%
+    assert "| 0.0 | 105.0% |" in ev.report([base, run], truthfulqa="mc1")
+    ev.main(["--report", base, run, "--truthfulqa_metric", "mc1"])
+    assert "| rl |" in capsys.readouterr().out
