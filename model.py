@@ -272,7 +272,7 @@ class Qwen3(nn.Module):
                                                                                device=device)
         cache.mask = cache.mask[:, None]
         positions = (slot[None, :prompt_len] - pad[:, None]).clamp(min=0)
-        logits = self(idx, positions, cache)[:, -1]
+        logits = self.lm_head(self(idx, positions, cache, return_hidden=True)[:, -1])  # last position only
 
         tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
         logprobs = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
@@ -560,3 +560,262 @@ class Tokenizer:
 
     def decode_batch(self, batch) -> list:
         return self.tok.decode_batch([list(ids) for ids in batch], skip_special_tokens=False)
+
+
+# -----------------------------------------------------------------------------------------------
+# Training utilities, shared by train_sft.py, train_rl.py and train_distill.py: flags, setup, the lr
+# schedule, the optimizer step, exact checkpoints, metrics, and log-probs of the tokens a step trains on.
+import argparse  # noqa: E402  (only the trainers need these three)
+import random  # noqa: E402
+import time  # noqa: E402
+
+
+def training_args(description: str, **defaults) -> argparse.ArgumentParser:
+    """The flags every trainer shares; a trainer adds its own and overrides these defaults."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--model", default="Qwen/Qwen3-0.6B-Base", help="model to start from: Hugging Face hub id or local folder")
+    a("--out_dir", default="out", help="final model (Hugging Face layout), checkpoints/ and metrics.jsonl")
+    a("--data_dir", default=str(Path(__file__).resolve().parent / "data"), help="prepared data (eval.py's)")
+    a("--steps", type=int, default=200, help="training steps: one batch of examples and one optimizer update each")
+    a("--batch_size", type=int, default=8, help="examples (questions) per micro-batch, per GPU")
+    a("--grad_accum", type=int, default=4, help="micro-batches per step: batch_size x grad_accum examples per GPU")
+    a("--lr", type=float, default=1e-5, help="peak learning rate (AdamW)")
+    a("--warmup", type=int, default=10, help="steps of linear warmup")
+    a("--decay", default="cosine", choices=("cosine", "linear"), help="lr decay to 0 after the warmup")
+    a("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+    a("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
+    a("--lora_rank", type=int, default=0, help="LoRA rank on every projection; 0 = full fine-tuning")
+    a("--lora_alpha", type=float, default=None, help="LoRA alpha (updates scaled by alpha/rank); default 2 x rank")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    a("--dtype", default=None, choices=("bf16", "fp32"), help="compute dtype (autocast; trained weights and AdamW "
+      "stay fp32); default bf16 on GPU, fp32 on CPU")
+    a("--seed", type=int, default=1337, help="seeds the data order, the sampling and LoRA's initialisation")
+    a("--eval_every", type=int, default=50, help="held-out GSM8K accuracy every N steps (0: never)")
+    a("--eval_limit", type=int, default=200, help="GSM8K test questions per periodic eval (a fixed subset)")
+    a("--save_every", type=int, default=50, help="checkpoint (weights + AdamW state, for --resume) every N steps")
+    a("--resume", action="store_true", help="continue from the latest checkpoint in --out_dir")
+    p.set_defaults(**defaults)
+    return p
+
+
+def rank_and_world():
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # (0, 1) without torchrun
+
+
+def setup(args):
+    """Join torchrun's process group if there is one, seed, load the model and its tokenizer, add LoRA.
+    Trained weights are fp32 (AdamW's master weights, cast by autocast); with LoRA the frozen base is kept
+    in the compute dtype, which halves its memory. Returns (model, tokenizer, AdamW, device, compute dtype)."""
+    device = torch.device(args.device)
+    if rank_and_world()[1] > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dtype = torch.bfloat16 if (args.dtype or ("bf16" if device.type == "cuda" else "fp32")) == "bf16" else torch.float32
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    model = Qwen3.from_pretrained(args.model, device=device, dtype=dtype if args.lora_rank else torch.float32)
+    if args.lora_rank:  # the adapters are created in fp32
+        add_lora(model, args.lora_rank, args.lora_alpha or 2 * args.lora_rank)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=args.weight_decay)
+    return model, Tokenizer.from_pretrained(args.model), optimizer, device, dtype
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def lr_at(step: int, args) -> float:
+    """Linear warmup to args.lr, then cosine or linear decay towards 0 at args.steps."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.5 * (1 + math.cos(math.pi * progress)) if args.decay == "cosine" else 1 - progress)
+
+
+def optimizer_step(optimizer, step: int, args, loss: float):
+    """Average gradients over GPUs, stop on a non-finite loss or gradient before anything changes (so the
+    last checkpoint is the last good one), clip, set this step's lr, update. Returns (lr, gradient norm)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    world = rank_and_world()[1]
+    for p in params if world > 1 else []:  # DDP by hand: one all-reduce per step, whatever method we called
+        p.grad = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.distributed.all_reduce(p.grad)
+        p.grad /= world
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
+    if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
+        raise SystemExit(f"step {step + 1}: loss {loss}, gradient norm {grad_norm.item()}: not finite, stopping. The "
+                         f"last good checkpoint is in {args.out_dir}/checkpoints (--resume, perhaps with a lower --lr)")
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, args)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return lr_at(step, args), grad_norm.item()
+
+
+def batch_at(items: list, step: int, n: int, seed: int) -> list:
+    """The n items this process trains on at `step`: consecutive slices of a new shuffle each epoch, so a
+    step's batch is known without replaying the steps before it (which keeps --resume exact)."""
+    rank, world = rank_and_world()
+    orders, batch = {}, []
+    for k in range((step * world + rank) * n, (step * world + rank + 1) * n):
+        epoch, i = divmod(k, len(items))
+        if epoch not in orders:
+            orders[epoch] = random.Random(seed * 1_000_003 + epoch).sample(range(len(items)), len(items))
+        batch.append(items[orders[epoch][i]])
+    return batch
+
+
+def save_checkpoint(out_dir, model, optimizer, step: int):
+    """out_dir/checkpoints/step_N (N = steps done): trainable weights, AdamW state and RNG state in safetensors,
+    the rest in JSON. Written to a temporary folder, renamed into place, then older ones are deleted: a crash at
+    any moment leaves a complete checkpoint. Rank 0 only."""
+    from safetensors.torch import save_file
+    if rank_and_world()[0] != 0:
+        return
+    root = Path(out_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    names = {p: name for name, p in model.named_parameters()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    tensors = {f"param.{names[p]}": p.detach().cpu().contiguous() for p in params}
+    for i, p in enumerate(params):
+        tensors.update({f"adam.{i}.{k}": v.detach().cpu().contiguous() for k, v in optimizer.state.get(p, {}).items()})
+    tensors["rng.torch"] = torch.get_rng_state()  # a uint8 tensor: nothing is ever pickled
+    meta = {"step": step, "python_rng": random.getstate(),
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]}
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    save_file(tensors, tmp / "state.safetensors")
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    final = root / f"step_{step:07d}"
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in root.glob("step_*"):
+        if old != final:
+            shutil.rmtree(old)
+
+
+def load_checkpoint(out_dir, model, optimizer) -> int:
+    """Restore the latest checkpoint in out_dir/checkpoints; returns how many steps it had done."""
+    from safetensors.torch import load_file
+    found = sorted((Path(out_dir) / "checkpoints").glob("step_*"))
+    if not found:
+        raise SystemExit(f"--resume: no checkpoint in {out_dir}/checkpoints")
+    tensors, meta = load_file(found[-1] / "state.safetensors"), json.loads((found[-1] / "meta.json").read_text())
+    names = {p: name for name, p in model.named_parameters()}
+    params, state = [p for group in optimizer.param_groups for p in group["params"]], {}
+    with torch.no_grad():
+        for p in params:
+            p.copy_(tensors[f"param.{names[p]}"])
+    for key, value in tensors.items():
+        if key.startswith("adam."):
+            _, i, name = key.split(".", 2)
+            state.setdefault(int(i), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    random.setstate((meta["python_rng"][0], tuple(meta["python_rng"][1]), meta["python_rng"][2]))
+    print(f"resumed from {found[-1]}")
+    return meta["step"]
+
+
+class MetricsLog:
+    """metrics.jsonl, one JSON line per step (and one per eval), and a progress line with an ETA (rank 0).
+    "step" is the number of steps done: the eval at step N scores the model a checkpoint at N holds."""
+
+    def __init__(self, out_dir, steps: int, start_step: int = 0):
+        self.path, self.steps, self.on = Path(out_dir) / "metrics.jsonl", steps, rank_and_world()[0] == 0
+        if self.on and self.path.exists():  # after --resume, drop the lines past the checkpoint
+            lines = self.path.read_text().splitlines()
+            self.path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= start_step))
+        elif self.on:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.t_last, self.step_times = time.time(), []
+
+    def log(self, step: int, **figures):
+        """A training step's figures (with tokens=, which becomes tokens/s and counts for the ETA) or an eval's."""
+        now = time.time()
+        if "tokens" in figures:
+            self.step_times.append(now - self.t_last)
+            figures["tokens_per_s"] = figures.pop("tokens") / self.step_times[-1]
+        self.t_last = now  # so an eval's time never counts as a step's
+        if self.on:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **figures}) + "\n")
+            eta = (self.steps - step) * sum(self.step_times[-20:]) / max(1, len(self.step_times[-20:]))
+            shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items())
+            print(f"step {step}/{self.steps} | {shown} | eta {eta // 3600:.0f}h{eta % 3600 // 60:02.0f}m", flush=True)
+
+
+@torch.no_grad()
+def rollout(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float, seed: int, dtype,
+            stop_strings=(), batch_size: int = 128) -> list:
+    """Sample one completion (token ids) per prompt, batch_size rows at a time. A completion ends with a stop
+    token, or with the token that completes one of stop_strings (eval stops there too), or at max_new_tokens."""
+    completions = []
+    with autocast(model.device, dtype):
+        for i in range(0, len(prompts), batch_size):
+            completions += model.generate(prompts[i:i + batch_size], max_new_tokens, temperature=temperature,
+                                          stop_token_ids=tokenizer.stop_ids, seed=seed * 1000 + i // batch_size,
+                                          vocab_limit=tokenizer.n_real_tokens)
+    for i, tokens in enumerate(completions):
+        if any(s in tokenizer.decode(tokens) for s in stop_strings):
+            lo, hi = 1, len(tokens)  # binary search for the shortest prefix whose text holds a stop string
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if any(s in tokenizer.decode(tokens[:mid]) for s in stop_strings) else (mid + 1, hi)
+            completions[i] = tokens[:hi]
+    return completions
+
+
+def completion_logprobs(model, seqs: list, starts: list, temperature: float = 1.0, vocab_limit=None,
+                        return_hidden: bool = False):
+    """Log-probs (B, L) of each completion seqs[b][starts[b]:] given everything before it (L: the longest), and
+    the mask (B, L) of its real tokens. Only completion positions go through the vocabulary projection: a
+    prompt costs its forward pass, no logits. vocab_limit: normalise over the tokenizer's real tokens only,
+    as the sampler draws (else pushing sampled tokens down would move mass onto the embedding's padding rows,
+    which are never sampled). return_hidden adds the (N, hidden) states of the N masked rows."""
+    device, width = model.device, max(map(len, seqs))
+    idx = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=device)
+    start = torch.tensor(starts, device=device)[:, None]
+    n_new = torch.tensor([len(s) for s in seqs], device=device)[:, None] - start
+    j = torch.arange(int(n_new.max()), device=device)
+    mask, where = j < n_new, (start - 1 + j).clamp(max=width - 2)  # position `where` predicts completion token j
+    hidden = model(idx[:, :-1], return_hidden=True)
+    rows = hidden.gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))[mask]
+    targets, head = idx.gather(1, where + 1)[mask], model.lm_head.weight[:vocab_limit]
+    logprobs = torch.cat([checkpoint(_chunk_logprobs, head, rows[i:i + LOGPROB_CHUNK], targets[i:i + LOGPROB_CHUNK],
+                                     temperature, use_reentrant=False) for i in range(0, len(rows), LOGPROB_CHUNK)])
+    logprobs = torch.zeros(mask.shape, device=device).masked_scatter(mask, logprobs)
+    return (logprobs, mask, rows) if return_hidden else (logprobs, mask)
+
+
+def state_nll(logprobs, mask) -> float:
+    """Mean per-token NLL that the learner gives the states (token prefixes) a step trains on."""
+    return -(logprobs.detach() * mask).sum().item() / max(1, mask.sum().item())
+
+
+def eval_and_checkpoint(done: int, model, tokenizer, optimizer, metrics, args, dtype):
+    """After `done` steps: held-out GSM8K (eval.py's protocol, a fixed subset of --eval_limit test questions)
+    every --eval_every steps and at the end, on rank 0; a checkpoint every --save_every steps."""
+    from eval import evaluate  # imported here: eval.py imports this file
+    if args.eval_every and (done % args.eval_every == 0 or done == args.steps):
+        if rank_and_world()[0] == 0:
+            with autocast(model.device, dtype):
+                scores = evaluate(model, tokenizer, ("gsm8k",), limit=args.eval_limit, data_dir=args.data_dir)
+            accuracy = scores["tasks"]["gsm8k"]["metrics"]  # exact_match_flexible, exact_match_strict
+            metrics.log(done, **{f"gsm8k_{name.split('_')[-1]}": value for name, value in accuracy.items()})
+        if rank_and_world()[1] > 1:
+            torch.distributed.barrier()
+    if done and args.save_every and done % args.save_every == 0:
+        save_checkpoint(args.out_dir, model, optimizer, done)
+
+
+def finish(model, tokenizer, out_dir):
+    """Write the final model to out_dir (Hugging Face layout, LoRA merged) and leave torchrun's group."""
+    if rank_and_world()[0] == 0:
+        model.save_pretrained(out_dir, tokenizer=tokenizer)
+        print(f"saved the final model to {out_dir}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
