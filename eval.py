@@ -223,22 +223,35 @@ def loglikelihoods(model, tokenizer, requests: list, batch_size: int = 16) -> li
 
 
 @torch.no_grad()
-def greedy_completions(model, tokenizer, prompts: list, max_new_tokens: int, batch_size: int = 16) -> list:
-    """Greedy completion text of each prompt, cut at the first stop token or stop string."""
-    encoded = tokenizer.encode_batch(prompts)
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    texts = [""] * len(encoded)
-    for start in range(0, len(order), batch_size):
+def rollout(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
+            stop_strings=(), batch_size: int = 128) -> list:
+    """One completion (token ids) per prompt: the sampler every script shares. Prompts go through
+    model.generate batch_size at a time, longest first (less padding); batch b draws with seed*1000+b.
+    A completion ends with a stop token, with the token that completes one of stop_strings (text, such
+    as "Question:", that is no single token), or at max_new_tokens. Autocast is the caller's."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    completions = [None] * len(prompts)
+    for b, start in enumerate(range(0, len(order), batch_size)):
         batch = order[start:start + batch_size]
-        # "Question:" is text, not a token, so rows run on to max_new_tokens and are cut afterwards;
-        # vocab_limit keeps greedy decoding off the embedding's padding rows
-        new_tokens = model.generate([encoded[i] for i in batch], max_new_tokens, temperature=0.0,
-                                    stop_token_ids=tokenizer.stop_ids, vocab_limit=tokenizer.n_real_tokens)
+        new_tokens = model.generate([prompts[i] for i in batch], max_new_tokens, temperature=temperature,
+                                    stop_token_ids=tokenizer.stop_ids, seed=seed * 1000 + b,
+                                    vocab_limit=tokenizer.n_real_tokens)  # never the embedding's padding rows
         for i, tokens in zip(batch, new_tokens):
-            if tokens and tokens[-1] in tokenizer.stop_ids:
-                tokens = tokens[:-1]
-            texts[i] = truncate_at_stop(tokenizer.decode(tokens))
-    return texts
+            if any(stop in tokenizer.decode(tokens) for stop in stop_strings):
+                lo, hi = 1, len(tokens)  # the shortest prefix whose text holds a stop string
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    lo, hi = (lo, mid) if any(s in tokenizer.decode(tokens[:mid]) for s in stop_strings) else (mid + 1, hi)
+                tokens = tokens[:hi]
+            completions[i] = tokens
+    return completions
+
+
+def greedy_completions(model, tokenizer, prompts: list, max_new_tokens: int, batch_size: int = 16) -> list:
+    """Greedy completion text of each prompt, cut before the first stop token or stop string."""
+    completions = rollout(model, tokenizer, tokenizer.encode_batch(prompts), max_new_tokens,
+                          stop_strings=GSM8K_STOP_STRINGS, batch_size=batch_size)
+    return [truncate_at_stop(tokenizer.decode(tokens)) for tokens in completions]
 
 
 def eval_gsm8k(model, tokenizer, settings, data_dir) -> dict:
@@ -426,11 +439,7 @@ def state_drift(model, reference, tokenizer, prompts: list, max_new_tokens=128, 
     its lexical-only features a limitation). tokenizer: encode_batch, decode, stop_ids, n_real_tokens."""
     encoded, states, lengths = tokenizer.encode_batch(prompts), {}, {}
     for name, sampler in (("model", model), ("reference", reference)):
-        rollouts = []
-        for b, start in enumerate(range(0, len(encoded), batch_size)):
-            rollouts += sampler.generate(encoded[start:start + batch_size], max_new_tokens, temperature=temperature,
-                                         stop_token_ids=tokenizer.stop_ids, seed=seed * 1000 + b,
-                                         vocab_limit=tokenizer.n_real_tokens)
+        rollouts = rollout(sampler, tokenizer, encoded, max_new_tokens, temperature, seed, batch_size=batch_size)
         texts = [tokenizer.decode(r[:k]) for r in rollouts for k in prefix_lengths(len(r), cuts)]
         states[name] = (lexical_features(texts), hidden_features(reference, encoded, rollouts, cuts, batch_size))
         lengths[name] = mean(len(r) for r in rollouts)

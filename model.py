@@ -178,9 +178,6 @@ class KVCache:
         return self.k[layer, :, :, :self.length], self.v[layer, :, :, :self.length]
 
 
-LOGPROB_CHUNK = 1024  # rows of (chunk, vocab) fp32 logits at a time: 0.6 GB for Qwen's vocab
-
-
 class Qwen3(nn.Module):
     def __init__(self, config: Qwen3Config):
         super().__init__()
@@ -211,21 +208,6 @@ class Qwen3(nn.Module):
             x = block(x, cos, sin, cache)
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)
-
-    def token_logprobs(self, idx, targets, temperature: float = 1.0):
-        """log softmax(logits / temperature)[target] at every position, (B, T) in fp32.
-
-        The vocabulary projection runs in chunks of rows, each recomputed in the backward pass, so
-        the (B, T, vocab) fp32 log-softmax is never held in memory at once, with or without grad."""
-        hidden = self(idx, return_hidden=True)
-        flat_hidden, flat_targets = hidden.flatten(0, 1), targets.flatten()
-        chunks = []
-        for i in range(0, flat_hidden.shape[0], LOGPROB_CHUNK):
-            args = (self.lm_head.weight, flat_hidden[i:i + LOGPROB_CHUNK], flat_targets[i:i + LOGPROB_CHUNK],
-                    temperature)
-            chunks.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False)
-                          if torch.is_grad_enabled() else _chunk_logprobs(*args))
-        return torch.cat(chunks).view_as(targets)
 
     # -------------------------------------------------------------------------------------------
     # Generation
@@ -397,9 +379,45 @@ class Qwen3(nn.Module):
                 os.replace(os.path.join(tmp, name), out_dir / name)
 
 
-def _chunk_logprobs(weight, hidden, targets, temperature):
-    logits = (hidden @ weight.t()).float() / temperature
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+# -----------------------------------------------------------------------------------------------
+# Log-probabilities of given tokens, for the trainers and eval
+
+LOGPROB_CHUNK = 1024  # rows of (chunk, vocab) fp32 logits at a time: 0.6 GB for Qwen's vocab
+
+
+def completion_logprobs(model, seqs: list, starts: list, temperature: float = 1.0, vocab_limit=None,
+                        return_hidden: bool = False):
+    """Log-probs (B, L) of each completion seqs[b][starts[b]:] given everything before it (L: the
+    longest), in fp32, and the mask (B, L) of its real tokens. Only completion positions go through
+    the vocabulary projection: a prompt costs its forward pass, no logits. vocab_limit normalises over
+    the tokenizer's real tokens only, as the sampler draws (else lowering a sampled token would move
+    mass onto embedding rows that are never sampled). return_hidden adds the (N, hidden) states of
+    the N masked positions."""
+    device, width = model.device, max(map(len, seqs))
+    idx = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=device)
+    start = torch.tensor(starts, device=device)[:, None]
+    n_new = torch.tensor([len(s) for s in seqs], device=device)[:, None] - start
+    j = torch.arange(int(n_new.max()), device=device)
+    mask, where = j < n_new, (start - 1 + j).clamp(max=width - 2)  # position `where` predicts token j
+    hidden = model(idx[:, :-1], return_hidden=True)
+    rows = hidden.gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))[mask]
+    head = model.lm_head.weight[:vocab_limit]
+
+    def logprobs_of(rows, targets):
+        logits = (rows @ head.t()).float() / temperature
+        return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    logprobs = in_row_chunks(logprobs_of, rows, idx.gather(1, where + 1)[mask])
+    logprobs = torch.zeros(mask.shape, device=device).masked_scatter(mask, logprobs)
+    return (logprobs, mask, rows) if return_hidden else (logprobs, mask)
+
+
+def in_row_chunks(fn, *rows):
+    """fn applied to LOGPROB_CHUNK rows at a time, results concatenated. Under grad each chunk is
+    recomputed in the backward pass, so no (rows, vocab) fp32 tensor is ever held whole."""
+    chunks = [tuple(r[i:i + LOGPROB_CHUNK] for r in rows) for i in range(0, len(rows[0]), LOGPROB_CHUNK)]
+    if torch.is_grad_enabled():
+        return torch.cat([checkpoint(fn, *chunk, use_reentrant=False) for chunk in chunks])
+    return torch.cat([fn(*chunk) for chunk in chunks])
 
 
 # -----------------------------------------------------------------------------------------------
@@ -746,49 +764,6 @@ class MetricsLog:
             eta = (self.steps - step) * sum(self.step_times[-20:]) / max(1, len(self.step_times[-20:]))
             shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items())
             print(f"step {step}/{self.steps} | {shown} | eta {eta // 3600:.0f}h{eta % 3600 // 60:02.0f}m", flush=True)
-
-
-@torch.no_grad()
-def rollout(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float, seed: int, dtype,
-            stop_strings=(), batch_size: int = 128) -> list:
-    """Sample one completion (token ids) per prompt, batch_size rows at a time. A completion ends with a stop
-    token, or with the token that completes one of stop_strings (eval stops there too), or at max_new_tokens."""
-    completions = []
-    with autocast(model.device, dtype):
-        for i in range(0, len(prompts), batch_size):
-            completions += model.generate(prompts[i:i + batch_size], max_new_tokens, temperature=temperature,
-                                          stop_token_ids=tokenizer.stop_ids, seed=seed * 1000 + i // batch_size,
-                                          vocab_limit=tokenizer.n_real_tokens)
-    for i, tokens in enumerate(completions):
-        if any(s in tokenizer.decode(tokens) for s in stop_strings):
-            lo, hi = 1, len(tokens)  # binary search for the shortest prefix whose text holds a stop string
-            while lo < hi:
-                mid = (lo + hi) // 2
-                lo, hi = (lo, mid) if any(s in tokenizer.decode(tokens[:mid]) for s in stop_strings) else (mid + 1, hi)
-            completions[i] = tokens[:hi]
-    return completions
-
-
-def completion_logprobs(model, seqs: list, starts: list, temperature: float = 1.0, vocab_limit=None,
-                        return_hidden: bool = False):
-    """Log-probs (B, L) of each completion seqs[b][starts[b]:] given everything before it (L: the longest), and
-    the mask (B, L) of its real tokens. Only completion positions go through the vocabulary projection: a
-    prompt costs its forward pass, no logits. vocab_limit: normalise over the tokenizer's real tokens only,
-    as the sampler draws (else pushing sampled tokens down would move mass onto the embedding's padding rows,
-    which are never sampled). return_hidden adds the (N, hidden) states of the N masked rows."""
-    device, width = model.device, max(map(len, seqs))
-    idx = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=device)
-    start = torch.tensor(starts, device=device)[:, None]
-    n_new = torch.tensor([len(s) for s in seqs], device=device)[:, None] - start
-    j = torch.arange(int(n_new.max()), device=device)
-    mask, where = j < n_new, (start - 1 + j).clamp(max=width - 2)  # position `where` predicts completion token j
-    hidden = model(idx[:, :-1], return_hidden=True)
-    rows = hidden.gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))[mask]
-    targets, head = idx.gather(1, where + 1)[mask], model.lm_head.weight[:vocab_limit]
-    logprobs = torch.cat([checkpoint(_chunk_logprobs, head, rows[i:i + LOGPROB_CHUNK], targets[i:i + LOGPROB_CHUNK],
-                                     temperature, use_reentrant=False) for i in range(0, len(rows), LOGPROB_CHUNK)])
-    logprobs = torch.zeros(mask.shape, device=device).masked_scatter(mask, logprobs)
-    return (logprobs, mask, rows) if return_hidden else (logprobs, mask)
 
 
 def state_nll(logprobs, mask) -> float:

@@ -25,11 +25,10 @@ KL signals collapsed where continuations worked.
 import random
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
-from eval import GSM8K_STOP_STRINGS, gsm8k_prompt, load_gsm8k
-from model import (LOGPROB_CHUNK, MetricsLog, Qwen3, Tokenizer, autocast, batch_at, completion_logprobs,
-                   eval_and_checkpoint, finish, load_checkpoint, optimizer_step, rollout, setup, state_nll,
+from eval import GSM8K_STOP_STRINGS, gsm8k_prompt, load_gsm8k, rollout
+from model import (MetricsLog, Qwen3, Tokenizer, autocast, batch_at, completion_logprobs, eval_and_checkpoint,
+                   finish, in_row_chunks, load_checkpoint, optimizer_step, setup, state_nll,
                    training_args)
 
 
@@ -70,8 +69,9 @@ def collect_states(student, teacher, tokenizer, questions, step, args, dtype):
     training sequences: token ids, where the answer starts, where the signal starts."""
     seed = 2 * (args.seed * 1_000_003 + step)
     prompts = [tokenizer.encode(gsm8k_prompt(q["question"])) for q in questions]
-    answers = rollout(student if args.states == "student" else teacher, tokenizer, prompts, args.max_new_tokens,
-                      args.temperature, seed, dtype, GSM8K_STOP_STRINGS, args.gen_batch_size)
+    with autocast(student.device, dtype):
+        answers = rollout(student if args.states == "student" else teacher, tokenizer, prompts, args.max_new_tokens,
+                          args.temperature, seed, GSM8K_STOP_STRINGS, args.gen_batch_size)
     answer_len = sum(map(len, answers)) / len(answers)
     if args.signal != "continuation":  # the KL signals act at every state of the answer
         return dict(seqs=[p + a for p, a in zip(prompts, answers)], starts=[len(p) for p in prompts],
@@ -80,8 +80,9 @@ def collect_states(student, teacher, tokenizer, questions, step, args, dtype):
     for prompt, answer in zip(prompts, answers):  # a state: the prompt and the first `cut` answer tokens
         cuts = sorted(rng.sample(range(len(answer)), min(args.states_per_rollout, len(answer))))
         states += [(prompt, answer[:cut]) for cut in cuts]
-    continuations = rollout(teacher, tokenizer, [p + s for p, s in states], args.continuation_tokens, args.temperature,
-                            seed + 1, dtype, GSM8K_STOP_STRINGS, args.gen_batch_size)
+    with autocast(student.device, dtype):
+        continuations = rollout(teacher, tokenizer, [p + s for p, s in states], args.continuation_tokens,
+                                args.temperature, seed + 1, GSM8K_STOP_STRINGS, args.gen_batch_size)
     return dict(seqs=[p + s + c for (p, s), c in zip(states, continuations)], starts=[len(p) for p, _ in states],
                 signal_starts=[len(p) + len(s) for p, s in states], answer_len=answer_len)
 
@@ -93,20 +94,17 @@ def token_kl_loss(logprobs, teacher_logprobs, mask, n_tokens):
     return -(advantage * logprobs * mask).sum() / n_tokens
 
 
-def _chunk_kl(student_head, student_rows, teacher_head, teacher_rows, forward, temperature):
-    student = ((student_rows @ student_head.t()).float() / temperature).log_softmax(-1)
-    teacher = ((teacher_rows @ teacher_head.t()).float() / temperature).log_softmax(-1)
-    p, q = (teacher, student) if forward else (student, teacher)
-    return (p.exp() * (p - q)).sum()
-
-
 def full_kl_sum(student, student_rows, teacher, teacher_rows, forward, temperature, vocab_limit=None):
-    """Σ over rows of the exact KL between the two next-token distributions, LOGPROB_CHUNK rows at a time,
-    each chunk recomputed in the backward pass: never a full (rows, vocab) tensor per model in memory."""
+    """Σ over rows of the exact KL between the two next-token distributions (model.py's in_row_chunks:
+    never a full (rows, vocab) tensor per model in memory)."""
     student_head, teacher_head = student.lm_head.weight[:vocab_limit], teacher.lm_head.weight[:vocab_limit]
-    return sum(checkpoint(_chunk_kl, student_head, student_rows[i:i + LOGPROB_CHUNK], teacher_head,
-                          teacher_rows[i:i + LOGPROB_CHUNK], forward, temperature, use_reentrant=False)
-               for i in range(0, len(student_rows), LOGPROB_CHUNK))
+
+    def kl_of(student_rows, teacher_rows):
+        s = ((student_rows @ student_head.t()).float() / temperature).log_softmax(-1)
+        t = ((teacher_rows @ teacher_head.t()).float() / temperature).log_softmax(-1)
+        p, q = (t, s) if forward else (s, t)
+        return (p.exp() * (p - q)).sum(-1)
+    return in_row_chunks(kl_of, student_rows, teacher_rows).sum()
 
 
 def apply_teacher(student, teacher, optimizer, batch, step, args, dtype, vocab_limit=None):

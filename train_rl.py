@@ -23,9 +23,9 @@ update: with --ppo_epochs > 1 the batch is reused and PPO's clipped ratio comes 
 """
 import torch
 
-from eval import GSM8K_STOP_STRINGS, gsm8k_prompt, gsm8k_reward, load_gsm8k
+from eval import GSM8K_STOP_STRINGS, gsm8k_prompt, gsm8k_reward, load_gsm8k, rollout
 from model import (MetricsLog, Qwen3, autocast, batch_at, completion_logprobs, eval_and_checkpoint, finish,
-                   load_checkpoint, optimizer_step, rollout, setup, state_nll, training_args)
+                   load_checkpoint, optimizer_step, setup, state_nll, training_args)
 
 
 def get_args(argv=None):
@@ -47,8 +47,9 @@ def collect_states(model, tokenizer, questions, step, args, dtype):
     """Sample --group_size answers per question from the current model and score them."""
     prompts = [p for p in tokenizer.encode_batch([gsm8k_prompt(q["question"]) for q in questions])
                for _ in range(args.group_size)]
-    answers = rollout(model, tokenizer, prompts, args.max_new_tokens, args.temperature,
-                      args.seed * 1_000_003 + step, dtype, GSM8K_STOP_STRINGS, args.gen_batch_size)
+    with autocast(model.device, dtype):
+        answers = rollout(model, tokenizer, prompts, args.max_new_tokens, args.temperature,
+                          args.seed * 1_000_003 + step, GSM8K_STOP_STRINGS, args.gen_batch_size)
     golds = [q["gold"] for q in questions for _ in range(args.group_size)]
     rewards = [gsm8k_reward(tokenizer.decode(a), gold) for a, gold in zip(answers, golds)]
     return dict(seqs=[p + a for p, a in zip(prompts, answers)], starts=[len(p) for p in prompts],

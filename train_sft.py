@@ -31,9 +31,9 @@ Both use 32 sequences a step (8 x 4 micro-batches): 234 steps an epoch.
 import argparse
 import math
 
-from eval import GSM8K_STOP_STRINGS, gsm8k_prompt, gsm8k_reward, load_gsm8k
+from eval import GSM8K_STOP_STRINGS, gsm8k_prompt, gsm8k_reward, load_gsm8k, rollout
 from model import (MetricsLog, autocast, batch_at, completion_logprobs, eval_and_checkpoint, finish, load_checkpoint,
-                   optimizer_step, rank_and_world, rollout, setup, training_args)
+                   optimizer_step, rank_and_world, setup, training_args)
 
 PRESETS = {
     "mild": dict(epochs=1, lr=1e-4, lora_rank=64, lora_alpha=128),
@@ -67,8 +67,9 @@ def collect_states(model, tokenizer, questions, step, args, dtype):
     else:  # the learner's own answers, kept where they are right
         prompts = [p for p in prompts for _ in range(args.samples_per_question)]
         golds = [q["gold"] for q in questions for _ in range(args.samples_per_question)]
-        samples = rollout(model, tokenizer, prompts, args.max_new_tokens, args.temperature,
-                          args.seed * 1_000_003 + step, dtype, GSM8K_STOP_STRINGS)
+        with autocast(model.device, dtype):
+            samples = rollout(model, tokenizer, prompts, args.max_new_tokens, args.temperature,
+                              args.seed * 1_000_003 + step, GSM8K_STOP_STRINGS)
         correct = [gsm8k_reward(tokenizer.decode(s), gold) == 1.0 for s, gold in zip(samples, golds)]
         prompts, answers = [p for p, c in zip(prompts, correct) if c], [s for s, c in zip(samples, correct) if c]
     return [p + a for p, a in zip(prompts, answers)], [len(p) for p in prompts]

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import tiny_config, tiny_model
-from model import Qwen3, Qwen3Config, Tokenizer, add_lora, merge_lora, sample_next
+import model as M
+from model import Qwen3, Qwen3Config, Tokenizer, add_lora, completion_logprobs, merge_lora, sample_next
 
 SHAPES = {  # tied and untied heads, MHA and GQA, head_dim != hidden/heads, other rope theta
     "tied-gqa": {},
@@ -69,9 +70,8 @@ def test_kv_cached_decode_equals_full_forward():
     model = tiny_model(seed=5)
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
     tokens, logprobs = model.generate([prompt], max_new_tokens=20, temperature=1.0, seed=0, return_logprobs=True)
-    full = torch.tensor([prompt + tokens[0]])
     with torch.no_grad():
-        expected = model.token_logprobs(full[:, :-1], full[:, 1:])[0, len(prompt) - 1:]
+        expected = completion_logprobs(model, [prompt + tokens[0]], [len(prompt)])[0][0]
     assert torch.allclose(torch.tensor(logprobs[0]), expected, atol=1e-5)
 
 
@@ -102,17 +102,25 @@ def test_seeded_sampling_is_deterministic():
     assert a != model.generate([[1, 2], [3]], max_new_tokens=12, seed=124, top_p=0.9)
 
 
-def test_token_logprobs_equal_log_softmax_with_gradients():
+def test_completion_logprobs_equal_log_softmax_with_gradients(monkeypatch):
+    monkeypatch.setattr(M, "LOGPROB_CHUNK", 4)  # several chunks, each recomputed in the backward pass
     model = tiny_model(seed=9)
-    idx = torch.randint(0, 512, (3, 10))
-    targets = torch.randint(0, 512, (3, 10))
-    lp = model.token_logprobs(idx, targets, temperature=0.7)
+    seqs = [list(range(1, 11)), list(range(20, 27)), list(range(40, 52))]
+    starts = [3, 5, 1]
+    lp, mask = completion_logprobs(model, seqs, starts, temperature=0.7)
     lp.sum().backward()
     chunked_grad = model.layers[0].mlp.up_proj.weight.grad.clone()
     model.zero_grad()
-    direct = (model(idx) / 0.7).float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
-    direct.sum().backward()
-    assert torch.allclose(lp, direct, atol=1e-5)
+    direct, direct_sum = [], 0
+    for seq, start in zip(seqs, starts):
+        logits = model(torch.tensor([seq[:-1]]))[0] / 0.7
+        row = logits.log_softmax(-1).gather(-1, torch.tensor(seq[1:])[:, None]).squeeze(-1)[start - 1:]
+        direct.append(row)
+        direct_sum = direct_sum + row.sum()
+    direct_sum.backward()
+    assert mask.sum(1).tolist() == [7, 2, 11]
+    for b, row in enumerate(direct):
+        assert torch.allclose(lp[b, :len(row)], row, atol=1e-5) and not lp[b, len(row):].any()
     assert torch.allclose(chunked_grad, model.layers[0].mlp.up_proj.weight.grad, atol=1e-5)
 
 

@@ -29,7 +29,7 @@ def test_token_kl_gradient_matches_its_analytic_form():
 
 @pytest.mark.parametrize("forward", [False, True])
 def test_full_kl_is_the_exact_kl_over_the_vocabulary(forward, monkeypatch):
-    monkeypatch.setattr(train_distill, "LOGPROB_CHUNK", 3)  # several chunks, each recomputed in backward
+    monkeypatch.setattr(M, "LOGPROB_CHUNK", 3)  # several chunks, each recomputed in backward
     student, teacher = tiny_model(seed=1).requires_grad_(True), tiny_model(seed=2)
     rows_s, rows_t = torch.randn(7, 64, requires_grad=True), torch.randn(7, 64)
     kl = train_distill.full_kl_sum(student, rows_s, teacher, rows_t, forward, 0.8, vocab_limit=300)

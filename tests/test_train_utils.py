@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import eval as ev
 import model as M
 from conftest import ROOT, tiny_model
 
@@ -137,9 +138,9 @@ def test_rollout_ends_at_the_token_that_completes_a_stop_string(tmp_path):
 
         def generate(self, prompts, max_new_tokens, **kw):
             return [tok.encode(text) for _ in prompts]
-    out = M.rollout(Scripted(), tok, [[1], [2]], 64, 1.0, 0, torch.float32, stop_strings=("Question:",))
+    out = ev.rollout(Scripted(), tok, [[1], [2]], 64, 1.0, 0, stop_strings=("Question:",))
     assert tok.decode(out[0]) == " 5 apples.\n\nQuestion:" and out[0] == out[1]
-    assert M.rollout(Scripted(), tok, [[1]], 64, 1.0, 0, torch.float32)[0] == tok.encode(text)
+    assert ev.rollout(Scripted(), tok, [[1]], 64, 1.0, 0)[0] == tok.encode(text)
 
 
 def test_lora_model_saves_merged_with_the_same_logits(tmp_path):
