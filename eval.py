@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import Qwen3, Tokenizer, completion_logprobs
+from model import Qwen3, Tokenizer, autocast, completion_logprobs, rank_and_world, save_checkpoint
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 TASKS = ("gsm8k", "mmlu", "truthfulqa_mc1", "truthfulqa_mc2")
@@ -75,6 +75,19 @@ def subset(n_total: int, limit, seed: int) -> list:
     if limit is None or limit >= n_total:
         return list(range(n_total))
     return sorted(random.Random(seed).sample(range(n_total), limit))
+
+
+def batch_at(items: list, step: int, n: int, seed: int) -> list:
+    """The n training items this process takes at `step`: consecutive slices of a new shuffle each epoch,
+    so a step's batch is known without replaying the steps before it (which keeps --resume exact)."""
+    rank, world = rank_and_world()
+    orders, batch = {}, []
+    for k in range((step * world + rank) * n, (step * world + rank + 1) * n):
+        epoch, i = divmod(k, len(items))
+        if epoch not in orders:
+            orders[epoch] = random.Random(seed * 1_000_003 + epoch).sample(range(len(items)), len(items))
+        batch.append(items[orders[epoch][i]])
+    return batch
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -340,6 +353,62 @@ def evaluate(model, tokenizer, tasks=("gsm8k",), limit=None, seed=1234, batch_si
             shown = {k: round(v, 4) for k, v in results[task]["metrics"].items() if isinstance(v, float)}
             print(f"{task}: n={results[task]['n']} {shown} ({time.time() - began:.0f} s)", file=sys.stderr)
     return {"settings": settings, "tasks": results}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Locality: how familiar the states a trainer supervises are to the learner (logged at every step)
+
+
+def state_nll(logprobs, mask) -> float:
+    """Mean per-token NLL, under the current learner, of the state tokens a step trains on (SFT: dataset
+    prefixes; RL and OPD: the learner's own samples; off-policy distillation: the teacher's)."""
+    return -(logprobs.detach() * mask).sum().item() / max(1, mask.sum().item())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training-time measurement, shared by the trainers: metrics.jsonl and the periodic held-out eval
+
+
+class MetricsLog:
+    """metrics.jsonl, one JSON line per step (and one per eval), and a progress line with an ETA (rank 0).
+    "step" is the number of steps done: the eval at step N scores the model a checkpoint at N holds."""
+
+    def __init__(self, out_dir, steps: int, start_step: int = 0):
+        self.path, self.steps, self.on = Path(out_dir) / "metrics.jsonl", steps, rank_and_world()[0] == 0
+        if self.on:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            kept = self.path.read_text().splitlines() if self.path.exists() else []  # after --resume: up to it
+            self.path.write_text("".join(line + "\n" for line in kept if json.loads(line)["step"] <= start_step))
+        self.t_last, self.step_times = time.time(), []
+
+    def log(self, step: int, **figures):
+        """A training step's figures (with tokens=, which becomes tokens/s and counts for the ETA) or an eval's."""
+        now = time.time()
+        if "tokens" in figures:
+            self.step_times.append(now - self.t_last)
+            figures["tokens_per_s"] = figures.pop("tokens") / self.step_times[-1]
+        self.t_last = now  # so an eval's time never counts as a step's
+        if self.on:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **figures}) + "\n")
+            eta = (self.steps - step) * sum(self.step_times[-20:]) / max(1, len(self.step_times[-20:]))
+            shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items())
+            print(f"step {step}/{self.steps} | {shown} | eta {eta // 3600:.0f}h{eta % 3600 // 60:02.0f}m", flush=True)
+
+
+def eval_and_checkpoint(done: int, model, tokenizer, optimizer, metrics, args, dtype):
+    """After `done` steps: held-out GSM8K (eval.py's protocol, a fixed subset of --eval_limit test questions)
+    every --eval_every steps and at the end, on rank 0; a checkpoint every --save_every steps."""
+    if args.eval_every and (done % args.eval_every == 0 or done == args.steps):
+        if rank_and_world()[0] == 0:
+            with autocast(model.device, dtype):
+                scores = evaluate(model, tokenizer, ("gsm8k",), limit=args.eval_limit, data_dir=args.data_dir)
+            accuracy = scores["tasks"]["gsm8k"]["metrics"]  # exact_match_flexible, exact_match_strict
+            metrics.log(done, **{f"gsm8k_{name.split('_')[-1]}": value for name, value in accuracy.items()})
+        if rank_and_world()[1] > 1:
+            torch.distributed.barrier()
+    if done and args.save_every and done % args.save_every == 0:
+        save_checkpoint(args.out_dir, model, optimizer, done)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -8,9 +8,11 @@ ground truth) for every dense Qwen3 size, 0.6B to 32B.
     out = model.generate([tok.encode("Question: 2+2?\nAnswer:")], max_new_tokens=32, temperature=0)
     print(tok.decode(out[0]))
 """
+import argparse
 import json
 import math
 import os
+import random
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, fields
@@ -45,26 +47,22 @@ class Qwen3Config:
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "Qwen3Config":
         # Refuse what this file does not implement rather than silently computing something else.
-        if d.get("model_type", "qwen3") != "qwen3":
-            raise ValueError(f"{source}: model_type {d.get('model_type')!r} is not a dense Qwen3 ('qwen3')")
         rope = d.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-            raise ValueError(f"{source}: rope_scaling {rope} is not supported (only plain RoPE)")
-        if d.get("use_sliding_window") or d.get("attention_bias") or d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: sliding windows, attention biases and activations other than silu "
-                             "are not supported")
-        d = dict(d)
-        if "rope_theta" not in d and isinstance(d.get("rope_parameters"), dict):  # transformers >= 5 layout
-            d["rope_theta"] = d["rope_parameters"].get("rope_theta", cls.rope_theta)
-        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-        missing = [k for k in required if k not in d]
+        unsupported = [k for k, bad in (("model_type", d.get("model_type", "qwen3") != "qwen3"),
+                                         ("rope_scaling", rope.get("rope_type", rope.get("type")) not in (None, "default")),
+                                         ("use_sliding_window", d.get("use_sliding_window")),
+                                         ("attention_bias", d.get("attention_bias")),
+                                         ("hidden_act", d.get("hidden_act", "silu") != "silu")) if bad]
+        if unsupported:
+            raise ValueError(f"{source}: not a dense Qwen3 as this file implements it: "
+                             + ", ".join(f"{k}={d[k]!r}" for k in unsupported))
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if k not in d]
         if missing:
             raise ValueError(f"{source}: missing required key(s) {', '.join(missing)}")
-        d.setdefault("num_key_value_heads", d["num_attention_heads"])
-        d.setdefault("head_dim", d["hidden_size"] // d["num_attention_heads"])
-        for k in ("bos_token_id", "eos_token_id"):  # some configs list several eos ids
-            if isinstance(d.get(k), list):
-                d[k] = d[k][0]
+        d = {"num_key_value_heads": d["num_attention_heads"], "head_dim": d["hidden_size"] // d["num_attention_heads"],
+             "rope_theta": (d.get("rope_parameters") or {}).get("rope_theta"), **d}  # transformers 5 nests the theta
+        d.update({k: d[k][0] for k in ("bos_token_id", "eos_token_id") if isinstance(d.get(k), list)})  # several eos
         config = cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
         if config.num_attention_heads % config.num_key_value_heads:
             raise ValueError(f"{source}: num_attention_heads must be a multiple of num_key_value_heads")
@@ -225,50 +223,41 @@ class Qwen3(nn.Module):
         real tokens. Finished rows ride along until every row is done, so the batch never reshapes
         and the loop never waits on the host except for one check every 16 steps. cuda_graph replays
         the decode step as a CUDA graph (see _decoder)."""
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("generate: every prompt needs at least one token")
-        device, B = self.device, len(prompts)
-        prompt_len = max(len(p) for p in prompts)
+        if not prompts or min(map(len, prompts)) == 0 or max_new_tokens < 1:
+            raise ValueError("generate: needs prompts of at least one token and max_new_tokens >= 1")
+        device, B, prompt_len = self.device, len(prompts), max(map(len, prompts))
         max_len = prompt_len + max_new_tokens
         if max_len > self.config.max_position_embeddings:
-            raise ValueError(f"generate: {max_len} tokens exceed max_position_embeddings "
-                             f"{self.config.max_position_embeddings}")
+            raise ValueError(f"generate: {max_len} tokens exceed max_position_embeddings {self.config.max_position_embeddings}")
         pad = torch.tensor([prompt_len - len(p) for p in prompts], device=device)
         idx = torch.tensor([[0] * (prompt_len - len(p)) + list(p) for p in prompts], device=device)
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.dtype
         cache = KVCache(self.config, B, max_len, device, dtype)
         slot = torch.arange(max_len, device=device)
         key_is_real = slot[None, :] >= pad[:, None]  # (B, max_len): False on each row's left padding
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=device).manual_seed(seed)
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         stop = torch.tensor(sorted(set(stop_token_ids or [])), device=device, dtype=torch.long)
-
         decode = self._decoder(cache, key_is_real, pad, cuda_graph)  # before prefill: its warm-up writes slot 0
 
         # Prefill: the whole padded prompt at once. Padding queries attend to themselves only, which
         # keeps their (unused) outputs finite so no NaN can leak into the cache.
         causal = slot[:prompt_len, None] >= slot[None, :prompt_len]
         cache.slots, cache.length = slot[:prompt_len], prompt_len
-        cache.mask = (causal & key_is_real[:, None, :prompt_len]) | torch.eye(prompt_len, dtype=torch.bool,
-                                                                               device=device)
-        cache.mask = cache.mask[:, None]
+        own_slot = torch.eye(prompt_len, dtype=torch.bool, device=device)
+        cache.mask = ((causal & key_is_real[:, None, :prompt_len]) | own_slot)[:, None]
         positions = (slot[None, :prompt_len] - pad[:, None]).clamp(min=0)
         logits = self.lm_head(self(idx, positions, cache, return_hidden=True)[:, -1])  # last position only
 
         tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
-        logprobs = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
+        logprobs = torch.zeros(B, max_new_tokens, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        steps = 0
         for t in range(max_new_tokens):
             tokens[:, t], logprobs[:, t] = sample_next(logits, temperature, top_k, top_p, vocab_limit, generator)
             done |= torch.isin(tokens[:, t], stop)
-            steps = t + 1
             if t == max_new_tokens - 1 or (t % 16 == 15 and bool(done.all())):
                 break
             logits = decode(tokens[:, t:t + 1], prompt_len + t)
-
-        tokens, logprobs = tokens[:, :steps].tolist(), logprobs[:, :steps].tolist()
+        tokens, logprobs = tokens[:, :t + 1].tolist(), logprobs[:, :t + 1].tolist()
         stop_set = set(stop.tolist())
         for i, row in enumerate(tokens):
             end = next((j + 1 for j, tok in enumerate(row) if tok in stop_set), len(row))
@@ -318,35 +307,28 @@ class Qwen3(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, device="cpu", dtype=torch.float32) -> "Qwen3":
-        """Load a dense Qwen3 from a local folder or a Hugging Face hub repo id (safetensors only)."""
+        """Load a dense Qwen3 from a local folder or a Hugging Face hub repo id (safetensors only), with
+        a clear error for any missing, unexpected or mis-shaped weight."""
         folder = resolve_model_dir(name_or_path)
-        config = Qwen3Config.from_dict(json.loads((folder / "config.json").read_text()),
-                                       source=str(folder / "config.json"))
+        config = Qwen3Config.from_dict(json.loads((folder / "config.json").read_text()), str(folder / "config.json"))
         with torch.device("meta"):  # no memory until the weights arrive, and then only in `dtype`
             model = cls(config).to(dtype)
         model = model.to_empty(device=device)
-        if config.tie_word_embeddings:  # to_empty unties shared parameters
+        if config.tie_word_embeddings:  # to_empty unties shared parameters; the checkpoint may hold lm_head
             model.lm_head.weight = model.embed_tokens.weight
-        model.load_hf_state_dict(read_safetensors(folder), source=str(folder))
-        return model.eval()
-
-    def load_hf_state_dict(self, tensors: dict, source: str = "checkpoint"):
-        """Copy Hugging Face-named tensors into the model, with a clear error for any missing,
-        unexpected or mis-shaped weight."""
-        expected = self.hf_state_dict()
-        if self.config.tie_word_embeddings:
-            tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}  # optional when tied
+        tensors, expected = read_safetensors(folder), model.hf_state_dict()
         missing = sorted(expected.keys() - tensors.keys())
-        unexpected = sorted(tensors.keys() - expected.keys())
+        unexpected = sorted(tensors.keys() - expected.keys() - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
         if missing or unexpected:
-            raise ValueError(f"{source}: missing weight(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
-                             f"unexpected weight(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+            raise ValueError(f"{folder}: missing weight(s) {missing[:5]}{' ...' * (len(missing) > 5)} "
+                             f"unexpected weight(s) {unexpected[:5]}{' ...' * (len(unexpected) > 5)}")
         with torch.no_grad():
             for name, param in expected.items():
                 if tensors[name].shape != param.shape:
-                    raise ValueError(f"{source}: weight {name} has shape {tuple(tensors[name].shape)}, "
+                    raise ValueError(f"{folder}: weight {name} has shape {tuple(tensors[name].shape)}, "
                                      f"expected {tuple(param.shape)} from config.json")
                 param.copy_(tensors[name])
+        return model.eval()
 
     def hf_state_dict(self, merged: bool = False) -> dict:
         """Weights under their Hugging Face names (model.layers.0.self_attn.q_proj.weight, ...): the
@@ -482,24 +464,28 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 def add_lora(model: Qwen3, rank: int, alpha: float) -> list:
     """Wrap every attention and MLP projection in a LoRA adapter, freeze all other weights, and
     return the trainable parameters."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if name in LORA_TARGETS and isinstance(child, nn.Linear):
-                setattr(parent, name, LoRALinear(child, rank, alpha))
+    model.requires_grad_(False)
+    swap_modules(model, lambda name, m: LoRALinear(m, rank, alpha) if name in LORA_TARGETS
+                 and isinstance(m, nn.Linear) else m)
     return [p for p in model.parameters() if p.requires_grad]
 
 
 def merge_lora(model: Qwen3) -> Qwen3:
     """Fold every adapter into its base weight, in place, leaving a plain Qwen3."""
+    def merged(name, module):
+        if isinstance(module, LoRALinear):
+            module.base.weight.copy_(module.weight)
+            return module.base
+        return module
+    with torch.no_grad():
+        swap_modules(model, merged)
+    return model
+
+
+def swap_modules(model, replace):
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, LoRALinear):
-                with torch.no_grad():
-                    child.base.weight.copy_(child.weight)
-                setattr(parent, name, child.base)
-    return model
+            setattr(parent, name, replace(name, child))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -576,16 +562,10 @@ class Tokenizer:
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)
 
-    def decode_batch(self, batch) -> list:
-        return self.tok.decode_batch([list(ids) for ids in batch], skip_special_tokens=False)
-
 
 # -----------------------------------------------------------------------------------------------
-# Training utilities, shared by train_sft.py, train_rl.py and train_distill.py: flags, setup, the lr
-# schedule, the optimizer step, exact checkpoints, metrics, and log-probs of the tokens a step trains on.
-import argparse  # noqa: E402  (only the trainers need these three)
-import random  # noqa: E402
-import time  # noqa: E402
+# Training utilities shared by the three trainers: flags, setup, the lr schedule, the optimizer step,
+# exact checkpoints and the final save (metrics and the periodic eval are eval.py's).
 
 
 def training_args(description: str, **defaults) -> argparse.ArgumentParser:
@@ -674,45 +654,26 @@ def optimizer_step(optimizer, step: int, args, loss: float):
     return lr_at(step, args), grad_norm.item()
 
 
-def batch_at(items: list, step: int, n: int, seed: int) -> list:
-    """The n items this process trains on at `step`: consecutive slices of a new shuffle each epoch, so a
-    step's batch is known without replaying the steps before it (which keeps --resume exact)."""
-    rank, world = rank_and_world()
-    orders, batch = {}, []
-    for k in range((step * world + rank) * n, (step * world + rank + 1) * n):
-        epoch, i = divmod(k, len(items))
-        if epoch not in orders:
-            orders[epoch] = random.Random(seed * 1_000_003 + epoch).sample(range(len(items)), len(items))
-        batch.append(items[orders[epoch][i]])
-    return batch
-
-
 def save_checkpoint(out_dir, model, optimizer, step: int):
-    """out_dir/checkpoints/step_N (N = steps done): trainable weights, AdamW state and RNG state in safetensors,
-    the rest in JSON. Written to a temporary folder, renamed into place, then older ones are deleted: a crash at
-    any moment leaves a complete checkpoint. Rank 0 only."""
+    """out_dir/checkpoints/step_N (N steps done, rank 0): trained weights, AdamW state and the torch RNG in
+    safetensors, the step and Python's RNG in JSON; nothing is pickled. Written to a temporary folder and
+    renamed into place before older ones are deleted: a crash at any moment leaves a complete checkpoint."""
     from safetensors.torch import save_file
     if rank_and_world()[0] != 0:
         return
-    root = Path(out_dir) / "checkpoints"
+    root, names = Path(out_dir) / "checkpoints", {p: name for name, p in model.named_parameters()}
     root.mkdir(parents=True, exist_ok=True)
-    names = {p: name for name, p in model.named_parameters()}
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    tensors = {f"param.{names[p]}": p.detach().cpu().contiguous() for p in params}
-    for i, p in enumerate(params):
+    tensors = {"rng.torch": torch.get_rng_state()}
+    for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"]):
+        tensors[f"param.{names[p]}"] = p.detach().cpu().contiguous()
         tensors.update({f"adam.{i}.{k}": v.detach().cpu().contiguous() for k, v in optimizer.state.get(p, {}).items()})
-    tensors["rng.torch"] = torch.get_rng_state()  # a uint8 tensor: nothing is ever pickled
-    meta = {"step": step, "python_rng": random.getstate(),
-            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]}
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    tmp, final = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-")), root / f"step_{step:07d}"
     save_file(tensors, tmp / "state.safetensors")
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    final = root / f"step_{step:07d}"
+    (tmp / "meta.json").write_text(json.dumps({"step": step, "python_rng": random.getstate()}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for old in root.glob("step_*"):
-        if old != final:
-            shutil.rmtree(old)
+    for old in set(root.glob("step_*")) - {final}:
+        shutil.rmtree(old)
 
 
 def load_checkpoint(out_dir, model, optimizer) -> int:
@@ -722,69 +683,18 @@ def load_checkpoint(out_dir, model, optimizer) -> int:
     if not found:
         raise SystemExit(f"--resume: no checkpoint in {out_dir}/checkpoints")
     tensors, meta = load_file(found[-1] / "state.safetensors"), json.loads((found[-1] / "meta.json").read_text())
-    names = {p: name for name, p in model.named_parameters()}
-    params, state = [p for group in optimizer.param_groups for p in group["params"]], {}
+    names, state = {p: name for name, p in model.named_parameters()}, {}
     with torch.no_grad():
-        for p in params:
+        for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"]):
             p.copy_(tensors[f"param.{names[p]}"])
-    for key, value in tensors.items():
-        if key.startswith("adam."):
-            _, i, name = key.split(".", 2)
-            state.setdefault(int(i), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+            state[i] = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"adam.{i}.")}
+    optimizer.load_state_dict({"state": {i: s for i, s in state.items() if s},
+                               "param_groups": optimizer.state_dict()["param_groups"]})
     torch.set_rng_state(tensors["rng.torch"])
-    random.setstate((meta["python_rng"][0], tuple(meta["python_rng"][1]), meta["python_rng"][2]))
+    version, internal, gauss = meta["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
     print(f"resumed from {found[-1]}")
     return meta["step"]
-
-
-class MetricsLog:
-    """metrics.jsonl, one JSON line per step (and one per eval), and a progress line with an ETA (rank 0).
-    "step" is the number of steps done: the eval at step N scores the model a checkpoint at N holds."""
-
-    def __init__(self, out_dir, steps: int, start_step: int = 0):
-        self.path, self.steps, self.on = Path(out_dir) / "metrics.jsonl", steps, rank_and_world()[0] == 0
-        if self.on and self.path.exists():  # after --resume, drop the lines past the checkpoint
-            lines = self.path.read_text().splitlines()
-            self.path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= start_step))
-        elif self.on:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.t_last, self.step_times = time.time(), []
-
-    def log(self, step: int, **figures):
-        """A training step's figures (with tokens=, which becomes tokens/s and counts for the ETA) or an eval's."""
-        now = time.time()
-        if "tokens" in figures:
-            self.step_times.append(now - self.t_last)
-            figures["tokens_per_s"] = figures.pop("tokens") / self.step_times[-1]
-        self.t_last = now  # so an eval's time never counts as a step's
-        if self.on:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **figures}) + "\n")
-            eta = (self.steps - step) * sum(self.step_times[-20:]) / max(1, len(self.step_times[-20:]))
-            shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items())
-            print(f"step {step}/{self.steps} | {shown} | eta {eta // 3600:.0f}h{eta % 3600 // 60:02.0f}m", flush=True)
-
-
-def state_nll(logprobs, mask) -> float:
-    """Mean per-token NLL that the learner gives the states (token prefixes) a step trains on."""
-    return -(logprobs.detach() * mask).sum().item() / max(1, mask.sum().item())
-
-
-def eval_and_checkpoint(done: int, model, tokenizer, optimizer, metrics, args, dtype):
-    """After `done` steps: held-out GSM8K (eval.py's protocol, a fixed subset of --eval_limit test questions)
-    every --eval_every steps and at the end, on rank 0; a checkpoint every --save_every steps."""
-    from eval import evaluate  # imported here: eval.py imports this file
-    if args.eval_every and (done % args.eval_every == 0 or done == args.steps):
-        if rank_and_world()[0] == 0:
-            with autocast(model.device, dtype):
-                scores = evaluate(model, tokenizer, ("gsm8k",), limit=args.eval_limit, data_dir=args.data_dir)
-            accuracy = scores["tasks"]["gsm8k"]["metrics"]  # exact_match_flexible, exact_match_strict
-            metrics.log(done, **{f"gsm8k_{name.split('_')[-1]}": value for name, value in accuracy.items()})
-        if rank_and_world()[1] > 1:
-            torch.distributed.barrier()
-    if done and args.save_every and done % args.save_every == 0:
-        save_checkpoint(args.out_dir, model, optimizer, done)
 
 
 def finish(model, tokenizer, out_dir):

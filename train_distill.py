@@ -26,10 +26,10 @@ import random
 
 import torch
 
-from eval import GSM8K_STOP_STRINGS, gsm8k_prompt, load_gsm8k, rollout
-from model import (MetricsLog, Qwen3, Tokenizer, autocast, batch_at, completion_logprobs, eval_and_checkpoint,
-                   finish, in_row_chunks, load_checkpoint, optimizer_step, setup, state_nll,
-                   training_args)
+from eval import (GSM8K_STOP_STRINGS, MetricsLog, batch_at, eval_and_checkpoint, gsm8k_prompt, load_gsm8k, rollout,
+                  state_nll)
+from model import (Qwen3, Tokenizer, autocast, completion_logprobs, finish, in_row_chunks, load_checkpoint,
+                   optimizer_step, setup, training_args)
 
 
 def get_args(argv=None):

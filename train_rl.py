@@ -23,9 +23,9 @@ update: with --ppo_epochs > 1 the batch is reused and PPO's clipped ratio comes 
 """
 import torch
 
-from eval import GSM8K_STOP_STRINGS, gsm8k_prompt, gsm8k_reward, load_gsm8k, rollout
-from model import (MetricsLog, Qwen3, autocast, batch_at, completion_logprobs, eval_and_checkpoint, finish,
-                   load_checkpoint, optimizer_step, setup, state_nll, training_args)
+from eval import (GSM8K_STOP_STRINGS, MetricsLog, batch_at, eval_and_checkpoint, gsm8k_prompt, gsm8k_reward,
+                  load_gsm8k, rollout, state_nll)
+from model import Qwen3, autocast, completion_logprobs, finish, load_checkpoint, optimizer_step, setup, training_args
 
 
 def get_args(argv=None):

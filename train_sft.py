@@ -31,9 +31,10 @@ Both use 32 sequences a step (8 x 4 micro-batches): 234 steps an epoch.
 import argparse
 import math
 
-from eval import GSM8K_STOP_STRINGS, gsm8k_prompt, gsm8k_reward, load_gsm8k, rollout
-from model import (MetricsLog, autocast, batch_at, completion_logprobs, eval_and_checkpoint, finish, load_checkpoint,
-                   optimizer_step, rank_and_world, setup, training_args)
+from eval import (GSM8K_STOP_STRINGS, MetricsLog, batch_at, eval_and_checkpoint, gsm8k_prompt, gsm8k_reward,
+                  load_gsm8k, rollout)
+from model import (autocast, completion_logprobs, finish, load_checkpoint, optimizer_step, rank_and_world, setup,
+                   training_args)
 
 PRESETS = {
     "mild": dict(epochs=1, lr=1e-4, lora_rank=64, lora_alpha=128),

@@ -98,15 +98,15 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
 
 def test_batches_cover_each_epoch_once_and_split_ranks(monkeypatch):
     items = list(range(10))
-    batches = [M.batch_at(items, step, 5, seed=3) for step in range(4)]
+    batches = [ev.batch_at(items, step, 5, seed=3) for step in range(4)]
     assert sorted(batches[0] + batches[1]) == items and sorted(batches[2] + batches[3]) == items
     assert batches[0] + batches[1] != batches[2] + batches[3]  # a new shuffle each epoch
-    assert M.batch_at(items, 1, 5, seed=3) == batches[1]  # any step's batch, without replaying the others
+    assert ev.batch_at(items, 1, 5, seed=3) == batches[1]  # any step's batch, without replaying the others
     monkeypatch.setenv("WORLD_SIZE", "2")
     per_rank = []
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
-        per_rank.append(M.batch_at(items, 0, 5, seed=3))
+        per_rank.append(ev.batch_at(items, 0, 5, seed=3))
     assert sorted(per_rank[0] + per_rank[1]) == items  # ranks see different examples
 
 
