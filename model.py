@@ -12,7 +12,6 @@ import argparse
 import json
 import math
 import os
-import random
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, fields
@@ -23,8 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-# -----------------------------------------------------------------------------------------------
-# Config
+# Config -------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -48,8 +46,9 @@ class Qwen3Config:
     def from_dict(cls, d: dict, source: str = "config") -> "Qwen3Config":
         # Refuse what this file does not implement rather than silently computing something else.
         rope = d.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
         unsupported = [k for k, bad in (("model_type", d.get("model_type", "qwen3") != "qwen3"),
-                                         ("rope_scaling", rope.get("rope_type", rope.get("type")) not in (None, "default")),
+                                         ("rope_scaling", rope_type != "default"),
                                          ("use_sliding_window", d.get("use_sliding_window")),
                                          ("attention_bias", d.get("attention_bias")),
                                          ("hidden_act", d.get("hidden_act", "silu") != "silu")) if bad]
@@ -71,13 +70,11 @@ class Qwen3Config:
     def to_dict(self, dtype: torch.dtype = torch.float32) -> dict:
         """A config.json that transformers, vLLM and lm-eval load as Qwen3ForCausalLM."""
         return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_act": "silu",
-                "attention_bias": False, "attention_dropout": 0.0, "rope_scaling": None,
-                "use_sliding_window": False, "sliding_window": None, **asdict(self),
-                "torch_dtype": str(dtype).removeprefix("torch.")}
+                "attention_bias": False, "attention_dropout": 0.0, "rope_scaling": None, "use_sliding_window": False,
+                "sliding_window": None, **asdict(self), "torch_dtype": str(dtype).removeprefix("torch.")}
 
 
-# -----------------------------------------------------------------------------------------------
-# The model
+# The model ----------------------------------------------------------------------------------------
 
 
 class RMSNorm(nn.Module):
@@ -88,8 +85,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # Normalise in fp32, scale in the input dtype: exactly transformers' order of rounding.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        x32 = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
 
@@ -158,14 +154,13 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Pre-allocated keys and values for every layer, stored for the KV heads only (GQA repeats
-    them inside attention, never in memory). Rows are left-padded to a common prompt length, so all
-    rows write the same slot at each step; `mask` hides the padding and the not-yet-written slots."""
+    """Pre-allocated keys and values of every layer, for the KV heads only (GQA repeats them inside
+    attention, never in memory). Rows are left-padded to one prompt length, so all rows write the same
+    slot at each step; `mask` hides the padding and the slots not yet written."""
 
     def __init__(self, config: Qwen3Config, batch_size: int, max_len: int, device, dtype):
         shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k, self.v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
         self.slots = None  # (T,) the cache slots the current tokens are written to
         self.length = 0    # how many slots attention reads (all of them when the step is a CUDA graph)
         self.mask = None   # (B, 1, T, length) bool, True where a query may attend a key
@@ -187,13 +182,8 @@ class Qwen3(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    @property
-    def device(self):
-        return self.embed_tokens.weight.device
-
-    @property
-    def dtype(self):
-        return self.embed_tokens.weight.dtype
+    device = property(lambda self: self.embed_tokens.weight.device)
+    dtype = property(lambda self: self.embed_tokens.weight.dtype)
 
     def forward(self, idx, positions=None, cache=None, return_hidden=False):
         """idx (B, T) token ids -> logits (B, T, vocab), or the final-norm hidden states (B, T, hidden).
@@ -207,28 +197,26 @@ class Qwen3(nn.Module):
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)
 
-    # -------------------------------------------------------------------------------------------
-    # Generation
+    # Generation -----------------------------------------------------------------------------------
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens: int, temperature: float = 1.0, top_k=None, top_p=None,
                  stop_token_ids=None, seed=None, return_logprobs: bool = False, vocab_limit=None,
                  cuda_graph: bool = False):
-        """Sample continuations for a batch of prompts (lists of token ids, any lengths).
-
-        Returns the new tokens of each prompt; a row that samples a stop token keeps it as its last
-        token and ends there. temperature=0 is greedy. With return_logprobs, also the log-probability
-        of each new token under the distribution it was drawn from (after temperature, top-k, top-p;
-        for greedy, under the plain softmax). vocab_limit masks embedding rows past the tokenizer's
-        real tokens. Finished rows ride along until every row is done, so the batch never reshapes
-        and the loop never waits on the host except for one check every 16 steps. cuda_graph replays
-        the decode step as a CUDA graph (see _decoder)."""
+        """Sample continuations for a batch of prompts (lists of token ids, any lengths). Returns the new
+        tokens of each prompt; a row that samples a stop token keeps it as its last token and ends there.
+        temperature=0 is greedy. return_logprobs adds each new token's log-probability under the
+        distribution it was drawn from (after temperature, top-k, top-p; greedy: the plain softmax).
+        vocab_limit masks embedding rows past the tokenizer's real tokens. Finished rows ride along until
+        all are done, so the batch never reshapes and the host waits only once every 16 steps.
+        cuda_graph replays the decode step as a CUDA graph (see _decoder)."""
         if not prompts or min(map(len, prompts)) == 0 or max_new_tokens < 1:
             raise ValueError("generate: needs prompts of at least one token and max_new_tokens >= 1")
         device, B, prompt_len = self.device, len(prompts), max(map(len, prompts))
         max_len = prompt_len + max_new_tokens
         if max_len > self.config.max_position_embeddings:
-            raise ValueError(f"generate: {max_len} tokens exceed max_position_embeddings {self.config.max_position_embeddings}")
+            raise ValueError(f"generate: {max_len} tokens exceed max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
         pad = torch.tensor([prompt_len - len(p) for p in prompts], device=device)
         idx = torch.tensor([[0] * (prompt_len - len(p)) + list(p) for p in prompts], device=device)
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.dtype
@@ -242,8 +230,8 @@ class Qwen3(nn.Module):
         # Prefill: the whole padded prompt at once. Padding queries attend to themselves only, which
         # keeps their (unused) outputs finite so no NaN can leak into the cache.
         causal = slot[:prompt_len, None] >= slot[None, :prompt_len]
-        cache.slots, cache.length = slot[:prompt_len], prompt_len
         own_slot = torch.eye(prompt_len, dtype=torch.bool, device=device)
+        cache.slots, cache.length = slot[:prompt_len], prompt_len
         cache.mask = ((causal & key_is_real[:, None, :prompt_len]) | own_slot)[:, None]
         positions = (slot[None, :prompt_len] - pad[:, None]).clamp(min=0)
         logits = self.lm_head(self(idx, positions, cache, return_hidden=True)[:, -1])  # last position only
@@ -264,46 +252,41 @@ class Qwen3(nn.Module):
             tokens[i], logprobs[i] = row[:end], logprobs[i][:end]
         return (tokens, logprobs) if return_logprobs else tokens
 
-    def _decoder(self, cache: KVCache, key_is_real, pad, static: bool):
-        """The one-token decode step, step(token (B, 1), slot s) -> next logits (B, vocab).
-
-        Eager, it attends over the slots written so far. Static, every tensor it touches has a fixed
-        shape and address (input buffers, the whole cache under a mask), so on CUDA it is captured
-        once as a CUDA graph and replayed, removing the per-kernel launch cost that dominates decode
-        for small models. Off CUDA the static step runs as is, which is how the tests check it."""
+    def _decoder(self, cache: KVCache, key_is_real, pad, cuda_graph: bool):
+        """The one-token decode step, step(token (B, 1), slot s) -> next logits (B, vocab), reading its
+        inputs from fixed buffers. Eager, attention reads the slots written so far. For a CUDA graph it
+        reads the whole cache under the mask, so every shape and address is fixed: the step is captured
+        once and replayed, removing the kernel-launch cost that dominates decode for small models. Off
+        CUDA, cuda_graph=True runs that fixed-shape step uncaptured, which is how the tests check it."""
         slot = torch.arange(cache.k.shape[3], device=pad.device)
-        if not static:
-            def step(token, s):
-                cache.slots, cache.length, cache.mask = slot[s:s + 1], s + 1, key_is_real[:, None, None, :s + 1]
-                return self(token, (s - pad)[:, None], cache)[:, -1]
-            return step
         token_in, position_in, slot_in = pad[:, None].clone(), pad[:, None].clone(), slot[:1].clone()
-        mask_in = key_is_real[:, None, None].clone()
+        mask_in, graph = key_is_real[:, None, None].clone(), None
 
-        def run():
-            cache.slots, cache.length, cache.mask = slot_in, len(slot), mask_in
+        def run(length):
+            cache.slots, cache.length, cache.mask = slot_in, length, mask_in[..., :length]
             return self(token_in, position_in, cache)[:, -1]
-        if pad.device.type == "cuda":
+        if cuda_graph and pad.device.type == "cuda":
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                run()  # warm-up outside the graph: lazy initialisation and allocations happen here
+                run(len(slot))  # warm-up outside the graph: lazy initialisation and allocations happen here
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                logits_out = run()
-            run = lambda: (graph.replay(), logits_out)[1]  # noqa: E731
+                logits_out = run(len(slot))
 
         def step(token, s):
             token_in.copy_(token)
             position_in.copy_((s - pad)[:, None])
             slot_in.fill_(s)
             mask_in.copy_((key_is_real & (slot <= s))[:, None, None])
-            return run()
+            if graph is None:
+                return run(len(slot) if cuda_graph else s + 1)
+            graph.replay()
+            return logits_out
         return step
 
-    # -------------------------------------------------------------------------------------------
-    # Hugging Face weights in and out
+    # Hugging Face weights in and out --------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, name_or_path, device="cpu", dtype=torch.float32) -> "Qwen3":
@@ -318,7 +301,8 @@ class Qwen3(nn.Module):
             model.lm_head.weight = model.embed_tokens.weight
         tensors, expected = read_safetensors(folder), model.hf_state_dict()
         missing = sorted(expected.keys() - tensors.keys())
-        unexpected = sorted(tensors.keys() - expected.keys() - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
+        optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
+        unexpected = sorted(tensors.keys() - expected.keys() - optional)
         if missing or unexpected:
             raise ValueError(f"{folder}: missing weight(s) {missing[:5]}{' ...' * (len(missing) > 5)} "
                              f"unexpected weight(s) {unexpected[:5]}{' ...' * (len(unexpected) > 5)}")
@@ -347,34 +331,28 @@ class Qwen3(nn.Module):
         """Write config.json + model.safetensors (+ tokenizer.json) in the Hugging Face layout, LoRA
         merged, atomically: a crash mid-save leaves any previous model in out_dir intact."""
         from safetensors.torch import save_file
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.hf_state_dict(merged=True).items()}
-        files = {"config.json": json.dumps(self.config.to_dict(self.dtype), indent=2)}
-        if tokenizer is not None:
-            files["tokenizer.json"] = Path(tokenizer.path).read_text()
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-            save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-            for name, text in files.items():
-                Path(tmp, name).write_text(text)
-            for name in ["model.safetensors", *files]:
-                os.replace(os.path.join(tmp, name), out_dir / name)
+            tensors = {k: v.detach().cpu().contiguous() for k, v in self.hf_state_dict(merged=True).items()}
+            save_file(tensors, Path(tmp, "model.safetensors"), metadata={"format": "pt"})
+            Path(tmp, "config.json").write_text(json.dumps(self.config.to_dict(self.dtype), indent=2))
+            if tokenizer is not None:
+                shutil.copy(tokenizer.path, Path(tmp, "tokenizer.json"))
+            for name in os.listdir(tmp):
+                os.replace(Path(tmp, name), Path(out_dir, name))
 
 
-# -----------------------------------------------------------------------------------------------
-# Log-probabilities of given tokens, for the trainers and eval
+# Log-probabilities of given tokens, for the trainers and eval -------------------------------------
 
 LOGPROB_CHUNK = 1024  # rows of (chunk, vocab) fp32 logits at a time: 0.6 GB for Qwen's vocab
 
 
 def completion_logprobs(model, seqs: list, starts: list, temperature: float = 1.0, vocab_limit=None,
                         return_hidden: bool = False):
-    """Log-probs (B, L) of each completion seqs[b][starts[b]:] given everything before it (L: the
-    longest), in fp32, and the mask (B, L) of its real tokens. Only completion positions go through
-    the vocabulary projection: a prompt costs its forward pass, no logits. vocab_limit normalises over
-    the tokenizer's real tokens only, as the sampler draws (else lowering a sampled token would move
-    mass onto embedding rows that are never sampled). return_hidden adds the (N, hidden) states of
-    the N masked positions."""
+    """fp32 log-probs (B, L) of each completion seqs[b][starts[b]:] given all before it, and the mask
+    (B, L) of its real tokens. Only completion positions are projected onto the vocabulary. vocab_limit
+    normalises over the tokenizer's real tokens, those the sampler draws (else lowering a sampled token
+    would move mass onto rows never sampled). return_hidden adds the (N, hidden) masked-position states."""
     device, width = model.device, max(map(len, seqs))
     idx = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=device)
     start = torch.tensor(starts, device=device)[:, None]
@@ -402,13 +380,11 @@ def in_row_chunks(fn, *rows):
     return torch.cat([fn(*chunk) for chunk in chunks])
 
 
-# -----------------------------------------------------------------------------------------------
-# The fused sampler
+# The fused sampler --------------------------------------------------------------------------------
 
 
 def sample_next(logits, temperature: float, top_k=None, top_p=None, vocab_limit=None, generator=None):
     """One sampling step for a batch of next-token logits (B, vocab) -> (tokens (B,), logprobs (B,)).
-
     Masks the rows past the tokenizer, applies temperature, keeps the top_k logits, keeps the smallest
     set of tokens whose probability reaches top_p (the token that crosses p is kept), then draws with
     the exponential race: argmax p_i / E_i with E_i ~ Exp(1) is a draw from p, with no host sync."""
@@ -435,8 +411,7 @@ def sample_next(logits, temperature: float, top_k=None, top_p=None, vocab_limit=
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-# -----------------------------------------------------------------------------------------------
-# LoRA
+# LoRA ---------------------------------------------------------------------------------------------
 
 
 class LoRALinear(nn.Module):
@@ -463,51 +438,34 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 def add_lora(model: Qwen3, rank: int, alpha: float) -> list:
     """Wrap every attention and MLP projection in a LoRA adapter, freeze all other weights, and
-    return the trainable parameters."""
+    return the trainable parameters. save_pretrained writes the merged weights."""
     model.requires_grad_(False)
-    swap_modules(model, lambda name, m: LoRALinear(m, rank, alpha) if name in LORA_TARGETS
-                 and isinstance(m, nn.Linear) else m)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if name in LORA_TARGETS and isinstance(child, nn.Linear):
+                setattr(parent, name, LoRALinear(child, rank, alpha))
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def merge_lora(model: Qwen3) -> Qwen3:
-    """Fold every adapter into its base weight, in place, leaving a plain Qwen3."""
-    def merged(name, module):
-        if isinstance(module, LoRALinear):
-            module.base.weight.copy_(module.weight)
-            return module.base
-        return module
-    with torch.no_grad():
-        swap_modules(model, merged)
-    return model
-
-
-def swap_modules(model, replace):
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            setattr(parent, name, replace(name, child))
-
-
-# -----------------------------------------------------------------------------------------------
-# Files: hub downloads, safetensors, the tokenizer
+# Files: hub downloads, safetensors, the tokenizer -------------------------------------------------
 
 
 def resolve_model_dir(name_or_path) -> Path:
     """A local folder as is; otherwise a hub repo id, downloaded (config, safetensors, tokenizer)."""
-    path = Path(name_or_path)
+    path, name = Path(name_or_path), str(name_or_path)
+    if path.is_dir() and not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: no config.json in this model folder")
     if path.is_dir():
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path}: no config.json in this model folder")
         return path
-    if path.suffix or str(name_or_path).startswith((".", "/")) or str(name_or_path).count("/") != 1:
-        raise FileNotFoundError(f"{name_or_path}: no such model folder (nor a hub id like Qwen/Qwen3-0.6B-Base)")
+    if path.suffix or name.startswith((".", "/")) or name.count("/") != 1:
+        raise FileNotFoundError(f"{name}: no such model folder (nor a hub id like Qwen/Qwen3-0.6B-Base)")
     from huggingface_hub import snapshot_download
     try:
-        return Path(snapshot_download(str(name_or_path), allow_patterns=[
-            "config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json"]))
+        patterns = ["config.json", "*.safetensors", "*.index.json", "tokenizer.json"]
+        return Path(snapshot_download(name, allow_patterns=patterns))
     except Exception as e:  # offline, unknown repo, ...: one clear line, not a stack of HTTP errors
-        raise FileNotFoundError(f"{name_or_path}: could not download from the Hugging Face hub "
-                                f"({type(e).__name__}); pass a local model folder instead") from None
+        raise FileNotFoundError(f"{name}: could not download from the Hugging Face hub ({type(e).__name__}); "
+                                "pass a local model folder instead") from None
 
 
 def read_safetensors(folder: Path) -> dict:
@@ -521,12 +479,9 @@ def read_safetensors(folder: Path) -> dict:
     else:
         raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json "
                                 "(only safetensors weights are loaded, never .bin/.pt pickles)")
-    tensors = {}
-    for shard in shards:
-        if not (folder / shard).exists():
-            raise FileNotFoundError(f"{folder / shard}: shard named in the index is missing")
-        tensors.update(load_file(folder / shard))
-    return tensors
+    if missing := [shard for shard in shards if not (folder / shard).exists()]:
+        raise FileNotFoundError(f"{folder / missing[0]}: shard named in the index is missing")
+    return {name: t for shard in shards for name, t in load_file(folder / shard).items()}
 
 
 class Tokenizer:
@@ -538,18 +493,15 @@ class Tokenizer:
         self.path = str(path)
         self.tok = HFTokenizer.from_file(self.path)
         vocab = self.tok.get_vocab(with_added_tokens=True)
-        self.eos_id = vocab.get("<|endoftext|>", 0)
-        self.pad_id = self.eos_id
+        self.eos_id = self.pad_id = vocab.get("<|endoftext|>", 0)  # Qwen pads with its end-of-text token
         self.stop_ids = [vocab[t] for t in ("<|endoftext|>", "<|im_end|>") if t in vocab]
         self.n_real_tokens = self.tok.get_vocab_size(with_added_tokens=True)
 
     @classmethod
     def from_pretrained(cls, name_or_path) -> "Tokenizer":
+        """A tokenizer.json file, or the one in a model folder or hub repo."""
         path = Path(name_or_path)
-        if path.is_file():
-            return cls(path)
-        path = resolve_model_dir(name_or_path) / "tokenizer.json"
-        if not path.exists():
+        if not path.is_file() and not (path := resolve_model_dir(name_or_path) / "tokenizer.json").exists():
             raise FileNotFoundError(f"{path}: no tokenizer.json in this model folder")
         return cls(path)
 
@@ -563,9 +515,7 @@ class Tokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=False)
 
 
-# -----------------------------------------------------------------------------------------------
-# Training utilities shared by the three trainers: flags, setup, the lr schedule, the optimizer step,
-# exact checkpoints and the final save (metrics and the periodic eval are eval.py's).
+# Training utilities shared by the trainers (metrics and the periodic eval are eval.py's) --------
 
 
 def training_args(description: str, **defaults) -> argparse.ArgumentParser:
@@ -580,7 +530,6 @@ def training_args(description: str, **defaults) -> argparse.ArgumentParser:
     a("--grad_accum", type=int, default=4, help="micro-batches per step: batch_size x grad_accum examples per GPU")
     a("--lr", type=float, default=1e-5, help="peak learning rate (AdamW)")
     a("--warmup", type=int, default=10, help="steps of linear warmup")
-    a("--decay", default="cosine", choices=("cosine", "linear"), help="lr decay to 0 after the warmup")
     a("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
     a("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
     a("--lora_rank", type=int, default=0, help="LoRA rank on every projection; 0 = full fine-tuning")
@@ -602,9 +551,9 @@ def rank_and_world():
 
 
 def setup(args):
-    """Join torchrun's process group if there is one, seed, load the model and its tokenizer, add LoRA.
-    Trained weights are fp32 (AdamW's master weights, cast by autocast); with LoRA the frozen base is kept
-    in the compute dtype, which halves its memory. Returns (model, tokenizer, AdamW, device, compute dtype)."""
+    """Join torchrun's process group if any, seed, load model and tokenizer, add LoRA. Trained weights are
+    fp32 (AdamW's master weights, cast by autocast); a LoRA's frozen base is in the compute dtype (half
+    the memory). Returns (model, tokenizer, AdamW, device, compute dtype)."""
     device = torch.device(args.device)
     if rank_and_world()[1] > 1:
         if device.type == "cuda":
@@ -612,8 +561,7 @@ def setup(args):
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     dtype = torch.bfloat16 if (args.dtype or ("bf16" if device.type == "cuda" else "fp32")) == "bf16" else torch.float32
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # LoRA's initialisation; every sampling call passes its own seed
     model = Qwen3.from_pretrained(args.model, device=device, dtype=dtype if args.lora_rank else torch.float32)
     if args.lora_rank:  # the adapters are created in fp32
         add_lora(model, args.lora_rank, args.lora_alpha or 2 * args.lora_rank)
@@ -627,11 +575,10 @@ def autocast(device, dtype):
 
 
 def lr_at(step: int, args) -> float:
-    """Linear warmup to args.lr, then cosine or linear decay towards 0 at args.steps."""
+    """Linear warmup to args.lr, then cosine decay towards 0 at args.steps."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
-    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.lr * (0.5 * (1 + math.cos(math.pi * progress)) if args.decay == "cosine" else 1 - progress)
+    return args.lr * 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, args.steps - args.warmup)))
 
 
 def optimizer_step(optimizer, step: int, args, loss: float):
@@ -656,8 +603,7 @@ def optimizer_step(optimizer, step: int, args, loss: float):
 
 def save_checkpoint(out_dir, model, optimizer, step: int):
     """out_dir/checkpoints/step_N (N steps done, rank 0): trained weights, AdamW state and the torch RNG in
-    safetensors, the step and Python's RNG in JSON; nothing is pickled. Written to a temporary folder and
-    renamed into place before older ones are deleted: a crash at any moment leaves a complete checkpoint."""
+    safetensors (nothing pickled), renamed into place before older ones go: a crash leaves a whole one."""
     from safetensors.torch import save_file
     if rank_and_world()[0] != 0:
         return
@@ -669,7 +615,7 @@ def save_checkpoint(out_dir, model, optimizer, step: int):
         tensors.update({f"adam.{i}.{k}": v.detach().cpu().contiguous() for k, v in optimizer.state.get(p, {}).items()})
     tmp, final = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-")), root / f"step_{step:07d}"
     save_file(tensors, tmp / "state.safetensors")
-    (tmp / "meta.json").write_text(json.dumps({"step": step, "python_rng": random.getstate()}))
+    (tmp / "meta.json").write_text(json.dumps({"step": step}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in set(root.glob("step_*")) - {final}:
@@ -691,8 +637,6 @@ def load_checkpoint(out_dir, model, optimizer) -> int:
     optimizer.load_state_dict({"state": {i: s for i, s in state.items() if s},
                                "param_groups": optimizer.state_dict()["param_groups"]})
     torch.set_rng_state(tensors["rng.torch"])
-    version, internal, gauss = meta["python_rng"]
-    random.setstate((version, tuple(internal), gauss))
     print(f"resumed from {found[-1]}")
     return meta["step"]
 
