@@ -16,6 +16,7 @@ and is cut at "Question:" afterwards (same text, more compute); special tokens o
 stay in the decoded completion (lm-eval drops them).
 """
 import argparse
+import functools
 import importlib.util
 import json
 import math
@@ -356,7 +357,30 @@ def evaluate(model, tokenizer, tasks=("gsm8k",), limit=None, seed=1234, batch_si
 
 
 # ---------------------------------------------------------------------------------------------------
-# Locality: how familiar the states a trainer supervises are to the learner (logged at every step)
+# Locality: how familiar the states a step supervises are to the learner (state_nll, every step), and how
+# far the learner moved from its start on its own states (kl_to_start, at each periodic eval)
+
+
+@functools.lru_cache(maxsize=1)
+def starting_model(name_or_path, device, dtype):
+    """The model a run started from, frozen, loaded once per run (for kl_to_start)."""
+    return Qwen3.from_pretrained(name_or_path, device=device, dtype=dtype).requires_grad_(False)
+
+
+@torch.no_grad()
+def kl_to_start(model, start, tokenizer, prompts: list, max_new_tokens: int, seed: int = 0, batch_size=16) -> float:
+    """Per-token KL(learner || starting model) on the learner's own states: the learner answers the
+    prompts at temperature 1, and log π(y_t|s_t) - log π_start(y_t|s_t) is averaged over the sampled
+    tokens (a Monte Carlo estimate: exact in expectation, 0 for the starting model itself)."""
+    answers = rollout(model, tokenizer, prompts, max_new_tokens, 1.0, seed, GSM8K_STOP_STRINGS, batch_size)
+    total = count = 0.0
+    for i in range(0, len(prompts), batch_size):
+        seqs = [p + a for p, a in zip(prompts[i:i + batch_size], answers[i:i + batch_size])]
+        starts = [len(p) for p in prompts[i:i + batch_size]]
+        logprobs, mask = completion_logprobs(model, seqs, starts, vocab_limit=tokenizer.n_real_tokens)
+        start_logprobs, _ = completion_logprobs(start, seqs, starts, vocab_limit=tokenizer.n_real_tokens)
+        total, count = total + ((logprobs - start_logprobs) * mask).sum().item(), count + mask.sum().item()
+    return total / max(count, 1)
 
 
 def state_nll(logprobs, mask) -> float:
@@ -396,15 +420,24 @@ class MetricsLog:
             print(f"step {step}/{self.steps} | {shown} | eta {eta // 3600:.0f}h{eta % 3600 // 60:02.0f}m", flush=True)
 
 
+KL_PROMPTS = 32  # fixed GSM8K test prompts the learner answers to measure its KL to the starting model
+
+
 def eval_and_checkpoint(done: int, model, tokenizer, optimizer, metrics, args, dtype):
     """After `done` steps: held-out GSM8K (eval.py's protocol, a fixed subset of --eval_limit test questions)
-    every --eval_every steps and at the end, on rank 0; a checkpoint every --save_every steps."""
+    and the KL to the starting model on the learner's own states, every --eval_every steps and at the end,
+    on rank 0; a checkpoint every --save_every steps."""
     if args.eval_every and (done % args.eval_every == 0 or done == args.steps):
         if rank_and_world()[0] == 0:
+            questions = load_gsm8k("test", args.data_dir)[:KL_PROMPTS]
+            prompts = tokenizer.encode_batch([gsm8k_prompt(q["question"]) for q in questions])
             with autocast(model.device, dtype):
                 scores = evaluate(model, tokenizer, ("gsm8k",), limit=args.eval_limit, data_dir=args.data_dir)
+                kl = kl_to_start(model, starting_model(args.model, model.device, dtype), tokenizer, prompts,
+                                 args.max_new_tokens, args.seed)
             accuracy = scores["tasks"]["gsm8k"]["metrics"]  # exact_match_flexible, exact_match_strict
-            metrics.log(done, **{f"gsm8k_{name.split('_')[-1]}": value for name, value in accuracy.items()})
+            metrics.log(done, kl_to_start=kl, **{f"gsm8k_{name.split('_')[-1]}": value
+                                                 for name, value in accuracy.items()})
         if rank_and_world()[1] > 1:
             torch.distributed.barrier()
     if done and args.save_every and done % args.save_every == 0:

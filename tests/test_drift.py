@@ -197,3 +197,11 @@ def test_report_has_the_drift_column(tmp_path, capsys):
     assert lines[3] == "| rl | – | – | 50.0 | – | – | – | – | 0.0123 |"
     assert lines[-1] == ("Drift: lexical state MMD² against Qwen/Qwen3-0.6B-Base (100 GSM8K prompts, 128 new tokens, "
                          "temperature 1.0, seed 0).")
+
+
+def test_kl_to_start_is_zero_for_the_start_and_positive_for_another_model():
+    base, other, tok = tiny_model(seed=0), tiny_model(seed=1), ByteTokenizer()
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]] * 4
+    assert ev.kl_to_start(base, base, tok, prompts, max_new_tokens=12, batch_size=5) == 0.0
+    # a Monte Carlo estimate of a true KL: with 12 x 12 sampled tokens it is clearly positive
+    assert ev.kl_to_start(other, base, tok, prompts, max_new_tokens=12, batch_size=5) > 0.1

@@ -74,6 +74,7 @@ def test_self_states_fit_the_learners_correct_samples(gsm8k_dir, byte_model, tmp
     evals = [row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
              if "gsm8k_flexible" in row]
     assert [row["step"] for row in evals] == [0, 2]  # before training and at the end
+    assert evals[0]["kl_to_start"] == 0.0 and evals[1]["kl_to_start"] != 0.0  # LoRA starts as the identity
 
 
 def test_sft_drives_the_loss_of_a_tiny_model_near_zero():
