@@ -24,8 +24,8 @@ update: with --ppo_epochs > 1 the batch is reused and PPO's clipped ratio comes 
 import torch
 
 from eval import (GSM8K_STOP_STRINGS, MetricsLog, batch_at, eval_and_checkpoint, gsm8k_prompt, gsm8k_reward,
-                  load_gsm8k, rollout, state_nll)
-from model import Qwen3, autocast, completion_logprobs, finish, load_checkpoint, optimizer_step, setup, training_args
+                  load_gsm8k, rollout, starting_model, state_nll)
+from model import autocast, completion_logprobs, finish, load_checkpoint, optimizer_step, setup, training_args
 
 
 def get_args(argv=None):
@@ -122,9 +122,8 @@ def apply_reward(model, ref_model, optimizer, batch, step, args, dtype, vocab_li
 def main(argv=None):
     args = get_args(argv)
     model, tokenizer, optimizer, device, dtype = setup(args)
-    ref_model = None
-    if args.kl_coef > 0:  # the starting model, frozen, in the compute dtype (half the memory on GPU)
-        ref_model = Qwen3.from_pretrained(args.model, device=device, dtype=dtype).requires_grad_(False)
+    # the frozen starting model, in the compute dtype: one copy, shared with the periodic kl_to_start
+    ref_model = starting_model(args.model, model.device, dtype) if args.kl_coef > 0 else None
     train = load_gsm8k("train", args.data_dir)
     questions_per_step = args.batch_size * args.grad_accum
     start = load_checkpoint(args.out_dir, model, optimizer) if args.resume else 0
