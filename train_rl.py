@@ -2,7 +2,7 @@
 Reinforcement learning on GSM8K, GRPO-style: on-policy, the paper's eq. 6.
 
     state source:  the current policy: its own sampled answers
-    signal source: a scalar reward: 1 if the answer is right (eval's flexible extraction and match), else 0
+    signal source: a scalar reward: 1 if the answer is right (eval's flexible answer, numerically), else 0
 
     ∇J(θ) = E_{x ~ D, y_1..G ~ π_θ(·|x)} (1/T) Σ_i Σ_t A_i ∇ log π_θ(y_i,t | x, y_i,<t),
     A_i = r_i - mean_j r_j                                                                      (eq. 6)
