@@ -46,7 +46,8 @@ def read_data(data_dir, dataset: str, filename: str) -> list:
     if not path.exists():
         print(f"{path} not found: preparing {dataset} with data/prepare.py", file=sys.stderr)
         # data/ is not a package: load prepare.py by path, so no other module named `data` can shadow it
-        spec = importlib.util.spec_from_file_location("prepare", Path(__file__).resolve().parent / "data" / "prepare.py")
+        prepare_py = Path(__file__).resolve().parent / "data" / "prepare.py"
+        spec = importlib.util.spec_from_file_location("prepare", prepare_py)
         prepare = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(prepare)
         try:
@@ -118,7 +119,8 @@ def mmlu_question(row: dict) -> str:
 
 def mmlu_prompt(row: dict, shots: list) -> str:
     """The subject's description, then its first k dev questions answered, then the question."""
-    description = f"The following are multiple choice questions (with answers) about {row['subject'].replace('_', ' ')}.\n\n"
+    subject = row["subject"].replace("_", " ")
+    description = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
     return description + "".join(f"{mmlu_question(s)} {'ABCD'[s['answer']]}\n\n" for s in shots) + mmlu_question(row)
 
 
@@ -251,11 +253,13 @@ def rollout(model, tokenizer, prompts: list, max_new_tokens: int, temperature: f
                                     stop_token_ids=tokenizer.stop_ids, seed=seed * 1000 + b,
                                     vocab_limit=tokenizer.n_real_tokens)  # never the embedding's padding rows
         for i, tokens in zip(batch, new_tokens):
-            if any(stop in tokenizer.decode(tokens) for stop in stop_strings):
-                lo, hi = 1, len(tokens)  # the shortest prefix whose text holds a stop string
+            def stops(n):  # does the text of the first n tokens hold a stop string?
+                return any(stop in tokenizer.decode(tokens[:n]) for stop in stop_strings)
+            if stops(len(tokens)):
+                lo, hi = 1, len(tokens)  # binary search for the shortest such prefix
                 while lo < hi:
                     mid = (lo + hi) // 2
-                    lo, hi = (lo, mid) if any(s in tokenizer.decode(tokens[:mid]) for s in stop_strings) else (mid + 1, hi)
+                    lo, hi = (lo, mid) if stops(mid) else (mid + 1, hi)
                 tokens = tokens[:hi]
             completions[i] = tokens
     return completions
@@ -583,7 +587,8 @@ def report(paths: list, truthfulqa: str = "mc2") -> str:
         for task in results["tasks"].keys() & base["tasks"].keys():
             if [s["index"] for s in results["tasks"][task]["samples"]] != \
                     [s["index"] for s in base["tasks"][task]["samples"]]:
-                print(f"warning: {name} scored other {task} examples than {base_name} (--limit/--seed)", file=sys.stderr)
+                print(f"warning: {name} scored other {task} examples than {base_name} (--limit/--seed)",
+                      file=sys.stderr)
         scores = headline(results)
         cells = [f"{scores[c]:.1f}" if c in scores else "–" for c in columns]
         if name != base_name and all(k in scores and base_scores.get(k) for k in kept):  # base 0: no ratio
@@ -631,9 +636,11 @@ def main(argv=None):
                         help="score a fixed seeded subset: N for every task, 'paper' (500 GSM8K, 500 MMLU, "
                              "200 TruthfulQA) or e.g. gsm8k=500,mmlu=500,truthfulqa=200; default: full test sets")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the --limit subsets (recorded in the output)")
-    parser.add_argument("--fewshot_seed", type=int, default=1234, help="seed of GSM8K's few-shot draws (lm-eval's default)")
+    parser.add_argument("--fewshot_seed", type=int, default=1234,
+                        help="seed of GSM8K's few-shot draws (lm-eval's default)")
     parser.add_argument("--gsm8k_shots", type=int, default=5, help="GSM8K few-shot examples, from the train split")
-    parser.add_argument("--mmlu_shots", type=int, default=5, help="MMLU few-shot examples: each subject's first k dev rows")
+    parser.add_argument("--mmlu_shots", type=int, default=5,
+                        help="MMLU few-shot examples: each subject's first k dev rows")
     parser.add_argument("--max_new_tokens", type=int, default=256, help="GSM8K generation length (lm-eval's default)")
     parser.add_argument("--batch_size", type=int, default=16, help="sequences per forward pass")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
@@ -641,7 +648,8 @@ def main(argv=None):
                         help="weights dtype; auto: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--data_dir", default=str(DATA_DIR), help="prepared data (downloaded here on first use)")
     parser.add_argument("--out", default="results.json", help="where to write the results")
-    parser.add_argument("--drift_reference", metavar="BASE", help="also measure state drift from BASE (folder or hub id)")
+    parser.add_argument("--drift_reference", metavar="BASE",
+                        help="also measure state drift from BASE (folder or hub id)")
     parser.add_argument("--drift_prompts", type=int, default=100, help="GSM8K test questions to roll out (seeded)")
     parser.add_argument("--drift_max_new_tokens", type=int, default=128, help="rollout length for drift")
     parser.add_argument("--drift_temperature", type=float, default=1.0, help="rollout sampling temperature")
@@ -678,7 +686,8 @@ def main(argv=None):
         results["drift"] = {"reference": args.drift_reference, **drift}
         del reference  # free its memory for whatever runs next in this process
         torch.cuda.empty_cache()  # a no-op where CUDA was never used
-        print(f"drift: MMD² lexical {drift['lexical']['mmd2']:.4f} hidden {drift['hidden']['mmd2']:.4f}", file=sys.stderr)
+        print(f"drift: MMD² lexical {drift['lexical']['mmd2']:.4f} hidden {drift['hidden']['mmd2']:.4f}",
+              file=sys.stderr)
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(" ".join(f"{name}={score:.1f}" for name, score in headline(results).items()), f"-> {args.out}")
 
