@@ -1,0 +1,325 @@
+"""The paper's Table 2 from one command, on one GPU: base, mild and stress SFT, OPD from either SFT
+teacher, light RL, each evaluated on the paper's subsets with its state drift from the base.
+
+    python runs/paper.py                                    # Qwen/Qwen3-0.6B-Base, all under runs/out
+    python runs/paper.py --source ~/releases                # offline: data/prepare.py --source first
+    python runs/paper.py --smoke --source ../shared/data    # the same pipeline on a tiny random model (CPU)
+    python runs/paper.py --only base,sft_mild               # some rows; the table shows what exists
+
+The steps, in this order; each prints its command, then runs it with this Python (one process per
+step; with --in_process, its main() in this one), and the first failure stops the pipeline there:
+
+    data        data/prepare.py --out DATA_DIR [--source DIR], unless DATA_DIR holds the prepared files
+    base        eval.py --model MODEL --limit paper (500 GSM8K, 500 MMLU, 200 TruthfulQA; seeds fixed)
+    sft_mild    train_sft.py --preset mild, then eval.py ... --drift_reference MODEL
+    sft_stress  train_sft.py --preset stress, then its eval
+    opd_mild    train_distill.py --teacher OUT/sft_mild (student: MODEL), then its eval
+    opd_stress  train_distill.py --teacher OUT/sft_stress, then its eval
+    rl          train_rl.py, then its eval
+    table       eval.py --report OUT/results/base.json ... > OUT/table.md  (Forgetting, Retention, MMD²)
+
+Every trainer starts from MODEL with its own defaults (see its --help); --steps overrides them all.
+Re-running resumes: a run whose folder holds a final model (model.safetensors, config.json,
+tokenizer.json) is not trained again, one with checkpoints but no final model continues with
+--resume, and a results file newer than its model is not evaluated again. OUT/pipeline.json records
+--model, --smoke and --steps, and a later run with other values is refused rather than mixed in.
+
+Layout: OUT/<run>/ (final model, checkpoints/, metrics.jsonl), OUT/results/<run>.json, OUT/table.md.
+
+--smoke runs every step the same way, with tiny settings, on a random 2-layer Qwen3 that reads bytes
+(a byte-level tokenizer.json, 258 tokens) built into OUT/smoke_base, on the real data: ~3 minutes on 2
+CPU cores, ~20 s with --in_process (most of the 3 minutes is each new Python importing torch). Its numbers
+mean nothing; it checks that the pipeline runs end to end.
+
+Time on one 24 GB GPU (RTX 3090 class): an estimate from the step counts and defaults, not yet measured.
+About 4 hours, within 3 to 6: RL ~1 h (200 steps of 128 sampled answers of up to 256 tokens), each OPD
+~40 min (200 steps), stress SFT ~40 min (1,170 LoRA steps), mild SFT ~10 min, six evals ~35 min in all
+(decoding dominates: 256 greedy GSM8K tokens per question). About 45 min of it is the trainers' periodic
+GSM8K evals (--eval_every), which the table does not use.
+"""
+import argparse
+import contextlib
+import io
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ("base", "sft_mild", "sft_stress", "opd_mild", "opd_stress", "rl")
+TASKS = "gsm8k,mmlu,truthfulqa_mc1,truthfulqa_mc2"
+DATA_FILES = ("gsm8k/train.jsonl", "gsm8k/test.jsonl", "mmlu/dev.jsonl", "mmlu/test.jsonl", "truthfulqa/mc.jsonl")
+FINAL_MODEL = ("model.safetensors", "config.json", "tokenizer.json")
+
+# What each run trains: (script, its flags beyond --model/--out_dir/--data_dir/--device)
+TRAINING = {
+    "sft_mild": ("train_sft.py", ["--preset", "mild"]),
+    "sft_stress": ("train_sft.py", ["--preset", "stress"]),
+    "opd_mild": ("train_distill.py", ["--teacher", "{out}/sft_mild"]),
+    "opd_stress": ("train_distill.py", ["--teacher", "{out}/sft_stress"]),
+    "rl": ("train_rl.py", []),
+}
+
+# --smoke: a 2-layer Qwen3 over bytes, and settings that make every step take about a second on a CPU
+SMOKE_CONFIG = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                    max_position_embeddings=16384, bos_token_id=256, eos_token_id=256)
+SMOKE_STEPS = 2
+SMOKE_SHORT = ["--batch_size", "2", "--grad_accum", "1", "--warmup", "1", "--eval_every", "0", "--save_every", "1"]
+SMOKE_ROLLOUT = ["--max_new_tokens", "8"]
+SMOKE_TRAINING = {  # on top of --steps; learning rates ~100x the real ones, so that 2 steps move the model visibly
+    "sft_mild": ["--lr", "1e-2"],
+    "sft_stress": ["--lr", "5e-2"],
+    "opd_mild": ["--lr", "1e-2", *SMOKE_ROLLOUT, "--states_per_rollout", "2", "--continuation_tokens", "4"],
+    "opd_stress": ["--lr", "1e-2", *SMOKE_ROLLOUT, "--states_per_rollout", "2", "--continuation_tokens", "4"],
+    "rl": ["--lr", "1e-2", *SMOKE_ROLLOUT, "--group_size", "2"],  # a random model earns no reward: it stays put
+}
+# Short prompts (0-shot MMLU) and answers; 12 MMLU questions, so that the random base scores above 0 there
+# (Retention divides by it)
+SMOKE_EVAL = ["--limit", "gsm8k=2,mmlu=12,truthfulqa=2", "--gsm8k_shots", "1", "--mmlu_shots", "0",
+              "--max_new_tokens", "8", "--drift_prompts", "4", "--drift_max_new_tokens", "8"]
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", help="where everything goes (default: the repo's runs/out; --smoke: runs/out/smoke)")
+    parser.add_argument("--model", default="Qwen/Qwen3-0.6B-Base",
+                        help="the base model, folder or hub id (--smoke: ignored, a tiny random one is built)")
+    parser.add_argument("--device", help="passed to every step (default: theirs, cuda when there is one; "
+                                         "--smoke: cpu)")
+    parser.add_argument("--data_dir", default=os.path.relpath(ROOT / "data"),
+                        help="prepared data, shared by every step (default: the repo's data/)")
+    parser.add_argument("--source", help="prepare --data_dir from this local copy of the releases (offline), "
+                                         "if it is not prepared yet; without it, data/prepare.py downloads")
+    parser.add_argument("--smoke", action="store_true", help="the whole pipeline on a tiny random model, in minutes")
+    parser.add_argument("--steps", type=int, help="training steps of every trainer (default: each trainer's own; "
+                                                  f"--smoke: {SMOKE_STEPS})")
+    parser.add_argument("--only", help=f"comma-separated runs to do, of {','.join(RUNS)} (default: all)")
+    parser.add_argument("--in_process", action="store_true",
+                        help="call each step's main() in this process instead of a new Python: no isolation, but no "
+                             "start-up cost per step (the tests use it for --smoke)")
+    args = parser.parse_args(argv)
+    args.out = Path(args.out or os.path.relpath(ROOT / "runs" / "out" / ("smoke" if args.smoke else "")))
+    args.data_dir = Path(args.data_dir)
+    if args.smoke:
+        args.model = str(args.out / "smoke_base")
+        args.device = args.device or "cpu"
+        args.steps = args.steps or SMOKE_STEPS
+    args.only = [r for r in (args.only or ",".join(RUNS)).split(",") if r]
+    if unknown := sorted(set(args.only) - set(RUNS)):
+        parser.error(f"--only: unknown run(s) {', '.join(unknown)}; choose from {', '.join(RUNS)}")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running a step: print the command, run it, stop on failure
+
+
+def say(text):
+    print(f"[paper] {text}", flush=True)
+
+
+def run_step(name, script, argv, args, stdout_to=None):
+    """Run ROOT/script with argv: a new Python, or main(argv) in this one with --in_process. stdout_to: a
+    file that gets its standard output (written whole, once the step succeeded)."""
+    command = [sys.executable, os.path.relpath(ROOT / script), *map(str, argv)]
+    shown = shlex.join(command) + (f" > {shlex.quote(os.path.relpath(stdout_to))}" if stdout_to else "")
+    say(f"{name}: {shown}")
+    began, captured = time.time(), io.StringIO()
+    if args.in_process:
+        code = call_main(script, [str(a) for a in argv], captured if stdout_to else None)
+    else:
+        done = subprocess.run(command, stdout=subprocess.PIPE if stdout_to else None, text=True)
+        code = done.returncode
+        captured.write(done.stdout or "")
+    if code:
+        raise SystemExit(f"[paper] {name} failed (exit status {code}):\n    {shown}\n[paper] fix the cause and "
+                         "run paper.py again: what finished is skipped, a trainer continues from its last checkpoint")
+    if stdout_to:
+        tmp = Path(str(stdout_to) + ".tmp")
+        tmp.write_text(captured.getvalue())
+        os.replace(tmp, stdout_to)
+    say(f"{name}: done in {time.time() - began:.0f} s")
+
+
+def call_main(script, argv, stdout=None):
+    """main(argv) of ROOT/script in this process; returns an exit status as a new process would."""
+    import importlib
+    import runpy
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    redirect = contextlib.redirect_stdout(stdout) if stdout else contextlib.nullcontext()
+    try:
+        with redirect:
+            if "/" in script:  # data/prepare.py: not an importable module name
+                runpy.run_path(str(ROOT / script), run_name="prepare")["main"](argv)
+            else:
+                importlib.import_module(script.removesuffix(".py")).main(argv)
+    except SystemExit as e:
+        if e.code in (None, 0):
+            return 0
+        if not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+        return e.code if isinstance(e.code, int) else 1
+    except Exception:
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# What is done already
+
+
+def has_final_model(folder: Path) -> bool:
+    return all((folder / name).exists() for name in FINAL_MODEL)
+
+
+def has_results(path: Path, model) -> bool:
+    """A readable results file, written after the model it scores (a retrained model is evaluated again)."""
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    weights = Path(model) / "model.safetensors"
+    return not weights.exists() or path.stat().st_mtime >= weights.stat().st_mtime
+
+
+def check_settings(args):
+    """OUT/pipeline.json: the settings that decide what is in OUT. Refuse to mix in a run with others."""
+    settings = {"model": args.model if not args.smoke else "smoke", "smoke": args.smoke, "steps": args.steps}
+    path = args.out / "pipeline.json"
+    if path.exists() and (old := json.loads(path.read_text())) != settings:
+        raise SystemExit(f"[paper] {args.out} holds a pipeline run with {old}, and this one asks for {settings}: "
+                         "use another --out (or delete that folder)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The steps
+
+
+def prepare_data(args):
+    if all((args.data_dir / f).exists() for f in DATA_FILES):
+        say(f"skip data: {args.data_dir} is prepared")
+        return
+    run_step("data", "data/prepare.py", ["--out", args.data_dir, *(["--source", args.source] if args.source else [])],
+             args)
+
+
+def write_byte_tokenizer(path):
+    """A byte-level tokenizer.json: token i is byte i (GPT-2's byte alphabet), then <|endoftext|> (256)
+    and <|im_end|> (257). Any text encodes, one token a byte."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>", "<|im_end|>"])
+    tok.save(str(path))
+
+
+def build_smoke_base(args, seed=0):
+    folder = Path(args.model)
+    if has_final_model(folder):
+        say(f"skip smoke_base: {folder} exists")
+        return
+    import torch
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from model import Qwen3, Qwen3Config
+    say(f"smoke_base: a random {SMOKE_CONFIG['num_hidden_layers']}-layer Qwen3 (hidden {SMOKE_CONFIG['hidden_size']}, "
+        f"vocab {SMOKE_CONFIG['vocab_size']}) with a byte-level tokenizer -> {folder}")
+    torch.manual_seed(seed)
+    model = Qwen3(Qwen3Config(**SMOKE_CONFIG))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.normal_(0.0, 0.02)  # Hugging Face's initializer_range; norms stay 1
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:  # the tokenizer last: a whole model or none
+        write_byte_tokenizer(Path(tmp) / "tokenizer.json")
+        model.save_pretrained(folder)
+        os.replace(Path(tmp) / "tokenizer.json", folder / "tokenizer.json")
+
+
+def common_flags(args):
+    return ["--data_dir", args.data_dir, *(["--device", args.device] if args.device else [])]
+
+
+def train(name, args):
+    out_dir = args.out / name
+    if has_final_model(out_dir):
+        say(f"skip {name} training: {out_dir} holds its final model")
+        return
+    script, flags = TRAINING[name]
+    flags = [f.format(out=args.out) for f in flags]
+    if "--teacher" in flags and not has_final_model(Path(teacher := flags[flags.index("--teacher") + 1])):
+        raise SystemExit(f"[paper] {name} needs its teacher {teacher}: run {Path(teacher).name} first "
+                         f"(e.g. --only {Path(teacher).name},{name})")
+    argv = [*flags, "--model", args.model, "--out_dir", out_dir, *common_flags(args)]
+    if args.steps:
+        argv += ["--steps", args.steps]
+    if args.smoke:
+        argv += SMOKE_SHORT + SMOKE_TRAINING[name]
+    if list((out_dir / "checkpoints").glob("step_*")):
+        argv.append("--resume")
+    run_step(f"{name} training", script, argv, args)
+
+
+def evaluate(name, args):
+    model = args.model if name == "base" else args.out / name
+    results = args.out / "results" / f"{name}.json"
+    if has_results(results, model):
+        say(f"skip {name} eval: {results} exists")
+        return
+    results.parent.mkdir(parents=True, exist_ok=True)
+    argv = ["--model", model, "--tasks", TASKS, "--out", results, *common_flags(args)]
+    argv += SMOKE_EVAL if args.smoke else ["--limit", "paper"]
+    if name != "base":
+        argv += ["--drift_reference", args.model]
+    run_step(f"{name} eval", "eval.py", argv, args)
+
+
+def table(args):
+    """OUT/table.md from the results there, base first; rewritten when a results file is newer than it."""
+    paths = [args.out / "results" / f"{name}.json" for name in RUNS]
+    paths = [p for p in paths if p.exists()]
+    out = args.out / "table.md"
+    if not paths or paths[0].stem != "base":
+        say("no table: the base model has no results yet")
+        return
+    rows = [line.split("|")[1].strip() for line in out.read_text().splitlines()[2:] if line.startswith("| ")] \
+        if out.exists() else []
+    if rows == [p.stem for p in paths] and all(out.stat().st_mtime >= p.stat().st_mtime for p in paths):
+        say(f"skip table: {out} is up to date")
+    else:
+        run_step("table", "eval.py", ["--report", *paths], args, stdout_to=out)
+    print("\n" + out.read_text(), flush=True)
+    if missing := [name for name in RUNS if name not in {p.stem for p in paths}]:
+        say(f"the table lacks {', '.join(missing)}: run paper.py again to add them")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    began = time.time()
+    check_settings(args)
+    prepare_data(args)
+    if args.smoke:
+        build_smoke_base(args)
+    for name in RUNS:
+        if name in args.only:
+            if name != "base":
+                train(name, args)
+            evaluate(name, args)
+    table(args)
+    say(f"finished in {time.time() - began:.0f} s; everything is in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
