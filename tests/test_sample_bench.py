@@ -1,0 +1,60 @@
+"""sample.py and bench.py end to end, in-process, on tiny random checkpoints."""
+import pytest
+
+import bench
+import sample
+
+
+@pytest.fixture
+def checkpoint(make_checkpoint):
+    """A tiny random checkpoint with the real Qwen tokenizer (so vocab 151936)."""
+    return make_checkpoint(with_tokenizer=True, vocab_size=151936, hidden_size=64)
+
+
+def run_sample(checkpoint, *extra):
+    return sample.main(["--model", str(checkpoint), "--num_samples", "3", "--max_new_tokens", "8",
+                        "--device", "cpu", *extra])
+
+
+def test_sample_prints_every_completion_and_is_seeded(checkpoint, tmp_path, capsys):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Question: what is 2 + 2?\nAnswer:")
+    first = run_sample(checkpoint, "--prompt_file", str(prompt), "--seed", "7")
+    printed = capsys.readouterr().out
+    assert len(first) == 3 and all(isinstance(c, str) and c for c in first)
+    assert printed.startswith("Question: what is 2 + 2?\nAnswer:")
+    assert all(f"sample {i}/3" in printed for i in (1, 2, 3))
+    assert all(c in printed for c in first)
+    assert run_sample(checkpoint, "--prompt_file", str(prompt), "--seed", "7") == first
+    assert len(set(first)) > 1  # three different samples of one prompt
+
+
+def test_sample_greedy(checkpoint):
+    greedy = run_sample(checkpoint, "--prompt", "Hello", "--temperature", "0", "--top_k", "5")
+    assert len(greedy) == 3 and greedy[0] == greedy[1] == greedy[2]
+
+
+def test_sample_clear_errors(checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_sample(checkpoint, "--prompt_file", str(tmp_path / "missing.txt"))
+    assert "missing.txt: no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sample.main(["--model", str(tmp_path / "no_model"), "--device", "cpu"])
+    assert "no_model: no such model folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("skip_hf", [False, True])
+def test_bench_micro_runs_both(tmp_path, skip_hf):
+    if not skip_hf:
+        pytest.importorskip("transformers")
+    argv = ["--preset", "micro", "--device", "cpu", "--batch_size", "1,2", "--prompt_len", "4", "--new_tokens", "4",
+            "--repeats", "1", "--train_batch_size", "2", "--train_len", "8", "--json", str(tmp_path / "b.json")]
+    result = bench.main(argv + ["--skip_hf"] * skip_hf)
+    names = ["ours"] if skip_hf else ["ours", "transformers"]
+    assert [row["batch_size"] for row in result["generation"]] == [1, 2]
+    for row in result["generation"]:
+        assert all(row[n]["tokens_per_s"] > 0 and row[n]["peak_mib"] > 0 for n in names)
+        assert ("ratio" in row) == (not skip_hf)
+    assert result["generation"][0]["ours"]["decode_tokens_per_s"] > 0
+    assert result["training"]["tokens_per_s"] > 0
+    assert "| batch |" in result["markdown"] and (tmp_path / "b.json").exists()
