@@ -17,9 +17,11 @@ import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import tokenizers
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
 # Config -------------------------------------------------------------------------------------------
@@ -80,8 +82,7 @@ class Qwen3Config:
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
 
     def forward(self, x):
         # Normalise in fp32, scale in the input dtype: exactly transformers' order of rounding.
@@ -330,7 +331,6 @@ class Qwen3(nn.Module):
     def save_pretrained(self, out_dir, tokenizer=None):
         """Write config.json + model.safetensors (+ tokenizer.json) in the Hugging Face layout, LoRA
         merged, atomically: a crash mid-save leaves any previous model in out_dir intact."""
-        from safetensors.torch import save_file
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
             tensors = {k: v.detach().cpu().contiguous() for k, v in self.hf_state_dict(merged=True).items()}
@@ -375,40 +375,45 @@ def in_row_chunks(fn, *rows):
     """fn applied to LOGPROB_CHUNK rows at a time, results concatenated. Under grad each chunk is
     recomputed in the backward pass, so no (rows, vocab) fp32 tensor is ever held whole."""
     chunks = [tuple(r[i:i + LOGPROB_CHUNK] for r in rows) for i in range(0, len(rows[0]), LOGPROB_CHUNK)]
-    if torch.is_grad_enabled():
-        return torch.cat([checkpoint(fn, *chunk, use_reentrant=False) for chunk in chunks])
-    return torch.cat([fn(*chunk) for chunk in chunks])
+    run = (lambda *chunk: checkpoint(fn, *chunk, use_reentrant=False)) if torch.is_grad_enabled() else fn
+    return torch.cat([run(*chunk) for chunk in chunks])
 
 
 # The fused sampler --------------------------------------------------------------------------------
 
 
+TOP_P_CANDIDATES = 1024  # on CPU, top-p first looks for the nucleus among this many most likely tokens
+
+
 def sample_next(logits, temperature: float, top_k=None, top_p=None, vocab_limit=None, generator=None):
     """One sampling step for a batch of next-token logits (B, vocab) -> (tokens (B,), logprobs (B,)).
-    Masks the rows past the tokenizer, applies temperature, keeps the top_k logits, keeps the smallest
-    set of tokens whose probability reaches top_p (the token that crosses p is kept), then draws with
-    the exponential race: argmax p_i / E_i with E_i ~ Exp(1) is a draw from p, with no host sync."""
-    logits = logits.float()
-    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-        logits = logits.clone()
-        logits[:, vocab_limit:] = float("-inf")
+    Drops rows past the tokenizer (vocab_limit), applies temperature, keeps the top_k tokens, then the fewest
+    most likely tokens whose probability reaches top_p (the one crossing p is kept), and draws by inverting
+    the kept CDF at one uniform number per row (no host sync); log-probs are under that distribution."""
+    logits = logits[:, :vocab_limit].float()  # a prefix of the vocabulary, so token ids are unchanged
     if temperature == 0:
         tokens = logits.argmax(-1)
         return tokens, logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    logits, ids = logits / temperature, None  # ids: the vocabulary ids of the candidates, when sorted
+    if top_k is not None:
+        values, ids = torch.topk(logits, min(top_k, logits.shape[-1]))
+        probs = values.softmax(-1)
+    elif top_p is not None and top_p < 1.0:
+        if logits.device.type == "cpu":  # sorting the whole vocabulary dominates a CPU step: try the top first
+            values, ids = torch.topk(logits, min(TOP_P_CANDIDATES, logits.shape[-1]))
+            probs = (values - logits.logsumexp(-1, keepdim=True)).exp()  # their true probabilities
+        if ids is None or not bool((probs.sum(-1) >= top_p).all()):  # the nucleus reaches past them
+            values, ids = logits.sort(-1, descending=True)
+            probs = values.softmax(-1)
+    else:
+        probs = logits.softmax(-1)
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(-1)
-        mass_before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the strictly more likely tokens
-        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    logprobs = logits.log_softmax(-1)
-    race = torch.empty_like(logprobs).exponential_(generator=generator)
-    tokens = (logprobs.exp() / race).argmax(-1)
-    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)  # mass of more likely tokens >= p
+    cdf = probs.cumsum(-1)
+    u = torch.rand(len(cdf), 1, device=cdf.device, generator=generator) * cdf[:, -1:]
+    pick = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)  # never a zero-probability token
+    logprobs = (probs.gather(-1, pick) / cdf[:, -1:]).log().squeeze(-1)
+    return (pick if ids is None else ids.gather(-1, pick)).squeeze(-1), logprobs
 
 
 # LoRA ---------------------------------------------------------------------------------------------
@@ -470,7 +475,6 @@ def resolve_model_dir(name_or_path) -> Path:
 
 def read_safetensors(folder: Path) -> dict:
     """All tensors of a model folder: model.safetensors, or the shards its index names. Never pickle."""
-    from safetensors.torch import load_file
     index = folder / "model.safetensors.index.json"
     if index.exists():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -489,9 +493,7 @@ class Tokenizer:
     Qwen models are trained without one."""
 
     def __init__(self, path):
-        from tokenizers import Tokenizer as HFTokenizer
-        self.path = str(path)
-        self.tok = HFTokenizer.from_file(self.path)
+        self.path, self.tok = str(path), tokenizers.Tokenizer.from_file(str(path))
         vocab = self.tok.get_vocab(with_added_tokens=True)
         self.eos_id = self.pad_id = vocab.get("<|endoftext|>", 0)  # Qwen pads with its end-of-text token
         self.stop_ids = [vocab[t] for t in ("<|endoftext|>", "<|im_end|>") if t in vocab]
@@ -604,7 +606,6 @@ def optimizer_step(optimizer, step: int, args, loss: float):
 def save_checkpoint(out_dir, model, optimizer, step: int):
     """out_dir/checkpoints/step_N (N steps done, rank 0): trained weights, AdamW state and the torch RNG in
     safetensors (nothing pickled), renamed into place before older ones go: a crash leaves a whole one."""
-    from safetensors.torch import save_file
     if rank_and_world()[0] != 0:
         return
     root, names = Path(out_dir) / "checkpoints", {p: name for name, p in model.named_parameters()}
@@ -624,7 +625,6 @@ def save_checkpoint(out_dir, model, optimizer, step: int):
 
 def load_checkpoint(out_dir, model, optimizer) -> int:
     """Restore the latest checkpoint in out_dir/checkpoints; returns how many steps it had done."""
-    from safetensors.torch import load_file
     found = sorted((Path(out_dir) / "checkpoints").glob("step_*"))
     if not found:
         raise SystemExit(f"--resume: no checkpoint in {out_dir}/checkpoints")

@@ -121,10 +121,10 @@ class Policy:
 
 
 def test_state_drift_of_a_model_against_itself_and_others():
-    prompts = [f"Question: what is {i} + {i}?\nAnswer:" for i in range(6)]
+    prompts = [f"Question: what is {i} + {i}?\nAnswer:" for i in range(12)]  # enough to keep noise under the bounds
     base, other, tok = tiny_model(seed=0), tiny_model(seed=1), ByteTokenizer()
     same = ev.state_drift(Policy(base), base, tok, prompts, max_new_tokens=6, seed=3, batch_size=8)
-    assert (same["n_prompts"], same["n_states"], same["seed"], same["cuts"]) == (6, 24, 3, [0.25, 0.5, 0.75, 1.0])
+    assert (same["n_prompts"], same["n_states"], same["seed"], same["cuts"]) == (12, 48, 3, [0.25, 0.5, 0.75, 1.0])
     for kind in ("lexical", "hidden"):
         assert same[kind]["mmd2_biased"] == 0.0 and same[kind]["mmd2"] == 0.0 and same[kind]["centroid"] == 0.0
         assert same[kind]["sliced_wasserstein"] == 0.0 and same[kind]["bandwidth"] > 0

@@ -215,3 +215,24 @@ def test_static_decode_step_for_cuda_graphs_gives_the_same_tokens():
     static = model.generate(prompts, max_new_tokens=12, seed=3, top_p=0.95, return_logprobs=True, cuda_graph=True)
     assert static[0] == eager[0]
     assert torch.allclose(torch.tensor(static[1]), torch.tensor(eager[1]), atol=1e-5)
+
+
+@pytest.mark.parametrize("top_p, candidates", [(0.6, 3), (0.95, 3), (0.95, 1024)])
+def test_top_p_draws_follow_the_truncated_distribution(monkeypatch, top_p, candidates):
+    # On CPU the nucleus is first looked for among the TOP_P_CANDIDATES most likely tokens; when their
+    # mass falls short of p (0.95 here with 3 candidates) the whole vocabulary is sorted. Both are exact.
+    monkeypatch.setattr(M, "TOP_P_CANDIDATES", candidates)
+    logits = torch.tensor([1.0, 0.2, -0.5, 2.0, 0.0, -2.0, 1.5, 0.7])
+    probs = logits.softmax(-1)
+    order = probs.argsort(descending=True)
+    keep = (probs[order].cumsum(0) - probs[order]) < top_p
+    target = torch.zeros(8, dtype=torch.float64)
+    target[order[keep]] = probs[order[keep]].double() / probs[order[keep]].sum()
+    n = 100_000
+    tokens, logprobs = sample_next(logits.expand(n, -1), 1.0, top_p=top_p, generator=torch.Generator().manual_seed(1))
+    observed = torch.bincount(tokens, minlength=8).double()
+    assert set(tokens.unique().tolist()) == set(order[keep].tolist())
+    kept = target > 0
+    chi2 = ((observed[kept] - n * target[kept]) ** 2 / (n * target[kept])).sum().item()
+    assert chi2 < 24.3  # below the 0.999 quantile for up to 7 degrees of freedom
+    assert torch.allclose(logprobs.exp(), target[tokens].float(), atol=1e-6)
