@@ -668,8 +668,11 @@ def main(argv=None):
         parser.error("--drift_prompts must be at least 2 (MMD² compares states of different prompts)")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
         args.dtype, torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
-    model = Qwen3.from_pretrained(args.model, device=args.device, dtype=dtype).eval()
-    tokenizer = Tokenizer.from_pretrained(args.model)
+    try:
+        model = Qwen3.from_pretrained(args.model, device=args.device, dtype=dtype).eval()
+        tokenizer = Tokenizer.from_pretrained(args.model)
+    except (FileNotFoundError, ValueError) as e:  # bad input: one line naming the flag, no traceback
+        raise SystemExit(f"--model: {e}")
     tasks = "" if args.tasks == "none" else args.tasks
     results = evaluate(model, tokenizer, tasks, args.limit, args.seed, args.batch_size, args.data_dir,
                        args.gsm8k_shots, args.mmlu_shots, args.fewshot_seed, args.max_new_tokens, verbose=True)

@@ -225,7 +225,7 @@ class Qwen3(nn.Module):
         slot = torch.arange(max_len, device=device)
         key_is_real = slot[None, :] >= pad[:, None]  # (B, max_len): False on each row's left padding
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-        stop = torch.tensor(sorted(set(stop_token_ids or [])), device=device, dtype=torch.long)
+        stop = torch.tensor(sorted(stop_ids := set(stop_token_ids or [])), device=device, dtype=torch.long)
         decode = self._decoder(cache, key_is_real, pad, cuda_graph)  # before prefill: its warm-up writes slot 0
 
         # Prefill: the whole padded prompt at once. Padding queries attend to themselves only, which
@@ -247,9 +247,8 @@ class Qwen3(nn.Module):
                 break
             logits = decode(tokens[:, t:t + 1], prompt_len + t)
         tokens, logprobs = tokens[:, :t + 1].tolist(), logprobs[:, :t + 1].tolist()
-        stop_set = set(stop.tolist())
         for i, row in enumerate(tokens):
-            end = next((j + 1 for j, tok in enumerate(row) if tok in stop_set), len(row))
+            end = next((j + 1 for j, tok in enumerate(row) if tok in stop_ids), len(row))
             tokens[i], logprobs[i] = row[:end], logprobs[i][:end]
         return (tokens, logprobs) if return_logprobs else tokens
 
@@ -442,8 +441,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def add_lora(model: Qwen3, rank: int, alpha: float) -> list:
-    """Wrap every attention and MLP projection in a LoRA adapter, freeze all other weights, and
-    return the trainable parameters. save_pretrained writes the merged weights."""
+    """Wrap each attention and MLP projection in a LoRA adapter, freeze the rest; return what trains."""
     model.requires_grad_(False)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -537,8 +535,7 @@ def training_args(description: str, **defaults) -> argparse.ArgumentParser:
     a("--lora_rank", type=int, default=0, help="LoRA rank on every projection; 0 = full fine-tuning")
     a("--lora_alpha", type=float, default=None, help="LoRA alpha (updates scaled by alpha/rank); default 2 x rank")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    a("--dtype", default=None, choices=("bf16", "fp32"), help="compute dtype (autocast; trained weights and AdamW "
-      "stay fp32); default bf16 on GPU, fp32 on CPU")
+    a("--dtype", choices=("bf16", "fp32"), help="autocast dtype; weights, AdamW stay fp32 (default: bf16 on GPU)")
     a("--seed", type=int, default=1337, help="seeds the data order, the sampling and LoRA's initialisation")
     a("--eval_every", type=int, default=50, help="held-out GSM8K accuracy every N steps (0: never)")
     a("--eval_limit", type=int, default=200, help="GSM8K test questions per periodic eval (a fixed subset)")
@@ -553,9 +550,8 @@ def rank_and_world():
 
 
 def setup(args):
-    """Join torchrun's process group if any, seed, load model and tokenizer, add LoRA. Trained weights are
-    fp32 (AdamW's master weights, cast by autocast); a LoRA's frozen base is in the compute dtype (half
-    the memory). Returns (model, tokenizer, AdamW, device, compute dtype)."""
+    """Join torchrun's process group if any, seed, load model and tokenizer, add LoRA. Trained weights are fp32
+    (AdamW's master weights, under autocast); a LoRA's frozen base is in the compute dtype (half the memory)."""
     device = torch.device(args.device)
     if rank_and_world()[1] > 1:
         if device.type == "cuda":
@@ -564,12 +560,16 @@ def setup(args):
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     dtype = torch.bfloat16 if (args.dtype or ("bf16" if device.type == "cuda" else "fp32")) == "bf16" else torch.float32
     torch.manual_seed(args.seed)  # LoRA's initialisation; every sampling call passes its own seed
-    model = Qwen3.from_pretrained(args.model, device=device, dtype=dtype if args.lora_rank else torch.float32)
+    try:
+        model = Qwen3.from_pretrained(args.model, device=device, dtype=dtype if args.lora_rank else torch.float32)
+        tokenizer = Tokenizer.from_pretrained(args.model)
+    except (FileNotFoundError, ValueError) as e:  # bad input: one line naming the flag, no traceback
+        raise SystemExit(f"--model: {e}")
     if args.lora_rank:  # the adapters are created in fp32
         add_lora(model, args.lora_rank, args.lora_alpha or 2 * args.lora_rank)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                   weight_decay=args.weight_decay)
-    return model, Tokenizer.from_pretrained(args.model), optimizer, device, dtype
+    return model, tokenizer, optimizer, device, dtype
 
 
 def autocast(device, dtype):

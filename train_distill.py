@@ -53,11 +53,14 @@ def get_args(argv=None):
 def load_teacher(args, student, student_tokenizer, device, dtype):
     """The frozen teacher, in the compute dtype. Distillation compares the two models token by token, so
     they must share one vocabulary: anything else is an error, not a silent mismatch."""
-    teacher_tokenizer = Tokenizer.from_pretrained(args.teacher)
+    try:
+        teacher_tokenizer = Tokenizer.from_pretrained(args.teacher)
+        teacher = Qwen3.from_pretrained(args.teacher, device=device, dtype=dtype).requires_grad_(False)
+    except (FileNotFoundError, ValueError) as e:  # bad input: one line naming the flag, no traceback
+        raise SystemExit(f"--teacher: {e}")
     if teacher_tokenizer.tok.get_vocab(True) != student_tokenizer.tok.get_vocab(True):  # with added tokens
         raise SystemExit(f"--teacher {args.teacher}: its tokenizer differs from the student's ({args.model}); "
                          "distillation compares the models token by token, so they must share one tokenizer")
-    teacher = Qwen3.from_pretrained(args.teacher, device=device, dtype=dtype).requires_grad_(False)
     if teacher.config.vocab_size != student.config.vocab_size:
         raise SystemExit(f"--teacher {args.teacher}: vocab_size {teacher.config.vocab_size} differs from the "
                          f"student's {student.config.vocab_size}")
