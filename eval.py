@@ -244,22 +244,25 @@ def rollout(model, tokenizer, prompts: list, max_new_tokens: int, temperature: f
     """One completion (token ids) per prompt: the sampler every script shares. Prompts go through
     model.generate batch_size at a time, longest first (less padding); batch b draws with seed*1000+b.
     A completion ends with a stop token, with the token that completes one of stop_strings (text, such
-    as "Question:", that is no single token), or at max_new_tokens. Autocast is the caller's."""
+    as "Question:", that is no single token; generate checks for them every 16 steps so that a batch
+    ends when all its rows have), or at max_new_tokens. Autocast is the caller's."""
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     completions = [None] * len(prompts)
+
+    def has_stop(tokens):  # does their text hold a stop string?
+        return any(stop in tokenizer.decode(tokens) for stop in stop_strings)
     for b, start in enumerate(range(0, len(order), batch_size)):
         batch = order[start:start + batch_size]
         new_tokens = model.generate([prompts[i] for i in batch], max_new_tokens, temperature=temperature,
                                     stop_token_ids=tokenizer.stop_ids, seed=seed * 1000 + b,
-                                    vocab_limit=tokenizer.n_real_tokens)  # never the embedding's padding rows
+                                    vocab_limit=tokenizer.n_real_tokens,  # never the embedding's padding rows
+                                    stop_fn=(lambda rows: list(map(has_stop, rows))) if stop_strings else None)
         for i, tokens in zip(batch, new_tokens):
-            def stops(n):  # does the text of the first n tokens hold a stop string?
-                return any(stop in tokenizer.decode(tokens[:n]) for stop in stop_strings)
-            if stops(len(tokens)):
-                lo, hi = 1, len(tokens)  # binary search for the shortest such prefix
+            if has_stop(tokens):
+                lo, hi = 1, len(tokens)  # binary search for the shortest prefix that holds one
                 while lo < hi:
                     mid = (lo + hi) // 2
-                    lo, hi = (lo, mid) if stops(mid) else (mid + 1, hi)
+                    lo, hi = (lo, mid) if has_stop(tokens[:mid]) else (mid + 1, hi)
                 tokens = tokens[:hi]
             completions[i] = tokens
     return completions

@@ -203,13 +203,14 @@ class Qwen3(nn.Module):
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens: int, temperature: float = 1.0, top_k=None, top_p=None,
                  stop_token_ids=None, seed=None, return_logprobs: bool = False, vocab_limit=None,
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, stop_fn=None):
         """Sample continuations for a batch of prompts (lists of token ids, any lengths). Returns the new
         tokens of each prompt; a row that samples a stop token keeps it as its last token and ends there.
         temperature=0 is greedy. return_logprobs adds each new token's log-probability under the
         distribution it was drawn from (after temperature, top-k, top-p; greedy: the plain softmax).
         vocab_limit masks embedding rows past the tokenizer's real tokens. Finished rows ride along until
-        all are done, so the batch never reshapes and the host waits only once every 16 steps.
+        all are done, so the batch never reshapes and the host waits only once every 16 steps, when
+        stop_fn(rows' tokens so far) may also end rows (e.g. on a stop string; the caller trims them).
         cuda_graph replays the decode step as a CUDA graph (see _decoder)."""
         if not prompts or min(map(len, prompts)) == 0 or max_new_tokens < 1:
             raise ValueError("generate: needs prompts of at least one token and max_new_tokens >= 1")
@@ -243,6 +244,8 @@ class Qwen3(nn.Module):
         for t in range(max_new_tokens):
             tokens[:, t], logprobs[:, t] = sample_next(logits, temperature, top_k, top_p, vocab_limit, generator)
             done |= torch.isin(tokens[:, t], stop)
+            if t % 16 == 15 and stop_fn is not None:
+                done |= torch.tensor(stop_fn(tokens[:, :t + 1].tolist()), device=device)
             if t == max_new_tokens - 1 or (t % 16 == 15 and bool(done.all())):
                 break
             logits = decode(tokens[:, t:t + 1], prompt_len + t)
@@ -253,11 +256,10 @@ class Qwen3(nn.Module):
         return (tokens, logprobs) if return_logprobs else tokens
 
     def _decoder(self, cache: KVCache, key_is_real, pad, cuda_graph: bool):
-        """The one-token decode step, step(token (B, 1), slot s) -> next logits (B, vocab), reading its
-        inputs from fixed buffers. Eager, attention reads the slots written so far. For a CUDA graph it
-        reads the whole cache under the mask, so every shape and address is fixed: the step is captured
-        once and replayed, removing the kernel-launch cost that dominates decode for small models. Off
-        CUDA, cuda_graph=True runs that fixed-shape step uncaptured, which is how the tests check it."""
+        """The one-token decode step, step(token (B, 1), slot s) -> next logits (B, vocab), reading its inputs
+        from fixed buffers. Eager, attention reads the slots written so far. For a CUDA graph it reads the
+        whole cache under the mask, so every shape and address is fixed: captured once, replayed, with no
+        per-kernel launch cost. Off CUDA, cuda_graph=True runs that step uncaptured (so the tests check it)."""
         slot = torch.arange(cache.k.shape[3], device=pad.device)
         token_in, position_in, slot_in = pad[:, None].clone(), pad[:, None].clone(), slot[:1].clone()
         mask_in, graph = key_is_real[:, None, None].clone(), None
@@ -290,8 +292,7 @@ class Qwen3(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, device="cpu", dtype=torch.float32) -> "Qwen3":
-        """Load a dense Qwen3 from a local folder or a Hugging Face hub repo id (safetensors only), with
-        a clear error for any missing, unexpected or mis-shaped weight."""
+        """A dense Qwen3 from a folder or hub repo id (safetensors only); names any bad or missing weight."""
         folder = resolve_model_dir(name_or_path)
         config = Qwen3Config.from_dict(json.loads((folder / "config.json").read_text()), str(folder / "config.json"))
         with torch.device("meta"):  # no memory until the weights arrive, and then only in `dtype`
@@ -371,8 +372,7 @@ def completion_logprobs(model, seqs: list, starts: list, temperature: float = 1.
 
 
 def in_row_chunks(fn, *rows):
-    """fn applied to LOGPROB_CHUNK rows at a time, results concatenated. Under grad each chunk is
-    recomputed in the backward pass, so no (rows, vocab) fp32 tensor is ever held whole."""
+    """fn over LOGPROB_CHUNK rows at a time, concatenated; under grad each chunk is recomputed in backward."""
     chunks = [tuple(r[i:i + LOGPROB_CHUNK] for r in rows) for i in range(0, len(rows[0]), LOGPROB_CHUNK)]
     run = (lambda *chunk: checkpoint(fn, *chunk, use_reentrant=False)) if torch.is_grad_enabled() else fn
     return torch.cat([run(*chunk) for chunk in chunks])

@@ -236,3 +236,17 @@ def test_top_p_draws_follow_the_truncated_distribution(monkeypatch, top_p, candi
     chi2 = ((observed[kept] - n * target[kept]) ** 2 / (n * target[kept])).sum().item()
     assert chi2 < 24.3  # below the 0.999 quantile for up to 7 degrees of freedom
     assert torch.allclose(logprobs.exp(), target[tokens].float(), atol=1e-6)
+
+
+def test_stop_fn_ends_rows_at_the_next_check_with_the_same_tokens():
+    model = tiny_model(seed=12)
+    prompts = [[1, 2, 3], [4, 5]]
+    full = model.generate(prompts, max_new_tokens=40, temperature=0)
+    seen = []
+
+    def stop_fn(rows):  # called every 16 steps with every row's tokens so far; ends row 0 at the first call
+        seen.append([len(r) for r in rows])
+        return [True, len(rows[1]) >= 32]
+    stopped = model.generate(prompts, max_new_tokens=40, temperature=0, stop_fn=stop_fn)
+    assert seen == [[16, 16], [32, 32]]  # the batch ran until both rows were done, then stopped
+    assert stopped == [row[:32] for row in full]
