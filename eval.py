@@ -12,7 +12,8 @@ used 500 GSM8K, 500 MMLU and 200 TruthfulQA questions: --limit paper); without i
 Where we differ from lm-eval, on purpose: --limit samples (lm-eval takes the first N); log-softmax runs in
 fp32 (lm-eval: the model's dtype); MC2 subtracts the max log-likelihood before exp() (lm-eval's 0/0 is a
 number here); greedy decoding never picks the embedding's padding rows; "Question:" is looked for every 16
-generated tokens and the text cut there (the same text as stopping at once); special tokens other than the stop tokens
+generated tokens and the text cut there (the same text as stopping at once); special tokens other than the stop
+tokens
 stay in the decoded completion (lm-eval drops them).
 """
 import argparse

@@ -219,3 +219,17 @@ def test_checkpoint_holds_only_safetensors_and_json(gsm8k_dir, byte_model, tmp_p
     assert meta["step"] == 2 and tensors["rng.torch"].dtype == torch.uint8
     assert all("lora" in k for k in tensors if k.startswith("param."))  # LoRA: only the adapters are trained
     assert {k.split(".")[-1] for k in tensors if k.startswith("adam.")} == {"step", "exp_avg", "exp_avg_sq"}
+
+
+def test_a_bad_model_flag_is_one_line_naming_the_flag(tmp_path, make_checkpoint):
+    import train_distill
+    import train_rl
+    missing = tmp_path / "missing"
+    with pytest.raises(SystemExit, match=r"^--model: .*missing: no such model folder"):
+        train_rl.main(["--model", str(missing), "--out_dir", str(tmp_path / "out"), "--device", "cpu"])
+    with pytest.raises(SystemExit, match=r"^--model: .*missing: no such model folder"):
+        ev.main(["--model", str(missing), "--tasks", "gsm8k"])
+    no_tokenizer = make_checkpoint()  # weights and config, but no tokenizer.json
+    with pytest.raises(SystemExit, match=r"^--teacher: .*no tokenizer.json"):
+        train_distill.load_teacher(args_for(teacher=str(no_tokenizer), model="student"), None, None, "cpu",
+                                   torch.float32)
