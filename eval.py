@@ -13,8 +13,7 @@ Where we differ from lm-eval, on purpose: --limit samples (lm-eval takes the fir
 fp32 (lm-eval: the model's dtype); MC2 subtracts the max log-likelihood before exp() (lm-eval's 0/0 is a
 number here); greedy decoding never picks the embedding's padding rows; "Question:" is looked for every 16
 generated tokens and the text cut there (the same text as stopping at once); special tokens other than the stop
-tokens
-stay in the decoded completion (lm-eval drops them).
+tokens stay in the decoded completion (lm-eval drops them).
 """
 import argparse
 import functools
