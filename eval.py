@@ -92,6 +92,17 @@ def batch_at(items: list, step: int, n: int, seed: int) -> list:
     return batch
 
 
+def tokens_per_rank(n_tokens: int) -> float:
+    """The step's token count averaged over GPUs. Losses divide by it, so that once optimizer_step has
+    averaged the gradients over GPUs the loss is a mean over all the step's tokens, not a mean of means."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return max(n_tokens, 1)
+    total = torch.tensor([float(n_tokens)], device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+    torch.distributed.all_reduce(total)
+    return max(total.item() / world, 1)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Prompts (each string below is lm-eval's template; tests check them character by character)
 
@@ -368,9 +379,15 @@ def evaluate(model, tokenizer, tasks=("gsm8k",), limit=None, seed=1234, batch_si
 # far the learner moved from its start on its own states (kl_to_start, at each periodic eval)
 
 
+def starting_model(args, device, dtype):
+    """The model a run started from, frozen, loaded once per run, held as the learner's weights are (fp32
+    master weights, or a LoRA's base in the compute dtype): under the same autocast it computes exactly
+    what the learner did at step 0, so kl_to_start reads 0 there and a KL penalty starts at 0."""
+    return load_frozen(args.model, device, dtype if args.lora_rank else torch.float32)
+
+
 @functools.lru_cache(maxsize=1)
-def starting_model(name_or_path, device, dtype):
-    """The model a run started from, frozen, loaded once per run (for kl_to_start)."""
+def load_frozen(name_or_path, device, dtype):
     return Qwen3.from_pretrained(name_or_path, device=device, dtype=dtype).requires_grad_(False)
 
 
@@ -440,7 +457,7 @@ def eval_and_checkpoint(done: int, model, tokenizer, optimizer, metrics, args, d
             prompts = tokenizer.encode_batch([gsm8k_prompt(q["question"]) for q in questions])
             with autocast(model.device, dtype):
                 scores = evaluate(model, tokenizer, ("gsm8k",), limit=args.eval_limit, data_dir=args.data_dir)
-                kl = kl_to_start(model, starting_model(args.model, model.device, dtype), tokenizer, prompts,
+                kl = kl_to_start(model, starting_model(args, model.device, dtype), tokenizer, prompts,
                                  args.max_new_tokens, args.seed)
             accuracy = scores["tasks"]["gsm8k"]["metrics"]  # exact_match_flexible, exact_match_strict
             metrics.log(done, kl_to_start=kl, **{f"gsm8k_{name.split('_')[-1]}": value

@@ -33,6 +33,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def main(argv=None) -> list:
     """Print and return the completions (text, without the prompt and without a final stop token)."""
     args = parser.parse_args(argv)
+    if not 0 < args.top_p <= 1 or (args.top_k is not None and args.top_k < 1):
+        parser.error("--top_p must be in (0, 1] and --top_k at least 1")
     dtype = DTYPES[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
     if args.prompt_file is not None:
         if not Path(args.prompt_file).is_file():

@@ -27,13 +27,13 @@ import random
 import torch
 
 from eval import (GSM8K_STOP_STRINGS, MetricsLog, batch_at, eval_and_checkpoint, gsm8k_prompt, load_gsm8k, rollout,
-                  state_nll)
+                  state_nll, tokens_per_rank)
 from model import (Qwen3, Tokenizer, autocast, completion_logprobs, finish, in_row_chunks, load_checkpoint,
                    optimizer_step, setup, training_args)
 
 
 def get_args(argv=None):
-    parser = training_args(__doc__.strip().split("\n")[0], steps=200, batch_size=4, grad_accum=4, lr=1e-5,
+    parser = training_args(__doc__.strip().split("\n")[0], steps=200, batch_size=2, grad_accum=8, lr=1e-5,
                            eval_every=50, save_every=50)
     a = parser.add_argument
     a("--teacher", required=True, help="teacher model folder or hub id; it must share the student's tokenizer")
@@ -47,7 +47,10 @@ def get_args(argv=None):
     a("--continuation_tokens", type=int, default=32, help="--signal continuation: tokens the teacher writes per state")
     a("--temperature", type=float, default=1.0, help="sampling temperature, also of the distributions compared")
     a("--gen_batch_size", type=int, default=128, help="sequences sampled at once (memory: the KV cache)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.signal == "token_kl" and args.states == "teacher":  # a policy gradient needs the student's samples
+        parser.error("--signal token_kl needs --states student; use full_kl or continuation on teacher states")
+    return args
 
 
 def load_teacher(args, student, student_tokenizer, device, dtype):
@@ -92,7 +95,8 @@ def collect_states(student, teacher, tokenizer, questions, step, args, dtype):
 
 def token_kl_loss(logprobs, teacher_logprobs, mask, n_tokens):
     """Reverse KL on sampled tokens as a policy gradient: advantage -(log π_θ - log π_T), held constant.
-    Its gradient, -sg(A) ∇log π_θ, is in expectation the gradient of KL(π_θ || π_T) over the sequence."""
+    Its gradient, -sg(A) ∇log π_θ, is in expectation the gradient of the per-token KL(π_θ || π_T) at the
+    sampled states (held fixed: no reward-to-go). It needs the student's own samples (--states student)."""
     advantage = -(logprobs.detach() - teacher_logprobs)
     return -(advantage * logprobs * mask).sum() / n_tokens
 
@@ -114,7 +118,7 @@ def apply_teacher(student, teacher, optimizer, batch, step, args, dtype, vocab_l
     """Backpropagate the teacher's signal on this step's sequences, micro-batch by micro-batch, then update.
     Distributions are over the first vocab_limit tokens, those the sampler draws from."""
     seqs, starts, signal_starts = batch["seqs"], batch["starts"], batch["signal_starts"]
-    n_signal = sum(len(s) - st for s, st in zip(seqs, signal_starts))
+    n_signal = tokens_per_rank(sum(len(s) - st for s, st in zip(seqs, signal_starts)))  # over all GPUs
     micro = args.batch_size * (args.states_per_rollout if args.signal == "continuation" else 1)
     loss_sum = kl_sum = nll_sum = n_state = 0.0
     for i in range(0, len(seqs), micro):

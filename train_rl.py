@@ -24,12 +24,12 @@ update: with --ppo_epochs > 1 the batch is reused and PPO's clipped ratio comes 
 import torch
 
 from eval import (GSM8K_STOP_STRINGS, MetricsLog, batch_at, eval_and_checkpoint, gsm8k_prompt, gsm8k_reward,
-                  load_gsm8k, rollout, starting_model, state_nll)
+                  load_gsm8k, rollout, starting_model, state_nll, tokens_per_rank)
 from model import autocast, completion_logprobs, finish, load_checkpoint, optimizer_step, setup, training_args
 
 
 def get_args(argv=None):
-    parser = training_args(__doc__.strip().split("\n")[0], steps=200, batch_size=2, grad_accum=8, lr=2e-6,
+    parser = training_args(__doc__.strip().split("\n")[0], steps=200, batch_size=1, grad_accum=16, lr=2e-6,
                            eval_every=50, save_every=50)
     a = parser.add_argument
     a("--group_size", type=int, default=8, help="answers sampled per question (--batch_size counts questions)")
@@ -69,7 +69,8 @@ def group_advantages(rewards, std_adv=False):
 def policy_loss(logprobs, old_logprobs, advantages, mask, n_tokens, clip_eps, ref_logprobs=None, kl_coef=0.0):
     """Eq. 6 as a loss over tokens (B, L). With old_logprobs = logprobs.detach() the ratio is 1 and its
     gradient is exactly -A ∇log π; PPO's clip only acts when a batch is reused. Optional k3 KL penalty,
-    exp(r) - r - 1 with r = log π_ref - log π: unbiased for KL(π || π_ref) and never negative."""
+    exp(r) - r - 1 with r = log π_ref - log π: its value is an unbiased, never negative estimate of
+    KL(π || π_ref); as a loss on π's samples its gradient is that of KL(π_ref || π), as in GRPO."""
     ratio = torch.exp(logprobs - old_logprobs)
     adv = advantages[:, None]
     per_token = -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
@@ -90,6 +91,7 @@ def apply_reward(model, ref_model, optimizer, batch, step, args, dtype, vocab_li
     starts = [start for start, k in zip(batch["starts"], kept) if k]
     advantages = advantages.flatten()[kept]
     n_tokens = sum(len(s) - st for s, st in zip(seqs, starts))
+    norm = tokens_per_rank(n_tokens)  # the loss is a mean over the step's tokens on all GPUs
     micro = args.batch_size * args.group_size
     old_logprobs, ref_logprobs = {}, {}
     for epoch in range(args.ppo_epochs):
@@ -104,7 +106,7 @@ def apply_reward(model, ref_model, optimizer, batch, step, args, dtype, vocab_li
                         ref_logprobs[i], _ = completion_logprobs(ref_model, mb_seqs, mb_starts, args.temperature,
                                                                  vocab_limit)
                 loss, kl = policy_loss(logprobs, old_logprobs[i], advantages[i:i + micro].to(logprobs.device), mask,
-                                       n_tokens, args.clip_eps, ref_logprobs.get(i), args.kl_coef)
+                                       norm, args.clip_eps, ref_logprobs.get(i), args.kl_coef)
             loss.backward()
             loss_sum, kl_sum = loss_sum + loss.item(), kl_sum + kl.item()
             nll_sum += state_nll(logprobs, mask) * mask.sum().item() / n_tokens
@@ -122,8 +124,8 @@ def apply_reward(model, ref_model, optimizer, batch, step, args, dtype, vocab_li
 def main(argv=None):
     args = get_args(argv)
     model, tokenizer, optimizer, device, dtype = setup(args)
-    # the frozen starting model, in the compute dtype: one copy, shared with the periodic kl_to_start
-    ref_model = starting_model(args.model, model.device, dtype) if args.kl_coef > 0 else None
+    # the frozen starting model: one copy, shared with the periodic kl_to_start
+    ref_model = starting_model(args, model.device, dtype) if args.kl_coef > 0 else None
     train = load_gsm8k("train", args.data_dir)
     questions_per_step = args.batch_size * args.grad_accum
     start = load_checkpoint(args.out_dir, model, optimizer) if args.resume else 0

@@ -32,7 +32,7 @@ import argparse
 import math
 
 from eval import (GSM8K_STOP_STRINGS, MetricsLog, batch_at, eval_and_checkpoint, gsm8k_prompt, gsm8k_reward,
-                  load_gsm8k, rollout)
+                  load_gsm8k, rollout, tokens_per_rank)
 from model import (autocast, completion_logprobs, finish, load_checkpoint, optimizer_step, rank_and_world, setup,
                    training_args)
 
@@ -80,7 +80,7 @@ def fit_states(model, seqs, starts, args, dtype, vocab_limit=None):
     """Backpropagate eq. 5 on these states, --batch_size sequences at a time: the NLL of the answer tokens,
     averaged over all of the step's answer tokens (so --grad_accum only trades memory for time).
     Returns that mean NLL: the loss, and also the state NLL, since the answers are the states here."""
-    n_tokens, loss_sum = sum(len(s) - st for s, st in zip(seqs, starts)), 0.0
+    n_tokens, loss_sum = tokens_per_rank(sum(len(s) - st for s, st in zip(seqs, starts))), 0.0  # all GPUs
     for i in range(0, len(seqs), args.batch_size):
         with autocast(model.device, dtype):
             logprobs, mask = completion_logprobs(model, seqs[i:i + args.batch_size], starts[i:i + args.batch_size],

@@ -168,7 +168,7 @@ def write_jsonl(rows: list, path: Path):
     """Write to a temporary name, then rename: an interrupted run never leaves a half-written file that
     a later run would take for prepared data."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: torchrun ranks may race here
     with open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -100,3 +100,10 @@ def test_distillation_shrinks_the_kl_to_the_teacher(signal, tmp_path):
         train_distill.apply_teacher(student, teacher, optimizer, batch, step, args, torch.float32,
                                     tokenizer.n_real_tokens)
     assert kl_on_student_states(student, teacher, tokenizer, args) < 0.8 * before
+
+
+def test_token_kl_refuses_teacher_states():
+    """token_kl is a policy gradient: its estimator needs the student's own samples."""
+    with pytest.raises(SystemExit):
+        train_distill.get_args(["--teacher", "t", "--signal", "token_kl", "--states", "teacher"])
+    assert train_distill.get_args(["--teacher", "t", "--signal", "full_kl", "--states", "teacher"]).states == "teacher"
