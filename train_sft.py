@@ -79,16 +79,17 @@ def collect_states(model, tokenizer, questions, step, args, dtype):
 def fit_states(model, seqs, starts, args, dtype, vocab_limit=None):
     """Backpropagate eq. 5 on these states, --batch_size sequences at a time: the NLL of the answer tokens,
     averaged over all of the step's answer tokens (so --grad_accum only trades memory for time).
-    Returns that mean NLL: the loss, and also the state NLL, since the answers are the states here."""
-    n_tokens, loss_sum = tokens_per_rank(sum(len(s) - st for s, st in zip(seqs, starts))), 0.0  # all GPUs
+    Returns this GPU's mean NLL: the loss, and also the state NLL, since the answers are the states here."""
+    n_tokens = sum(len(s) - st for s, st in zip(seqs, starts))
+    norm, nll_sum = tokens_per_rank(n_tokens), 0.0  # the loss is a mean over the step's tokens on all GPUs
     for i in range(0, len(seqs), args.batch_size):
         with autocast(model.device, dtype):
             logprobs, mask = completion_logprobs(model, seqs[i:i + args.batch_size], starts[i:i + args.batch_size],
                                                  vocab_limit=vocab_limit)
-            loss = -(logprobs * mask).sum() / n_tokens
-        loss.backward()
-        loss_sum += loss.item()
-    return loss_sum
+            nll = -(logprobs * mask).sum()
+        (nll / norm).backward()
+        nll_sum += nll.item()
+    return nll_sum / max(n_tokens, 1)
 
 
 def main(argv=None):
