@@ -233,3 +233,22 @@ def test_a_bad_model_flag_is_one_line_naming_the_flag(tmp_path, make_checkpoint)
     with pytest.raises(SystemExit, match=r"^--teacher: .*no tokenizer.json"):
         train_distill.load_teacher(args_for(teacher=str(no_tokenizer), model="student"), None, None, "cpu",
                                    torch.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, extra", [
+    ("train_rl.py", ["--group_size", "4", "--max_new_tokens", "8", "--kl_coef", "0.1"]),
+    ("train_sft.py", ["--lora_rank", "4"]),
+])
+def test_ddp_with_torchrun_on_two_cpu_processes(script, extra, gsm8k_dir, byte_model, tmp_path):
+    """The same script under torchrun (gloo on CPU): ranks train on disjoint data, gradients and token counts
+    are reduced, only rank 0 writes, and the run ends with a loadable model."""
+    import subprocess
+    import sys
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / script),
+           "--model", str(byte_model()), "--data_dir", str(gsm8k_dir), "--out_dir", str(out), "--device", "cpu",
+           "--steps", "2", "--batch_size", "1", "--grad_accum", "2", "--eval_every", "0", "--save_every", "1", *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_final_model(out, steps=2)
