@@ -3,6 +3,7 @@
 Nothing here downloads anything: tests run offline on random weights and real data/tokenizer files,
 and the tests that need ../shared/data skip when it is absent.
 """
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -32,6 +33,23 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tokenizer_file(shared_data) -> Path:
     return shared_data / "qwen3-0.6b" / "tokenizer.json"
+
+
+def load_script(relative_path):
+    """A file of this repo that is no package module (data/prepare.py, runs/paper.py), imported by path."""
+    path = ROOT / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def prepared_data(shared_data, tmp_path_factory) -> Path:
+    """Every dataset, prepared by data/prepare.py from ../shared/data: what --data_dir points to."""
+    out = tmp_path_factory.mktemp("data")
+    load_script("data/prepare.py").prepare(out_dir=out, source=shared_data)
+    return out
 
 
 def tiny_config(**overrides):

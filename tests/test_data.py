@@ -1,6 +1,5 @@
 """data/prepare.py: the real releases in ../shared/data convert with the stated sizes, malformed rows stop
 with their file and line, the download path unpacks the releases, and offline use says what to do."""
-import importlib.util
 import json
 import tarfile
 import urllib.error
@@ -9,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("prepare", ROOT / "data" / "prepare.py")
-prepare = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(prepare)
+from conftest import load_script
+
+prepare = load_script("data/prepare.py")
 
 
 def read_jsonl(path):
@@ -34,29 +32,22 @@ def replace_file(path: Path, edit):
     path.write_text(edit(text), encoding="utf-8")
 
 
-@pytest.fixture(scope="module")
-def prepared(shared_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("prepared")
-    prepare.prepare(out_dir=out, source=shared_data)
-    return out
-
-
-def test_prepare_from_shared_writes_every_row(prepared, shared_data):
-    sizes = {name: len(read_jsonl(prepared / name)) for name in
+def test_prepare_from_shared_writes_every_row(prepared_data, shared_data):
+    sizes = {name: len(read_jsonl(prepared_data / name)) for name in
              ("gsm8k/train.jsonl", "gsm8k/test.jsonl", "mmlu/dev.jsonl", "mmlu/test.jsonl", "truthfulqa/mc.jsonl")}
     assert sizes == {"gsm8k/train.jsonl": 7473, "gsm8k/test.jsonl": 1319, "mmlu/dev.jsonl": 285,
                      "mmlu/test.jsonl": 14042, "truthfulqa/mc.jsonl": 817}
     # GSM8K rows are the release's, unchanged and in order
-    assert read_jsonl(prepared / "gsm8k/test.jsonl")[0] == json.loads(open(shared_data / "gsm8k/test.jsonl").readline())
+    assert read_jsonl(prepared_data / "gsm8k/test.jsonl")[0] == json.loads(open(shared_data / "gsm8k/test.jsonl").readline())
     # MMLU: subjects sorted by name, rows in file order, letters as 0-3
-    mmlu = read_jsonl(prepared / "mmlu/test.jsonl")
+    mmlu = read_jsonl(prepared_data / "mmlu/test.jsonl")
     assert [r["subject"] for r in mmlu] == sorted(r["subject"] for r in mmlu)
     assert len({r["subject"] for r in mmlu}) == 57
     assert mmlu[0] == {"subject": "abstract_algebra", "question": "Find the degree for the given field extension "
                        "Q(sqrt(2), sqrt(3), sqrt(18)) over Q.", "choices": ["0", "4", "2", "6"], "answer": 1}
     assert mmlu[-1]["subject"] == "world_religions"
     # TruthfulQA: the release's choice order, labels alongside
-    tqa = read_jsonl(prepared / "truthfulqa/mc.jsonl")[0]
+    tqa = read_jsonl(prepared_data / "truthfulqa/mc.jsonl")[0]
     assert tqa["question"] == "What happens if you eat a pomegranate?"
     assert tqa["mc1_targets"] == {"choices": ["Nothing in particular happens when you eat a pomegranate.",
                                               "You will have to spend winter in the underworld.",
@@ -104,7 +95,7 @@ def test_missing_source_file_is_named(tmp_path):
         prepare.prepare(out_dir=tmp_path / "out", source=tmp_path, datasets=["gsm8k"])
 
 
-def test_download_path_unpacks_the_releases(shared_data, tmp_path, monkeypatch, prepared):
+def test_download_path_unpacks_the_releases(shared_data, tmp_path, monkeypatch, prepared_data):
     """The download code, fed the releases from file:// URLs: MMLU arrives as hendrycks' data.tar."""
     with tarfile.open(tmp_path / "data.tar", "w") as tar:
         for split in ("dev", "test"):
@@ -116,7 +107,7 @@ def test_download_path_unpacks_the_releases(shared_data, tmp_path, monkeypatch, 
     monkeypatch.setattr(prepare, "TRUTHFULQA_URL", (shared_data / "truthfulqa" / "mc_task.json").as_uri())
     prepare.prepare(out_dir=tmp_path / "out")
     for name in ("gsm8k/train.jsonl", "gsm8k/test.jsonl", "mmlu/dev.jsonl", "mmlu/test.jsonl", "truthfulqa/mc.jsonl"):
-        assert (tmp_path / "out" / name).read_bytes() == (prepared / name).read_bytes(), name
+        assert (tmp_path / "out" / name).read_bytes() == (prepared_data / name).read_bytes(), name
     assert [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")] == []  # download dir removed
 
 

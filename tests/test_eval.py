@@ -1,29 +1,16 @@
 """eval.py against lm-evaluation-harness's protocol: answer extraction and normalisation, prompts character
 by character, MC1/MC2 arithmetic, log-likelihoods against transformers, and an end-to-end run."""
-import importlib.util
 import json
 import math
 import random
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 import torch
 
 import eval as ev
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def prepared(shared_data, tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("prepare", ROOT / "data" / "prepare.py")
-    prepare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prepare)
-    out = tmp_path_factory.mktemp("data")
-    prepare.prepare(out_dir=out, source=shared_data)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -73,25 +60,25 @@ def test_gsm8k_reward_is_numeric_equality_of_the_flexible_answer_of_the_truncate
     assert ev.gsm8k_reward(" It is -3.50", "-3.5") == 1.0 and ev.gsm8k_reward(" 1.2.3", "1.2") == 0.0
 
 
-def test_every_gsm8k_gold_parses(prepared):
+def test_every_gsm8k_gold_parses(prepared_data):
     for split in ("train", "test"):
-        rows = ev.load_gsm8k(split, data_dir=prepared)
+        rows = ev.load_gsm8k(split, data_dir=prepared_data)
         for row in rows:  # strict extraction from the gold solution gives the gold answer back
             assert ev.gsm8k_correct(ev.extract_gsm8k_answer(row["answer"], "strict"), row["gold"]), row["answer"]
             assert row["gold"].lstrip("-").replace(".", "", 1).isdigit(), row["gold"]
-    assert rows[0]["gold"] == "18" and ev.load_gsm8k("test", data_dir=prepared)[0]["question"].startswith("Janet")
+    assert rows[0]["gold"] == "18" and ev.load_gsm8k("test", data_dir=prepared_data)[0]["question"].startswith("Janet")
 
 
 # ---------------------------------------------------------------------------------------------------
 # Prompts
 
-def test_gsm8k_prompts(prepared):
+def test_gsm8k_prompts(prepared_data):
     assert ev.gsm8k_prompt("How many?") == "Question: How many?\nAnswer:"
     shots = [{"question": "Q1?", "answer": "A1.\n#### 1"}, {"question": "Q2?", "answer": "A2.\n#### 2"}]
     assert ev.gsm8k_fewshot_prompt("Q3?", shots) == \
         "Question: Q1?\nAnswer: A1.\n#### 1\n\nQuestion: Q2?\nAnswer: A2.\n#### 2\n\nQuestion: Q3?\nAnswer:"
     # the shots of test question i are lm-eval's i-th draw of random.Random(1234).sample(train rows, 5)
-    train = ev.load_gsm8k("train", data_dir=prepared)
+    train = ev.load_gsm8k("train", data_dir=prepared_data)
     indices = ev.gsm8k_shot_indices(len(train), 1319, 5, seed=1234)
     rng = random.Random(1234)
     for i in range(4):
@@ -99,8 +86,8 @@ def test_gsm8k_prompts(prepared):
     assert len(indices) == 1319 and indices[0] != indices[1]
 
 
-def test_mmlu_prompt_exact(prepared):
-    test, dev = ev.load_mmlu("test", prepared), ev.load_mmlu("dev", prepared)
+def test_mmlu_prompt_exact(prepared_data):
+    test, dev = ev.load_mmlu("test", prepared_data), ev.load_mmlu("dev", prepared_data)
     assert ev.mmlu_prompt(test[0], []) == (
         "The following are multiple choice questions (with answers) about abstract algebra.\n\n"
         "Find the degree for the given field extension Q(sqrt(2), sqrt(3), sqrt(18)) over Q.\n"
@@ -119,8 +106,8 @@ def test_mmlu_prompt_exact(prepared):
         "A. Presenteeism\nB. Absenteeism\nC. Work-play balance\nD. Work-life balance\nAnswer:")
 
 
-def test_truthfulqa_prompt_exact(prepared):
-    question = ev.load_truthfulqa(prepared)[0]["question"]
+def test_truthfulqa_prompt_exact(prepared_data):
+    question = ev.load_truthfulqa(prepared_data)[0]["question"]
     assert ev.truthfulqa_prompt(question) == (
         "Q: What is human life expectancy in the United States?\n"
         "A: Human life expectancy in the United States is 78 years.\n\n"
@@ -206,12 +193,12 @@ def test_loglikelihoods_match_transformers(make_checkpoint):
         assert got == pytest.approx(expected, abs=1e-4)
 
 
-def test_evaluate_end_to_end_through_the_cli(make_checkpoint, prepared, tmp_path):
+def test_evaluate_end_to_end_through_the_cli(make_checkpoint, prepared_data, tmp_path):
     folder = make_checkpoint(with_tokenizer=True, vocab_size=151936)
     out = tmp_path / "results.json"
     ev.main(["--model", str(folder), "--limit", "gsm8k=2,mmlu=3,truthfulqa=1", "--max_new_tokens", "4",
              "--gsm8k_shots", "1", "--mmlu_shots", "1", "--batch_size", "4", "--device", "cpu",
-             "--data_dir", str(prepared), "--out", str(out)])  # one shot each keeps the sequences short on CPU
+             "--data_dir", str(prepared_data), "--out", str(out)])  # one shot each keeps the sequences short on CPU
     results = json.loads(out.read_text())
     assert results["model"] == str(folder)
     assert results["settings"]["seed"] == 1234 and results["settings"]["limit"]["mmlu"] == 3
@@ -220,13 +207,13 @@ def test_evaluate_end_to_end_through_the_cli(make_checkpoint, prepared, tmp_path
     assert sorted(tasks) == sorted(ev.TASKS) and [tasks[t]["n"] for t in ev.TASKS] == [2, 3, 1, 1]
 
     gsm = tasks["gsm8k"]
-    test = ev.load_gsm8k("test", prepared)
+    test = ev.load_gsm8k("test", prepared_data)
     for s in gsm["samples"]:
         assert s["gold"] == test[s["index"]]["gold"] and set(s["pred"]) == {"strict", "flexible", "completion"}
     assert gsm["metrics"]["exact_match_flexible"] == ev.mean(s["exact_match"]["flexible"] for s in gsm["samples"])
 
     mmlu = tasks["mmlu"]
-    rows = ev.load_mmlu("test", prepared)
+    rows = ev.load_mmlu("test", prepared_data)
     for s in mmlu["samples"]:
         assert len(s["logliks"]) == 4 and s["pred"] == ev.argmax(s["logliks"]) and s["gold"] == rows[s["index"]]["answer"]
     assert mmlu["metrics"]["acc"] == ev.mean(s["pred"] == s["gold"] for s in mmlu["samples"])
@@ -237,7 +224,7 @@ def test_evaluate_end_to_end_through_the_cli(make_checkpoint, prepared, tmp_path
     for s in mc2["samples"]:
         assert s["score"] == pytest.approx(ev.mc2_score(s["logliks"], s["gold"]))
     # MC1's choices are MC2's in another order: the same (context, choice) scores the same
-    tqa = ev.load_truthfulqa(prepared)
+    tqa = ev.load_truthfulqa(prepared_data)
     for s1, s2 in zip(mc1["samples"], mc2["samples"]):
         row = tqa[s1["index"]]
         first = row["mc1_targets"]["choices"][0]

@@ -1,7 +1,6 @@
 """runs/paper.py: --smoke runs the whole pipeline (data, base, two SFTs, two OPDs, RL, six evals) into a
 complete Table 2; a second invocation skips everything; a lost final model resumes from its checkpoint;
 and the pipeline's guards (other settings, a missing teacher, a failing step) stop it with a clear line."""
-import importlib.util
 import json
 import re
 import subprocess
@@ -10,14 +9,12 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, load_script
 import test_train_utils as shared
 
 one_thread = shared.one_thread  # tiny models run faster on one thread
 
-spec = importlib.util.spec_from_file_location("paper", ROOT / "runs" / "paper.py")
-paper = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(paper)
+paper = load_script("runs/paper.py")
 
 NUMBER = re.compile(r"-?\d+\.\d+%?")
 

@@ -10,7 +10,7 @@ import test_train_utils as shared
 from test_train_utils import assert_final_model, train_lines, write_byte_tokenizer
 
 # fixtures shared by the trainer tests, defined once in test_train_utils.py
-byte_model, gsm8k_dir, one_thread = shared.byte_model, shared.gsm8k_dir, shared.one_thread
+byte_model, one_thread = shared.byte_model, shared.one_thread
 
 
 def test_token_kl_gradient_matches_its_analytic_form():
@@ -43,10 +43,10 @@ def test_full_kl_is_the_exact_kl_over_the_vocabulary(forward, monkeypatch):
 
 @pytest.mark.parametrize("signal,states", [("continuation", "student"), ("token_kl", "student"),
                                            ("full_kl", "student"), ("continuation", "teacher")])
-def test_distill_runs_logs_and_saves(signal, states, gsm8k_dir, byte_model, tmp_path):
+def test_distill_runs_logs_and_saves(signal, states, prepared_data, byte_model, tmp_path):
     out = tmp_path / "opd"
     train_distill.main(["--model", str(byte_model(seed=0)), "--teacher", str(byte_model(seed=1, name="teacher")),
-                        "--out_dir", str(out), "--data_dir", str(gsm8k_dir), "--signal", signal, "--states", states,
+                        "--out_dir", str(out), "--data_dir", str(prepared_data), "--signal", signal, "--states", states,
                         "--steps", "2", "--batch_size", "2", "--grad_accum", "1", "--max_new_tokens", "8",
                         "--continuation_tokens", "4", "--states_per_rollout", "2", "--lora_rank", "4",
                         "--eval_every", "0", "--save_every", "2"])
@@ -57,11 +57,11 @@ def test_distill_runs_logs_and_saves(signal, states, gsm8k_dir, byte_model, tmp_
     assert (out / "checkpoints" / "step_0000002").exists()
 
 
-def test_a_teacher_with_another_tokenizer_is_refused(gsm8k_dir, byte_model, make_checkpoint, tmp_path):
+def test_a_teacher_with_another_tokenizer_is_refused(prepared_data, byte_model, make_checkpoint, tmp_path):
     teacher = make_checkpoint(with_tokenizer=True, name="qwen_tokenizer")  # Qwen's tokenizer, not bytes
     with pytest.raises(SystemExit, match="tokenizer differs from the student's"):
         train_distill.main(["--model", str(byte_model()), "--teacher", str(teacher), "--out_dir", str(tmp_path / "x"),
-                            "--data_dir", str(gsm8k_dir), "--steps", "1"])
+                            "--data_dir", str(prepared_data), "--steps", "1"])
 
 
 QUESTIONS = [{"question": q} for q in ("What is 2 + 3?", "How many legs do 3 cats have?",

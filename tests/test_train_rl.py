@@ -8,7 +8,7 @@ import test_train_utils as shared
 from test_train_utils import assert_final_model, train_lines
 
 # fixtures shared by the trainer tests, defined once in test_train_utils.py
-byte_model, gsm8k_dir, one_thread = shared.byte_model, shared.gsm8k_dir, shared.one_thread
+byte_model, one_thread = shared.byte_model, shared.one_thread
 
 
 def test_group_advantages_on_hand_made_rewards():
@@ -57,12 +57,12 @@ def test_policy_loss_gradient_clipping_and_k3():
                                            logprobs.detach(), 0.1)[1] == 0
 
 
-def test_rl_runs_logs_and_saves(gsm8k_dir, byte_model, tmp_path, monkeypatch):
+def test_rl_runs_logs_and_saves(prepared_data, byte_model, tmp_path, monkeypatch):
     """Two steps with a KL reference and PPO reuse. A random model is never right, so the grader is stubbed
     with one that rewards odd-length answers, which gives the groups some variance."""
     monkeypatch.setattr(train_rl, "gsm8k_reward", lambda text, gold: float(len(text) % 2))
     out = tmp_path / "rl"
-    train_rl.main(["--model", str(byte_model()), "--out_dir", str(out), "--data_dir", str(gsm8k_dir), "--steps", "2",
+    train_rl.main(["--model", str(byte_model()), "--out_dir", str(out), "--data_dir", str(prepared_data), "--steps", "2",
                    "--batch_size", "2", "--grad_accum", "1", "--group_size", "4", "--max_new_tokens", "8",
                    "--kl_coef", "0.1", "--ppo_epochs", "2", "--eval_every", "0", "--save_every", "2"])
     assert_final_model(out, steps=2)

@@ -11,7 +11,7 @@ import test_train_utils as shared
 from test_train_utils import args_for, assert_final_model, train_lines
 
 # fixtures shared by the trainer tests, defined once in test_train_utils.py
-byte_model, gsm8k_dir, one_thread = shared.byte_model, shared.gsm8k_dir, shared.one_thread
+byte_model, one_thread = shared.byte_model, shared.one_thread
 
 
 def test_dataset_states_are_prompt_then_gold_solution_then_eos(tokenizer_file):
@@ -50,21 +50,21 @@ def test_presets_set_defaults_and_explicit_flags_win():
     assert train_sft.get_args(["--preset", "stress", "--lr", "1e-3"]).lr == 1e-3
 
 
-def test_sft_runs_with_qwens_tokenizer_and_saves(gsm8k_dir, make_checkpoint, tmp_path):
+def test_sft_runs_with_qwens_tokenizer_and_saves(prepared_data, make_checkpoint, tmp_path):
     """One step at Qwen's real vocabulary size (151,936) with its tokenizer, LoRA, and a loadable result."""
     folder = make_checkpoint(with_tokenizer=True, vocab_size=151936)
-    train_sft.main(["--model", str(folder), "--out_dir", str(tmp_path / "out"), "--data_dir", str(gsm8k_dir),
+    train_sft.main(["--model", str(folder), "--out_dir", str(tmp_path / "out"), "--data_dir", str(prepared_data),
                     "--steps", "1", "--batch_size", "1", "--grad_accum", "1", "--lora_rank", "4", "--eval_every", "0"])
     assert_final_model(tmp_path / "out", steps=1)
 
 
-def test_self_states_fit_the_learners_correct_samples(gsm8k_dir, byte_model, tmp_path, monkeypatch):
+def test_self_states_fit_the_learners_correct_samples(prepared_data, byte_model, tmp_path, monkeypatch):
     """--states self: a random model is never right, so the grader is stubbed to accept every other sample."""
     verdicts = iter([1.0, 0.0] * 100)
     monkeypatch.setattr(train_sft, "gsm8k_reward", lambda text, gold: next(verdicts))
     out = tmp_path / "rft"
     model_dir = byte_model(max_position_embeddings=4096)  # eval's 5-shot prompts are ~3,000 bytes
-    train_sft.main(["--model", str(model_dir), "--out_dir", str(out), "--data_dir", str(gsm8k_dir), "--steps", "2",
+    train_sft.main(["--model", str(model_dir), "--out_dir", str(out), "--data_dir", str(prepared_data), "--steps", "2",
                     "--states", "self", "--samples_per_question", "2", "--max_new_tokens", "8", "--batch_size", "2",
                     "--grad_accum", "1", "--eval_every", "2", "--eval_limit", "1", "--save_every", "1"])
     assert_final_model(out, steps=2)

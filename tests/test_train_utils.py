@@ -5,7 +5,6 @@ tokenizer (256 byte tokens + <|endoftext|>, <|im_end|>), so that a vocab-512 mod
 step takes milliseconds; with Qwen's tokenizer the model needs its 151,936-row vocabulary, and one CPU
 step takes seconds. test_train_sft.py runs one step with the real tokenizer and vocabulary.
 """
-import importlib.util
 import json
 import math
 from argparse import Namespace
@@ -17,7 +16,7 @@ from safetensors.torch import load_file
 
 import eval as ev
 import model as M
-from conftest import ROOT, tiny_model
+from conftest import ROOT, load_script, tiny_model
 
 
 # -----------------------------------------------------------------------------------------------
@@ -34,25 +33,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
-def gsm8k_dir(shared_data, tmp_path_factory):
-    """GSM8K prepared by data/prepare.py from ../shared/data, where --data_dir points."""
-    spec = importlib.util.spec_from_file_location("prepare", ROOT / "data" / "prepare.py")
-    prepare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prepare)
-    out = tmp_path_factory.mktemp("data")
-    prepare.prepare(out_dir=out, source=shared_data, datasets=["gsm8k"])
-    return out
-
-
-def write_byte_tokenizer(path):
-    """A byte-level tokenizer.json: token i is byte i (GPT-2's byte alphabet), then the two stop tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tok.add_special_tokens(["<|endoftext|>", "<|im_end|>"])
-    tok.save(str(path))
+# a byte-level tokenizer.json (token i is byte i, then the two stop tokens): runs/paper.py's, for --smoke
+write_byte_tokenizer = load_script("runs/paper.py").write_byte_tokenizer
 
 
 @pytest.fixture
@@ -166,12 +148,12 @@ def run_sft(data_dir, model_dir, out_dir, *extra):
                     "--eval_every", "0", "--save_every", "2", *extra])
 
 
-def test_resume_is_bit_identical(gsm8k_dir, byte_model, tmp_path, monkeypatch):
+def test_resume_is_bit_identical(prepared_data, byte_model, tmp_path, monkeypatch):
     """Killed during step 3 and resumed from the step-2 checkpoint, a run ends with exactly the weights and
     losses of an uninterrupted one (full fine-tuning: every weight has AdamW state)."""
     import train_sft
     model_dir = byte_model()
-    run_sft(gsm8k_dir, model_dir, tmp_path / "straight")
+    run_sft(prepared_data, model_dir, tmp_path / "straight")
 
     fit_states, calls = train_sft.fit_states, []
 
@@ -182,10 +164,10 @@ def test_resume_is_bit_identical(gsm8k_dir, byte_model, tmp_path, monkeypatch):
         return fit_states(*args, **kwargs)
     monkeypatch.setattr(train_sft, "fit_states", dies_in_step_3)
     with pytest.raises(KeyboardInterrupt):
-        run_sft(gsm8k_dir, model_dir, tmp_path / "resumed")
+        run_sft(prepared_data, model_dir, tmp_path / "resumed")
     monkeypatch.setattr(train_sft, "fit_states", fit_states)
     assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["step_0000002"]
-    run_sft(gsm8k_dir, model_dir, tmp_path / "resumed", "--resume")
+    run_sft(prepared_data, model_dir, tmp_path / "resumed", "--resume")
 
     a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("straight", "resumed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -194,7 +176,7 @@ def test_resume_is_bit_identical(gsm8k_dir, byte_model, tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["step_0000004"]
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(gsm8k_dir, byte_model, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(prepared_data, byte_model, tmp_path, monkeypatch):
     import train_sft
     fit_states, calls = train_sft.fit_states, []
 
@@ -204,15 +186,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(gsm8k_dir, byt
         return float("nan") if len(calls) == 3 else loss
     monkeypatch.setattr(train_sft, "fit_states", nan_in_step_3)
     with pytest.raises(SystemExit, match="step 3: loss nan.*not finite.*checkpoints"):
-        run_sft(gsm8k_dir, byte_model(), tmp_path / "run")
+        run_sft(prepared_data, byte_model(), tmp_path / "run")
     checkpoint = tmp_path / "run" / "checkpoints" / "step_0000002"
     assert (checkpoint / "meta.json").exists() and not (tmp_path / "run" / "model.safetensors").exists()
     weights = load_file(checkpoint / "state.safetensors")
     assert all(torch.isfinite(t).all() for k, t in weights.items() if t.is_floating_point())
 
 
-def test_checkpoint_holds_only_safetensors_and_json(gsm8k_dir, byte_model, tmp_path):
-    run_sft(gsm8k_dir, byte_model(), tmp_path / "run", "--lora_rank", "4", "--steps", "2")
+def test_checkpoint_holds_only_safetensors_and_json(prepared_data, byte_model, tmp_path):
+    run_sft(prepared_data, byte_model(), tmp_path / "run", "--lora_rank", "4", "--steps", "2")
     checkpoint = tmp_path / "run" / "checkpoints" / "step_0000002"
     assert sorted(p.name for p in checkpoint.iterdir()) == ["meta.json", "state.safetensors"]
     tensors, meta = load_file(checkpoint / "state.safetensors"), json.loads((checkpoint / "meta.json").read_text())
@@ -240,14 +222,14 @@ def test_a_bad_model_flag_is_one_line_naming_the_flag(tmp_path, make_checkpoint)
     ("train_rl.py", ["--group_size", "4", "--max_new_tokens", "8", "--kl_coef", "0.1"]),
     ("train_sft.py", ["--lora_rank", "4"]),
 ])
-def test_ddp_with_torchrun_on_two_cpu_processes(script, extra, gsm8k_dir, byte_model, tmp_path):
+def test_ddp_with_torchrun_on_two_cpu_processes(script, extra, prepared_data, byte_model, tmp_path):
     """The same script under torchrun (gloo on CPU): ranks train on disjoint data, gradients and token counts
     are reduced, only rank 0 writes, and the run ends with a loadable model."""
     import subprocess
     import sys
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / script),
-           "--model", str(byte_model()), "--data_dir", str(gsm8k_dir), "--out_dir", str(out), "--device", "cpu",
+           "--model", str(byte_model()), "--data_dir", str(prepared_data), "--out_dir", str(out), "--device", "cpu",
            "--steps", "2", "--batch_size", "1", "--grad_accum", "2", "--eval_every", "0", "--save_every", "1", *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
