@@ -1,92 +1,136 @@
 """
-Throughput of our generate() side by side with transformers' generate(), and of a training step.
+Speed, side by side with transformers: generation, training steps, evaluation.
 
-A random-init Qwen3 of a preset shape is saved to a temporary folder and loaded by both
-implementations, which then sample the same random prompts with the same settings, exactly
---new_tokens tokens per row (no stop tokens), interleaved run by run so that both see the same
-machine. Each number is the fastest of --repeats runs after a warm-up (the least disturbed by other
-processes); tokens/s counts new tokens only, prefill time included. On CPU the ratio is also given
-by process CPU time, which other processes on the machine disturb less (--threads 1: even less).
-Ours runs its CUDA-graph decode step on CUDA (--no_cuda_graph: eager); transformers runs with its
-defaults (dynamic cache) and sdpa attention, top_k disabled (its generation default is 50).
+    python bench.py --preset tiny                          # CPU: ~2 minutes on 2 cores
+    python bench.py --preset 0.6b --batch_size 1,16,64     # one GPU, bf16: generation + a training step
+    python bench.py --suite gpu --tokenizer TOKENIZER_JSON --data_dir data --json gpu.json
+                                                           # one GPU, ~6 minutes: everything below
 
-    python bench.py --preset tiny                         # CPU: ~2 minutes on 2 cores
-    python bench.py --preset 0.6b --batch_size 1,16,64    # one GPU, bf16
+Generation (both suites). A random-init Qwen3 of a preset shape is saved to a temporary folder and
+loaded by both implementations, which then sample the same random prompts with the same settings,
+exactly --new_tokens tokens per row (no stop tokens), interleaved run by run so that both see the
+same machine. Each number is the fastest of --repeats runs after a warm-up; tokens/s counts new
+tokens only, prefill time included. On CPU the ratio is also given by process CPU time, which other
+processes disturb less. On CUDA ours runs twice, with its CUDA-graph decode step (`ours`, the
+default, model.CUDA_GRAPHS) and without (`ours_eager`), and the two must give the same tokens for
+the same seed (`graph_tokens_equal_eager`). transformers runs with its defaults (dynamic cache, no
+compilation) and sdpa attention, top_k disabled (its generation default is 50).
 
-Presets: `0.6b` is the Qwen3-0.6B shape (hidden 1024, 28 layers, 16 heads, 8 KV heads, head_dim 128,
-intermediate 3072, vocab 151936, tied). `tiny` is a CPU-sized model with the real vocabulary
-(hidden 256, 4 layers, 4 heads, 2 KV heads, head_dim 64, intermediate 768, vocab 151936, tied):
-with Qwen's vocabulary the lm_head and the top-p sort over 151936 logits weigh as they do in real
-rollouts. `micro` (hidden 64, 2 layers, vocab 4096) is for the tests.
+Presets: `0.6b` is the Qwen3-0.6B shape (hidden 1024, 28 layers, 16 heads, 8 KV heads, head_dim
+128, intermediate 3072, vocab 151936, tied). `tiny` is a CPU-sized model with the real vocabulary
+(hidden 256, 4 layers, 4 heads, 2 KV heads, head_dim 64, intermediate 768, vocab 151936, tied).
+`micro` (hidden 64, 2 layers) is for the tests.
 
-The weights are N(0, 0.02) (transformers' init), except the final norm's weight, which is set so the
-logits spread with a standard deviation of --logit_std (default 3) over the vocabulary. Plain random
-init gives near-uniform next-token distributions (logit std 0.3 for `tiny`: at temperature 0.7 and
-top_p 0.9 the nucleus holds ~120k of the 151936 tokens), unlike any trained model; with std 3 the
-top token has ~25% of the mass and the nucleus a few hundred tokens, closer to real rollouts. This
-only matters to samplers whose cost depends on the distribution; --logit_std 0 keeps the plain init.
-
-The training step is what the trainers do for full fine-tuning: forward + backward + AdamW over all
-weights on the NLL of every token of random sequences (completion_logprobs with start 1), fp32
-weights under autocast to --dtype (plain fp32 when --dtype is fp32). Peak memory:
-on CUDA torch.cuda.max_memory_allocated, for generation above the weights already loaded; on CPU the
-process's peak resident set (ru_maxrss), which only ever grows, read at the end of each phase.
+The weights are N(0, 0.02) (transformers' init), except the final norm's weight, which is set so
+the logits spread with a standard deviation of --logit_std (default 3): plain random init gives
+near-uniform next-token distributions, unlike any trained model; with std 3 the top token has ~25%
+of the mass and the nucleus a few hundred tokens, closer to real rollouts. The stop tokens'
+embedding rows are zero, so a random model never stops early: every row decodes to full length.
 
 Batch-1 decode: decode-only tokens/s = (new_tokens - 1) / (time of the full run - time of a run
-with one new token). On CUDA it is compared with the memory-bandwidth bound: every decode step reads all the
-weights once (the tied embedding counts once, as the lm_head), so bound = peak bandwidth / weight
-bytes. The KV-cache reads are left out of the bound, which makes the fraction conservative.
---peak_bw_gbs defaults to the H100 SXM's 3350 GB/s (H100 PCIe: 2000, H200: 4800, A100 80GB: 2039).
+with one new token). On CUDA it is compared with the memory-bandwidth bound: each decode step reads
+every weight once (the tied embedding once, as the lm_head) and the KV cache written so far (at the
+mean context length), so bound = bandwidth / those bytes. --peak_bw_gbs defaults to the datasheet
+figure of the GPU found (H200 4800 GB/s, H100 SXM 3350, H100 PCIe 2000, A100 80GB 2039).
+
+The training-step measurement of the `generation` suite is full fine-tuning as the trainers do it:
+forward + backward + AdamW over all weights on the NLL of every token of random sequences, fp32
+weights under autocast to --dtype. Its MFU counts 6 x parameters + 6 x layers x context x q-width
+FLOPs per token (causal attention, forward and backward, no recomputation) against the GPU's dense
+bf16 peak (--peak_tflops; H100/H200 SXM: 989).
+
+The `gpu` suite (issue 13's prepared run) adds, with the real tokenizer and prepared data:
+  - the three trainers' main(), in this process, at their own defaults (RL: 16 questions x 8
+    answers x 256 tokens; OPD from a teacher (the same random model); stress SFT, LoRA r64) for
+    --train_steps steps: seconds per step (metrics.jsonl's step_s, the first step left out as
+    warm-up) and torch.cuda.max_memory_allocated against a 24 GB card. A random model never earns a
+    reward, which would skip every group, so the RL run draws each answer's reward as a coin flip
+    (a hash of its text): every step then does the full policy-gradient work. RL runs again with
+    eager decoding, for the graph's gain on the whole step.
+  - eval.py's protocol on --eval_limit MMLU and GSM8K questions (256 greedy tokens: a random model
+    never writes "Question:") and 200 TruthfulQA, timed; GSM8K's first 64 also with eager decoding,
+    whose completions must equal the graph's.
+  - runs/paper.py's pipeline time, recomputed from those measurements.
+Every section's figures go into --json as soon as they exist, so a run cut short keeps them.
 """
 import argparse
+import contextlib
+import importlib
 import json
 import os
 import platform
 import resource
+import shutil
+import statistics
 import tempfile
 import time
+import traceback
+import zlib
+from pathlib import Path
 
 import torch
 
-from model import Qwen3, Qwen3Config, autocast, completion_logprobs
+import model as model_module
+from model import Qwen3, Qwen3Config, Tokenizer, autocast, completion_logprobs
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--preset", choices=["micro", "tiny", "0.6b"], default="tiny", help="model shape (see above)")
-parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
-                    help="weights dtype for generation, autocast dtype for training (default: bf16 on cuda, "
-                    "fp32 on cpu)")
-parser.add_argument("--batch_size", default=None, help="comma-separated generation batch sizes "
-                    "(default: 1,16 on cpu, 1,16,64 on cuda)")
-parser.add_argument("--prompt_len", type=int, default=None, help="prompt tokens per row (default 32 cpu, 128 cuda)")
-parser.add_argument("--new_tokens", type=int, default=None, help="new tokens per row (default 32 cpu, 256 cuda)")
-parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for both (0 = greedy)")
-parser.add_argument("--top_p", type=float, default=0.9, help="top-p for both (1.0 = off)")
-parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement, the fastest is reported "
-                    "(default 2 cpu, 3 cuda)")
-parser.add_argument("--train_batch_size", type=int, default=None, help="training rows (default 2 cpu, 8 cuda)")
-parser.add_argument("--train_len", type=int, default=None, help="training tokens per row (default 128 cpu, 1024 cuda)")
-parser.add_argument("--no_cuda_graph", dest="cuda_graph", action="store_false",
-                    help="ours without its CUDA-graph decode step (on by default on CUDA)")
-parser.add_argument("--skip_hf", action="store_true", help="measure ours only (automatic without transformers)")
-parser.add_argument("--skip_train", action="store_true", help="skip the training-step measurement")
-parser.add_argument("--peak_bw_gbs", type=float, default=3350.0, help="GPU peak memory bandwidth, GB/s, for the "
-                    "batch-1 decode bound (default: H100 SXM)")
-parser.add_argument("--logit_std", type=float, default=3.0, help="spread of the random model's logits "
-                    "(sets the final norm weight; 0 = plain init, near-uniform next-token distributions)")
-parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice); "
-                    "1 makes CPU numbers steadier on a shared machine")
-parser.add_argument("--seed", type=int, default=0, help="seed for the weights, prompts and sampling")
-parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+parser = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+a = parser.add_argument
+a("--suite", choices=["generation", "gpu"], default="generation",
+  help="generation: generation + one training step; gpu: also the trainers and eval (see above)")
+a("--preset", choices=["micro", "tiny", "0.6b"], default=None,
+  help="model shape (default: tiny for --suite generation, 0.6b for --suite gpu)")
+a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+a("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+  help="weights dtype for generation, autocast dtype for training (default: bf16 on cuda, fp32 on cpu)")
+a("--batch_size", default=None, help="comma-separated generation batch sizes "
+  "(default: 1,16 on cpu, 1,16,64 on cuda, 1,16,64,128 for --suite gpu)")
+a("--prompt_len", type=int, default=None, help="prompt tokens per row (default 32 cpu, 128 cuda)")
+a("--new_tokens", type=int, default=None, help="new tokens per row (default 32 cpu, 256 cuda)")
+a("--temperature", type=float, default=0.7, help="sampling temperature for both (0 = greedy)")
+a("--top_p", type=float, default=0.9, help="top-p for both (1.0 = off)")
+a("--repeats", type=int, default=None,
+  help="timed runs per measurement, the fastest is reported (default 2 cpu, 3 cuda, 2 --suite gpu)")
+a("--train_batch_size", type=int, default=None, help="training rows (default 2 cpu, 8 cuda)")
+a("--train_len", type=int, default=None, help="training tokens per row (default 128 cpu, 1024 cuda)")
+a("--no_cuda_graph", dest="cuda_graph", action="store_false",
+  help="ours without its CUDA-graph decode step (on by default on CUDA)")
+a("--skip_hf", action="store_true", help="measure ours only (automatic without transformers)")
+a("--skip_train", action="store_true", help="skip the training-step measurement")
+a("--peak_bw_gbs", type=float, default=None,
+  help="GPU memory bandwidth in GB/s for the batch-1 bound (default: from the GPU's name)")
+a("--peak_tflops", type=float, default=None,
+  help="GPU dense bf16 TFLOP/s for MFU (default: from the GPU's name)")
+a("--logit_std", type=float, default=3.0, help="spread of the random model's logits "
+  "(sets the final norm weight; 0 = plain init, near-uniform next-token distributions)")
+a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice); "
+  "1 makes CPU numbers steadier on a shared machine")
+a("--seed", type=int, default=0, help="seed for the weights, prompts and sampling")
+a("--json", default=None, help="also write the results to this JSON file")
+a("--tokenizer", help="--suite gpu: a Qwen3 tokenizer.json (the real one: its vocabulary is 151,669)")
+a("--data_dir", help="--suite gpu: prepared data (data/prepare.py's output)")
+a("--train_steps", type=int, default=3, help="--suite gpu: steps per trainer (the first is warm-up)")
+a("--eval_limit", type=int, default=500, help="--suite gpu: MMLU and GSM8K questions to evaluate")
+a("--small", action="store_true",
+  help="--suite gpu: shrink the trainers' and eval's settings (for a CPU check of the suite)")
 
 PRESETS = {
-    "micro": dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=32, max_position_embeddings=4096),
-    "tiny": dict(vocab_size=151936, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=64, max_position_embeddings=4096),
+    "micro": dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                  max_position_embeddings=4096),
+    "tiny": dict(vocab_size=151936, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                 max_position_embeddings=4096),
     "0.6b": dict(),  # Qwen3Config's defaults are Qwen3-0.6B
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Datasheet figures, matched against torch.cuda.get_device_name, first match wins
+PEAK_BANDWIDTH_GBS = [("H200", 4800), ("H100 PCIe", 2000), ("H100 NVL", 3900), ("H100", 3350),
+                      ("A100-SXM4-80GB", 2039), ("A100 80GB PCIe", 1935), ("A100", 1555),
+                      ("RTX 4090", 1008), ("RTX 3090", 936), ("L40S", 864), ("A10", 600)]
+PEAK_BF16_TFLOPS = [("H200", 989), ("H100 PCIe", 756), ("H100", 989), ("A100", 312),
+                    ("RTX 4090", 165), ("RTX 3090", 71), ("L40S", 362), ("A10", 125)]
+CARD_24GB_GIB = 24e9 / 2**30  # the paper's RTX 3090: 24 GB
 
 
 def sync(device):
@@ -97,7 +141,8 @@ def sync(device):
 def timed(fn, device, cpu_times=None):
     """Wall-clock seconds of fn() (and its result); appends the process CPU seconds to cpu_times."""
     sync(device)
-    start, cpu_start = time.perf_counter(), time.process_time()
+    start = time.perf_counter()
+    cpu_start = time.process_time()
     out = fn()
     sync(device)
     if cpu_times is not None:
@@ -106,7 +151,7 @@ def timed(fn, device, cpu_times=None):
 
 
 def peak_mib(device, baseline=0):
-    """Peak memory in MiB: CUDA allocations since the last reset above `baseline` bytes, or process RSS."""
+    """Peak memory in MiB: CUDA allocations since the last reset above `baseline` bytes, or RSS."""
     if device.type == "cuda":
         return (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
@@ -114,6 +159,7 @@ def peak_mib(device, baseline=0):
 
 def reset_peak(device):
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device)
     return 0
@@ -124,15 +170,21 @@ def hardware(device):
         return torch.cuda.get_device_name(device)
     name = platform.processor() or "CPU"
     try:
-        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     return f"{name} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
-def random_checkpoint(config, folder, device, dtype, seed, logit_std=0.0):
-    """A random-init Qwen3 (weights ~ N(0, 0.02), norms 1, as transformers initialises) saved in HF layout.
-    The final norm outputs rms ~1, so the logits' std is its weight * 0.02 * sqrt(hidden_size)."""
+def datasheet(table, gpu_name):
+    return next((value for key, value in table if key in gpu_name), None)
+
+
+def random_checkpoint(config, folder, device, dtype, seed, logit_std=0.0, silent_ids=()):
+    """A random-init Qwen3 (weights ~ N(0, 0.02), norms 1, as transformers initialises) saved in HF
+    layout. The final norm outputs rms ~1, so the logits' std is its weight * 0.02 * sqrt(hidden).
+    The embedding rows of silent_ids are zero: their logit is 0, far below the top ones."""
     torch.manual_seed(seed)
     with torch.device(device):  # initialised where it runs: seconds, not minutes, for 0.6b
         model = Qwen3(config)
@@ -142,92 +194,149 @@ def random_checkpoint(config, folder, device, dtype, seed, logit_std=0.0):
                 p.normal_(0.0, 0.02)
         if logit_std > 0:
             model.norm.weight.fill_(logit_std / (0.02 * config.hidden_size ** 0.5))
+        for token in silent_ids:
+            model.embed_tokens.weight[token] = 0.0
+            model.lm_head.weight[token] = 0.0
     model.to(dtype).save_pretrained(folder)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Generation
+
+
 def generators(args, folder, device, dtype):
-    """{name: generate(prompts, new_tokens) -> list of new-token lists} for ours and transformers."""
+    """{name: generate(prompts, new_tokens) -> new-token lists}: ours (with its CUDA graph on CUDA),
+    ours_eager (on CUDA, when the graph is on) and transformers."""
     ours = Qwen3.from_pretrained(folder, device=device, dtype=dtype)
-    sampling = dict(temperature=args.temperature, top_p=args.top_p if args.temperature > 0 else None)
+    top_p = args.top_p if args.temperature > 0 else None
 
-    def ours_generate(prompts, n):
-        return ours.generate(prompts, n, seed=args.seed, cuda_graph=args.cuda_graph, **sampling)
+    def ours_with(cuda_graph):
+        def generate(prompts, n):
+            return ours.generate(prompts, n, seed=args.seed, cuda_graph=cuda_graph,
+                                 temperature=args.temperature, top_p=top_p)
+        return generate
+    fns = {"ours": ours_with(args.cuda_graph)}
+    models = {"ours": ours}
+    if args.cuda_graph:
+        fns["ours_eager"] = ours_with(False)
+        models["ours_eager"] = ours
+    if args.skip_hf:
+        return fns, models
+    try:
+        import transformers
+    except ImportError:
+        print("transformers is not installed: measuring ours only")
+        return fns, models
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    hf = transformers.Qwen3ForCausalLM.from_pretrained(folder, dtype=dtype,
+                                                       attn_implementation="sdpa")
+    hf = hf.to(device).eval()
+    if args.temperature > 0:
+        hf_sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0)
+    else:
+        hf_sampling = dict(do_sample=False)
 
-    fns, models = {"ours": ours_generate}, {"ours": ours}
-    if not args.skip_hf:
-        try:
-            import transformers
-        except ImportError:
-            print("transformers is not installed: measuring ours only")
-            return fns, models
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        hf = transformers.Qwen3ForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
-        hf = hf.to(device).eval()
-        hf_sampling = (dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0)
-                       if args.temperature > 0 else dict(do_sample=False))
+    def hf_generate(prompts, n):  # all prompts have the same length: no padding, an all-ones mask
+        idx = torch.tensor(prompts, device=device)
+        torch.manual_seed(args.seed)
+        with torch.no_grad():
+            out = hf.generate(input_ids=idx, attention_mask=torch.ones_like(idx),
+                              max_new_tokens=n, eos_token_id=None, pad_token_id=0, **hf_sampling)
+        return out[:, idx.shape[1]:].tolist()
 
-        def hf_generate(prompts, n):  # all prompts have the same length: no padding, an all-ones mask
-            idx = torch.tensor(prompts, device=device)
-            torch.manual_seed(args.seed)
-            with torch.no_grad():
-                out = hf.generate(input_ids=idx, attention_mask=torch.ones_like(idx), max_new_tokens=n,
-                                  eos_token_id=None, pad_token_id=0, **hf_sampling)
-            return out[:, idx.shape[1]:].tolist()
-
-        fns["transformers"], models["transformers"] = hf_generate, hf
+    fns["transformers"] = hf_generate
+    models["transformers"] = hf
     return fns, models
 
 
-def bench_generation(args, folder, config, device, dtype, result):
+def decode_bound(args, config, model, context: float) -> float:
+    """Batch-1 tokens/s if each decode step only read the weights and the KV cache at `context`."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not config.tie_word_embeddings:  # the embedding is looked up, not read whole
+        weight_bytes -= config.vocab_size * config.hidden_size * model.dtype.itemsize
+    kv_bytes_per_token = (2 * config.num_hidden_layers * config.num_key_value_heads
+                          * config.head_dim * model.dtype.itemsize)
+    return args.peak_bw_gbs * 1e9 / (weight_bytes + kv_bytes_per_token * context)
+
+
+def bench_generation(args, folder, config, device, dtype, result, save=lambda: None):
     fns, models = generators(args, folder, device, dtype)
     g = torch.Generator().manual_seed(args.seed)
     for B in args.batch_sizes:
         prompts = torch.randint(0, config.vocab_size, (B, args.prompt_len), generator=g).tolist()
         for fn in fns.values():  # warm-up
             fn(prompts, min(args.new_tokens, 8))
-        times, cpu_times, mem = {name: [] for name in fns}, {name: [] for name in fns}, {}
-        for _ in range(args.repeats):  # interleaved, so that both see the same machine
+        times = {name: [] for name in fns}
+        cpu_times = {name: [] for name in fns}
+        mem, outputs = {}, {}
+        for _ in range(args.repeats):  # interleaved, so that all see the same machine
             for name, fn in fns.items():
                 base = reset_peak(device)
                 seconds, out = timed(lambda: fn(prompts, args.new_tokens), device, cpu_times[name])
-                assert all(len(row) == args.new_tokens for row in out), f"{name}: wrong number of new tokens"
+                assert all(len(row) == args.new_tokens for row in out), f"{name}: too few tokens"
                 times[name].append(seconds)
                 mem[name] = peak_mib(device, base)
+                outputs.setdefault(name, out)
         row = {"batch_size": B}
         for name in fns:
-            row[name] = {"tokens_per_s": B * args.new_tokens / min(times[name]), "seconds": times[name],
-                         "cpu_seconds": cpu_times[name], "peak_mib": mem[name]}
+            row[name] = {"tokens_per_s": B * args.new_tokens / min(times[name]),
+                         "seconds": times[name], "cpu_seconds": cpu_times[name],
+                         "peak_mib": mem[name]}
+        if "ours_eager" in fns:  # the same seed must give the same tokens with and without the graph
+            same_rows = [a == b for a, b in zip(outputs["ours"], outputs["ours_eager"])]
+            row["graph_tokens_equal_eager"] = all(same_rows)
+            row["graph_rows_equal_eager"] = sum(same_rows) / len(same_rows)
+            row["graph_speedup"] = row["ours"]["tokens_per_s"] / row["ours_eager"]["tokens_per_s"]
         if "transformers" in fns:
             row["ratio"] = row["ours"]["tokens_per_s"] / row["transformers"]["tokens_per_s"]
-            # the same ratio by process CPU time: steadier than wall time when other processes share the CPU
+            # the same ratio by process CPU time: steadier than wall time on a shared CPU
             row["cpu_time_ratio"] = min(cpu_times["transformers"]) / min(cpu_times["ours"])
         if B == 1 and args.new_tokens > 1:  # decode only: subtract a prefill + one-token run
             for name, fn in fns.items():
                 prefill = min(timed(lambda: fn(prompts, 1), device)[0] for _ in range(args.repeats))
                 decode = (args.new_tokens - 1) / max(min(times[name]) - prefill, 1e-9)
                 row[name]["decode_tokens_per_s"] = decode
-                if device.type == "cuda":
-                    model = models[name]
-                    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-                    if not config.tie_word_embeddings:  # the embedding is looked up, not read whole
-                        weight_bytes -= config.vocab_size * config.hidden_size * model.dtype.itemsize
-                    bound = args.peak_bw_gbs * 1e9 / weight_bytes
-                    row[name].update(bandwidth_bound_tokens_per_s=bound, fraction_of_bound=decode / bound)
+                if device.type == "cuda" and args.peak_bw_gbs:
+                    context = args.prompt_len + args.new_tokens / 2
+                    bound = decode_bound(args, config, models[name], context)
+                    row[name].update(bandwidth_bound_tokens_per_s=bound,
+                                     fraction_of_bound=decode / bound)
         result["generation"].append(row)
-        print(f"batch {B}: " + ", ".join(f"{n} {row[n]['tokens_per_s']:.1f} tok/s" for n in fns)
-              + (f", ratio {row['ratio']:.2f} (by CPU time {row['cpu_time_ratio']:.2f})" if "ratio" in row else ""),
-              flush=True)
+        save()
+        shown = ", ".join(f"{n} {row[n]['tokens_per_s']:.1f} tok/s" for n in fns)
+        if "ratio" in row:
+            shown += f", ratio {row['ratio']:.2f} (by CPU time {row['cpu_time_ratio']:.2f})"
+        if "graph_tokens_equal_eager" in row:
+            shown += f", graph tokens equal eager: {row['graph_tokens_equal_eager']}"
+        print(f"batch {B}: {shown}", flush=True)
     del fns, models
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training: one full fine-tuning step on random tokens
+
+
+def flops_per_token(config, context: float, trained_fraction: float = 1.0) -> float:
+    """Forward + backward FLOPs per token: 2N forward, 2N for the activations' gradients and
+    2N x trained_fraction for the weights' (LoRA trains almost none), plus causal attention."""
+    h, i, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    q_width = config.num_attention_heads * config.head_dim
+    kv_width = config.num_key_value_heads * config.head_dim
+    per_layer = 2 * h * q_width + 2 * h * kv_width + 3 * h * i  # q, o; k, v; gate, up, down
+    n_params = L * per_layer + config.vocab_size * h  # and the lm_head; the embedding is a lookup
+    attention = 2 * config.num_hidden_layers * context * q_width  # QK^T and AV, causal: half of 4
+    return (4 + 2 * trained_fraction) * n_params + 3 * attention
 
 
 def bench_training(args, folder, device, dtype, result):
     model = Qwen3.from_pretrained(folder, device=device, dtype=torch.float32).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     g = torch.Generator().manual_seed(args.seed)
-    seqs = torch.randint(0, model.config.vocab_size, (args.train_batch_size, args.train_len + 1), generator=g).tolist()
+    shape = (args.train_batch_size, args.train_len + 1)
+    seqs = torch.randint(0, model.config.vocab_size, shape, generator=g).tolist()
 
     def step():
         with autocast(device, dtype):
@@ -241,58 +350,273 @@ def bench_training(args, folder, device, dtype, result):
     step()  # warm-up (and AdamW's state allocation)
     times = [timed(step, device)[0] for _ in range(args.repeats)]
     tokens = args.train_batch_size * args.train_len
-    result["training"] = {"batch_size": args.train_batch_size, "seq_len": args.train_len, "seconds": times,
-                          "tokens_per_s": tokens / min(times), "peak_mib": peak_mib(device)}
-    print(f"training: {result['training']['tokens_per_s']:.1f} tok/s", flush=True)
+    training = {"batch_size": args.train_batch_size, "seq_len": args.train_len, "seconds": times,
+                "tokens_per_s": tokens / min(times), "peak_mib": peak_mib(device)}
+    if args.peak_tflops:
+        flops = flops_per_token(model.config, args.train_len / 2) * training["tokens_per_s"]
+        training["mfu"] = flops / (args.peak_tflops * 1e12)
+    result["training"] = training
+    print(f"training: {training['tokens_per_s']:.1f} tok/s"
+          + (f", MFU {100 * training['mfu']:.1f}%" if "mfu" in training else ""), flush=True)
+    del model, optimizer
+
+
+# ---------------------------------------------------------------------------------------------------
+# The gpu suite: the trainers and eval.py as they run
+
+
+TRAINER_RUNS = {  # name: (module, flags beyond the shared ones); everything else is the trainer's default
+    "rl": ("train_rl", []),
+    "rl_eager_decode": ("train_rl", []),
+    "opd": ("train_distill", ["--teacher", "{model}"]),
+    "sft_stress": ("train_sft", ["--preset", "stress"]),
+}
+SMALL_TRAINER_FLAGS = {  # --small: seconds on a CPU
+    "train_rl": ["--batch_size", "1", "--grad_accum", "2", "--group_size", "2",
+                 "--max_new_tokens", "8"],
+    "train_distill": ["--batch_size", "1", "--grad_accum", "2", "--max_new_tokens", "8",
+                      "--states_per_rollout", "2", "--continuation_tokens", "4"],
+    "train_sft": ["--batch_size", "2", "--grad_accum", "1"],
+}
+
+
+@contextlib.contextmanager
+def patched(module, name, value):
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
+def coin_flip_reward(completion_text: str, gold: str) -> float:
+    return float(zlib.crc32(completion_text.encode()) % 2)
+
+
+def bench_trainer(name, args, folder, device):
+    """One trainer's main() for --train_steps steps: seconds per step and peak memory."""
+    module_name, flags = TRAINER_RUNS[name]
+    module = importlib.import_module(module_name)
+    with tempfile.TemporaryDirectory() as out_dir:
+        argv = ["--model", folder, "--data_dir", args.data_dir, "--out_dir", out_dir,
+                "--device", str(device), "--steps", str(args.train_steps), "--warmup", "1",
+                "--eval_every", "0", "--save_every", "0"]
+        argv += [flag.format(model=folder) for flag in flags]
+        argv += SMALL_TRAINER_FLAGS[module_name] if args.small else []
+        reset_peak(device)
+        began = time.perf_counter()
+        graphs = name != "rl_eager_decode"
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(patched(model_module, "CUDA_GRAPHS", graphs))
+            if module_name == "train_rl":
+                stack.enter_context(patched(module, "gsm8k_reward", coin_flip_reward))
+            module.main(argv)
+        wall = time.perf_counter() - began
+        lines = [json.loads(line) for line in open(Path(out_dir) / "metrics.jsonl")]
+    steps = [line for line in lines if "step_s" in line]
+    timed_steps = steps[1:] or steps  # the first step is the warm-up
+    run = {"argv": argv, "steps": len(steps), "wall_s": wall,
+           "step_s": [line["step_s"] for line in steps],
+           "seconds_per_step": statistics.median(line["step_s"] for line in timed_steps),
+           "last_step": steps[-1]}
+    if device.type == "cuda":
+        run["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        run["fits_24gb"] = run["peak_gib"] < CARD_24GB_GIB
+    print(f"{name}: {run['seconds_per_step']:.2f} s/step"
+          + (f", peak {run['peak_gib']:.1f} GiB" if "peak_gib" in run else ""), flush=True)
+    return run
+
+
+def bench_eval(args, folder, device, dtype):
+    """eval.py's protocol on --eval_limit MMLU and GSM8K questions and 200 TruthfulQA, timed."""
+    from eval import evaluate
+    model = Qwen3.from_pretrained(folder, device=device, dtype=dtype)
+    tokenizer = Tokenizer.from_pretrained(folder)
+    small = dict(gsm8k_shots=1, mmlu_shots=1, max_new_tokens=8) if args.small else {}
+    runs = {"mmlu": ("mmlu",), "gsm8k": ("gsm8k",), "truthfulqa": ("truthfulqa_mc1", "truthfulqa_mc2")}
+    timings = {}
+    for name, tasks in runs.items():
+        limit = min(200, args.eval_limit) if name == "truthfulqa" else args.eval_limit
+        seconds, _ = timed(lambda: evaluate(model, tokenizer, tasks, limit=limit,
+                                            data_dir=args.data_dir, **small), device)
+        timings[name] = {"limit": limit, "seconds": seconds}
+        print(f"eval {name} {limit}: {seconds:.1f} s", flush=True)
+    # 64 GSM8K questions with and without the CUDA graph: the same greedy completions?
+    completions = {}
+    limit = min(64, args.eval_limit)
+    for graphs in (True, False):
+        with patched(model_module, "CUDA_GRAPHS", graphs):
+            seconds, scored = timed(lambda: evaluate(model, tokenizer, ("gsm8k",), limit=limit,
+                                                     data_dir=args.data_dir, **small), device)
+        samples = scored["tasks"]["gsm8k"]["samples"]
+        completions[graphs] = [s["pred"]["completion"] for s in samples]
+        timings[f"gsm8k_{limit}_{'graph' if graphs else 'eager'}_s"] = seconds
+    timings["gsm8k_graph_equals_eager"] = completions[True] == completions[False]
+    del model
+    return timings
+
+
+def pipeline_estimate(result) -> dict:
+    """runs/paper.py's wall time from the measured steps and evals: the trainers' default step
+    counts, their periodic evals (--eval_limit 200 GSM8K questions + 32 KL rollouts), and six
+    final evals (500 GSM8K, 500 MMLU, 200 TruthfulQA, drift: 2 x 100 rollouts of 128 tokens)."""
+    trainers, evals = result["trainers"], result["eval"]
+    gsm8k_per_question = evals["gsm8k"]["seconds"] / evals["gsm8k"]["limit"]
+    periodic = 200 * gsm8k_per_question + 32 * gsm8k_per_question
+    final = (500 * gsm8k_per_question + evals["mmlu"]["seconds"] * 500 / evals["mmlu"]["limit"]
+             + evals["truthfulqa"]["seconds"] * 200 / evals["truthfulqa"]["limit"]
+             + 200 * gsm8k_per_question / 2)
+    runs = {  # name: (measured run, steps, periodic evals incl. step 0 and the end)
+        "sft_mild": ("sft_stress", 234, 4),  # the same LoRA step: only the lr and epochs differ
+        "sft_stress": ("sft_stress", 1170, 13),
+        "opd_mild": ("opd", 200, 5),
+        "opd_stress": ("opd", 200, 5),
+        "rl": ("rl", 200, 5),
+    }
+    hours = {name: (trainers[run]["seconds_per_step"] * steps + n_evals * periodic) / 3600
+             for name, (run, steps, n_evals) in runs.items()}
+    hours["six_final_evals"] = 6 * final / 3600
+    hours["total"] = sum(hours.values())
+    return hours
+
+
+def recorded(result, key, fn, *fn_args):
+    """result[key] = fn(*fn_args), or the error it raised: one failing section (out of memory,
+    say) must not cost the figures of the others."""
+    try:
+        result[key] = fn(*fn_args)
+    except Exception as error:  # noqa: BLE001 -- recorded, printed, and the suite goes on
+        traceback.print_exc()
+        result[key] = {"error": f"{type(error).__name__}: {error}"}
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return result[key]
+
+
+def gpu_suite(args, folder, device, dtype, result, save):
+    trainers = result["trainers"] = {}
+    for name in TRAINER_RUNS:
+        recorded(trainers, name, bench_trainer, name, args, folder, device)
+        save()
+    if all("error" not in trainers[name] for name in ("rl", "rl_eager_decode")):
+        eager_s = trainers["rl_eager_decode"]["seconds_per_step"]
+        trainers["rl_graph_speedup"] = eager_s / trainers["rl"]["seconds_per_step"]
+    sft = trainers["sft_stress"]
+    if args.peak_tflops and "error" not in sft:  # LoRA: the base weights get no gradient
+        tokens_per_s = sft["last_step"]["tokens_per_s"]
+        config = Qwen3Config.from_dict(json.loads((Path(folder) / "config.json").read_text()))
+        sft["mfu"] = flops_per_token(config, 128, 0.0) * tokens_per_s / (args.peak_tflops * 1e12)
+    recorded(result, "eval", bench_eval, args, folder, device, dtype)
+    save()
+    recorded(result, "pipeline_hours", pipeline_estimate, result)
+    save()
+
+
+# ---------------------------------------------------------------------------------------------------
 
 
 def markdown(args, result):
-    names = ["ours"] + (["transformers"] if "transformers" in result["versions"] else [])
-    both, cuda = len(names) > 1, result["device"].startswith("cuda")
+    names = [n for n in ("ours", "ours_eager", "transformers") if n in result["generation"][0]]
+    cuda = result["device"].startswith("cuda")
     mem = [f"{n} peak MiB above weights" for n in names] if cuda else ["process peak RSS MiB"]
-    ratios = ["ours / transformers"] + ([] if cuda else ["same, by CPU time"]) if both else []
-    lines = [f"`python bench.py --preset {args.preset}` on {result['hardware']}, torch {result['versions']['torch']}"
-             + (f", transformers {result['versions']['transformers']}" if both else "")
-             + f"; {args.dtype_name}, prompt {args.prompt_len} + {args.new_tokens} new tokens, "
-             f"temperature {args.temperature}, top_p {args.top_p}", "",
-             "| batch | " + " | ".join([f"{n} tok/s" for n in names] + ratios + mem) + " |",
-             "|---" * (1 + len(names) + len(ratios) + len(mem)) + "|"]
+    ratios = []
+    if "transformers" in names:
+        ratios = ["ours / transformers"] + ([] if cuda else ["same, by CPU time"])
+    graph = ["graph = eager tokens"] if "ours_eager" in names else []
+    header = (f"`python bench.py --suite {args.suite} --preset {args.preset}` on {result['hardware']}"
+              f", torch {result['versions']['torch']}")
+    if "transformers" in result["versions"]:
+        header += f", transformers {result['versions']['transformers']}"
+    header += (f"; {args.dtype_name}, prompt {args.prompt_len} + {args.new_tokens} new tokens, "
+               f"temperature {args.temperature}, top_p {args.top_p}")
+    columns = [f"{n} tok/s" for n in names] + ratios + graph + mem
+    lines = [header, "", "| batch | " + " | ".join(columns) + " |", "|---" * (1 + len(columns)) + "|"]
     for row in result["generation"]:
         cells = [f"{row[n]['tokens_per_s']:.0f}" for n in names]
-        cells += [f"**{row['ratio']:.2f}x**", f"{row['cpu_time_ratio']:.2f}x"][:len(ratios)] if both else []
-        cells += [f"{row[n]['peak_mib']:.0f}" for n in names] if cuda else [f"{row['ours']['peak_mib']:.0f}"]
+        if ratios:
+            cells += [f"**{row['ratio']:.2f}x**", f"{row['cpu_time_ratio']:.2f}x"][:len(ratios)]
+        if graph:
+            cells.append("yes" if row["graph_tokens_equal_eager"] else
+                         f"no ({100 * row['graph_rows_equal_eager']:.0f}% of rows)")
+        if cuda:
+            cells += [f"{row[n]['peak_mib']:.0f}" for n in names]
+        else:
+            cells.append(f"{row['ours']['peak_mib']:.0f}")
         lines.append(f"| {row['batch_size']} | " + " | ".join(cells) + " |")
     lines.append("")
     for row in result["generation"]:
         for n in names:
-            if "decode_tokens_per_s" in row[n]:
-                lines.append(f"- batch-1 decode, {n}: {row[n]['decode_tokens_per_s']:.0f} tok/s"
-                             + (f" = {100 * row[n]['fraction_of_bound']:.0f}% of the memory-bandwidth bound "
-                                f"({row[n]['bandwidth_bound_tokens_per_s']:.0f} tok/s at {args.peak_bw_gbs:g} GB/s)"
-                                if "fraction_of_bound" in row[n] else ""))
+            if "decode_tokens_per_s" not in row[n]:
+                continue
+            line = f"- batch-1 decode, {n}: {row[n]['decode_tokens_per_s']:.0f} tok/s"
+            if "fraction_of_bound" in row[n]:
+                line += (f" = {100 * row[n]['fraction_of_bound']:.0f}% of the memory-bandwidth bound "
+                         f"({row[n]['bandwidth_bound_tokens_per_s']:.0f} tok/s at "
+                         f"{args.peak_bw_gbs:g} GB/s)")
+            lines.append(line)
     if "training" in result:
         t = result["training"]
-        lines.append(f"- training step (forward + backward + AdamW, {t['batch_size']} x {t['seq_len']} tokens): "
-                     f"{t['tokens_per_s']:.0f} tok/s, peak {t['peak_mib']:.0f} MiB")
+        lines.append(f"- training step (forward + backward + AdamW, {t['batch_size']} x "
+                     f"{t['seq_len']} tokens): {t['tokens_per_s']:.0f} tok/s, peak "
+                     f"{t['peak_mib']:.0f} MiB" + (f", MFU {100 * t['mfu']:.1f}%" if "mfu" in t else ""))
+    for name, run in result.get("trainers", {}).items():
+        if isinstance(run, dict) and "error" in run:
+            lines.append(f"- {name} step: failed, {run['error']}")
+        elif isinstance(run, dict):
+            memory = f", peak {run['peak_gib']:.1f} GiB" if "peak_gib" in run else ""
+            mfu = f", MFU {100 * run['mfu']:.1f}%" if "mfu" in run else ""
+            lines.append(f"- {name} step: {run['seconds_per_step']:.2f} s{memory}{mfu}")
+    for name, timing in result.get("eval", {}).items():
+        if isinstance(timing, dict):
+            lines.append(f"- eval {name} {timing['limit']}: {timing['seconds']:.1f} s")
+        elif name in ("error", "gsm8k_graph_equals_eager"):
+            lines.append(f"- eval {name}: {timing}")
+    if "total" in result.get("pipeline_hours", {}):
+        lines.append(f"- runs/paper.py, estimated from these: {result['pipeline_hours']['total']:.1f} h")
     return "\n".join(lines)
+
+
+def resolve_defaults(args, device):
+    """Fill the defaults that depend on the suite and the device."""
+    on_cuda = device.type == "cuda"
+    gpu_suite_run = args.suite == "gpu"
+    args.preset = args.preset or ("0.6b" if gpu_suite_run else "tiny")
+    args.dtype_name = args.dtype or ("bf16" if on_cuda else "fp32")
+    args.cuda_graph = args.cuda_graph and on_cuda
+    default_batches = "1,16,64,128" if gpu_suite_run else ("1,16,64" if on_cuda else "1,16")
+    args.batch_sizes = [int(b) for b in (args.batch_size or default_batches).split(",")]
+    args.prompt_len = args.prompt_len or (128 if on_cuda else 32)
+    args.new_tokens = args.new_tokens or (256 if on_cuda else 32)
+    args.repeats = args.repeats or (2 if gpu_suite_run else 3 if on_cuda else 2)
+    args.train_batch_size = args.train_batch_size or (8 if on_cuda else 2)
+    args.train_len = args.train_len or (1024 if on_cuda else 128)
+    gpu_name = hardware(device)
+    if on_cuda:
+        args.peak_bw_gbs = args.peak_bw_gbs or datasheet(PEAK_BANDWIDTH_GBS, gpu_name)
+        args.peak_tflops = args.peak_tflops or datasheet(PEAK_BF16_TFLOPS, gpu_name)
 
 
 def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: this machine has no CUDA device")
+    if args.suite == "gpu":
+        if not (args.tokenizer and Path(args.tokenizer).is_file()):
+            parser.error(f"--tokenizer: {args.tokenizer}: no such file (--suite gpu needs one)")
+        if not (args.data_dir and (Path(args.data_dir) / "gsm8k" / "train.jsonl").is_file()):
+            parser.error(f"--data_dir: {args.data_dir}: no prepared data (data/prepare.py --out)")
     device = torch.device(args.device)
-    on_cuda = device.type == "cuda"
-    args.dtype_name = args.dtype or ("bf16" if on_cuda else "fp32")
+    resolve_defaults(args, device)
     dtype = DTYPES[args.dtype_name]
-    args.cuda_graph = args.cuda_graph and on_cuda
-    args.batch_sizes = [int(b) for b in (args.batch_size or ("1,16,64" if on_cuda else "1,16")).split(",")]
-    args.prompt_len = args.prompt_len or (128 if on_cuda else 32)
-    args.new_tokens = args.new_tokens or (256 if on_cuda else 32)
-    args.repeats = args.repeats or (3 if on_cuda else 2)
-    args.train_batch_size = args.train_batch_size or (8 if on_cuda else 2)
-    args.train_len = args.train_len or (1024 if on_cuda else 128)
     config = Qwen3Config(**PRESETS[args.preset])
+    silent_ids = []
+    if args.suite == "gpu":  # the real vocabulary, and stop tokens a random model never samples
+        config.vocab_size = 151936
+        tokenizer = Tokenizer(args.tokenizer)
+        silent_ids = tokenizer.stop_ids
     versions = {"torch": torch.__version__}
     if not args.skip_hf:
         try:
@@ -300,20 +624,30 @@ def main(argv=None) -> dict:
             versions["transformers"] = transformers.__version__
         except ImportError:
             pass
-    result = {"preset": args.preset, "config": config.to_dict(dtype), "device": str(device),
-              "hardware": hardware(device), "versions": versions, "dtype": args.dtype_name,
-              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "temperature": args.temperature,
-              "top_p": args.top_p, "generation": []}
+    result = {"suite": args.suite, "preset": args.preset, "config": config.to_dict(dtype),
+              "device": str(device), "hardware": hardware(device), "versions": versions,
+              "dtype": args.dtype_name, "prompt_len": args.prompt_len,
+              "new_tokens": args.new_tokens, "temperature": args.temperature,
+              "top_p": args.top_p, "peak_bw_gbs": args.peak_bw_gbs,
+              "peak_tflops": args.peak_tflops, "generation": []}
+
+    def save():
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+
     with tempfile.TemporaryDirectory() as folder:
-        random_checkpoint(config, folder, device, dtype, args.seed, args.logit_std)
-        bench_generation(args, folder, config, device, dtype, result)
+        random_checkpoint(config, folder, device, dtype, args.seed, args.logit_std, silent_ids)
+        if args.suite == "gpu":
+            shutil.copy(args.tokenizer, Path(folder) / "tokenizer.json")
+        bench_generation(args, folder, config, device, dtype, result, save)
         if not args.skip_train:
             bench_training(args, folder, device, dtype, result)
+            save()
+        if args.suite == "gpu":
+            gpu_suite(args, folder, device, dtype, result, save)
     result["markdown"] = markdown(args, result)
     print("\n" + result["markdown"])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    save()
     return result
 
 

@@ -435,6 +435,7 @@ class MetricsLog:
         if "tokens" in figures:
             self.step_times.append(now - self.t_last)
             figures["tokens_per_s"] = figures.pop("tokens") / self.step_times[-1]
+            figures["step_s"] = self.step_times[-1]
         self.t_last = now  # so an eval's time never counts as a step's
         if self.on:
             with open(self.path, "a") as f:

@@ -172,6 +172,9 @@ class KVCache:
         return self.k[layer, :, :, :self.length], self.v[layer, :, :, :self.length]
 
 
+CUDA_GRAPHS = True  # generate() on CUDA replays its decode step as a CUDA graph: the same tokens, faster
+
+
 class Qwen3(nn.Module):
     def __init__(self, config: Qwen3Config):
         super().__init__()
@@ -203,7 +206,7 @@ class Qwen3(nn.Module):
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens: int, temperature: float = 1.0, top_k=None, top_p=None,
                  stop_token_ids=None, seed=None, return_logprobs: bool = False, vocab_limit=None,
-                 cuda_graph: bool = False, stop_fn=None):
+                 cuda_graph=None, stop_fn=None):
         """Sample continuations for a batch of prompts (lists of token ids, any lengths). Returns the new
         tokens of each prompt; a row that samples a stop token keeps it as its last token and ends there.
         temperature=0 is greedy. return_logprobs adds each new token's log-probability under the
@@ -211,10 +214,11 @@ class Qwen3(nn.Module):
         vocab_limit masks embedding rows past the tokenizer's real tokens. Finished rows ride along until
         all are done, so the batch never reshapes and the host waits only once every 16 steps, when
         stop_fn(rows' tokens so far) may also end rows (e.g. on a stop string; the caller trims them).
-        cuda_graph replays the decode step as a CUDA graph (see _decoder)."""
+        cuda_graph replays the decode step as a CUDA graph (see _decoder); None: CUDA_GRAPHS on CUDA."""
         if not prompts or min(map(len, prompts)) == 0 or max_new_tokens < 1:
             raise ValueError("generate: needs prompts of at least one token and max_new_tokens >= 1")
         device, B, prompt_len = self.device, len(prompts), max(map(len, prompts))
+        cuda_graph = CUDA_GRAPHS and device.type == "cuda" if cuda_graph is None else cuda_graph
         max_len = prompt_len + max_new_tokens
         if max_len > self.config.max_position_embeddings:
             raise ValueError(f"generate: {max_len} tokens exceed max_position_embeddings "

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_config, tiny_model
+from conftest import DEVICES, tiny_config, tiny_model
 import model as M
 from model import Qwen3, Qwen3Config, Tokenizer, add_lora, completion_logprobs, sample_next
 
@@ -17,31 +17,33 @@ SHAPES = {  # tied and untied heads, MHA and GQA, head_dim != hidden/heads, othe
 }
 
 
-def hf_model(folder):
+def hf_model(folder, device="cpu", dtype=torch.float32):
     transformers = pytest.importorskip("transformers")
-    return transformers.Qwen3ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return transformers.Qwen3ForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_logits_equal_transformers(make_checkpoint, shape):
+def test_logits_equal_transformers(make_checkpoint, shape, device):
     folder = make_checkpoint(seed=1, **SHAPES[shape])
-    ours, theirs = Qwen3.from_pretrained(folder), hf_model(folder)
-    idx = torch.randint(0, 512, (2, 37), generator=torch.Generator().manual_seed(0))
+    ours = Qwen3.from_pretrained(folder, device=device)
+    theirs = hf_model(folder, device)
+    idx = torch.randint(0, 512, (2, 37), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
         expected = theirs(idx).logits
         assert (ours(idx) - expected).abs().max().item() < 1e-4
         # and at shifted positions, which exercises RoPE beyond 0..T-1
-        positions = torch.arange(100, 137).expand(2, -1)
+        positions = torch.arange(100, 137, device=device).expand(2, -1)
         expected = theirs(idx, position_ids=positions).logits
         assert (ours(idx, positions) - expected).abs().max().item() < 1e-4
 
 
-def test_bf16_logits_equal_transformers_to_the_bit(make_checkpoint):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_logits_equal_transformers_to_the_bit(make_checkpoint, device):
     folder = make_checkpoint(seed=2)
-    transformers = pytest.importorskip("transformers")
-    theirs = transformers.Qwen3ForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
-    ours = Qwen3.from_pretrained(folder, dtype=torch.bfloat16)
-    idx = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(1))
+    theirs = hf_model(folder, device, torch.bfloat16)
+    ours = Qwen3.from_pretrained(folder, device=device, dtype=torch.bfloat16)
+    idx = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(1)).to(device)
     with torch.no_grad():
         assert torch.equal(ours(idx), theirs(idx).logits)
 
@@ -57,12 +59,15 @@ def test_save_load_round_trip_is_exact(tmp_path):
     assert config["architectures"] == ["Qwen3ForCausalLM"] and config["model_type"] == "qwen3"
 
 
-def test_greedy_generation_matches_transformers(make_checkpoint):
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_generation_matches_transformers(make_checkpoint, device):
     folder = make_checkpoint(seed=4)
-    ours, theirs = Qwen3.from_pretrained(folder), hf_model(folder)
+    ours = Qwen3.from_pretrained(folder, device=device)
+    theirs = hf_model(folder, device)
     prompt = [5, 17, 301, 42, 9]
-    expected = theirs.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
-                               eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    expected = theirs.generate(torch.tensor([prompt], device=device), max_new_tokens=12,
+                               do_sample=False, eos_token_id=None,
+                               pad_token_id=0)[0, len(prompt):].tolist()
     assert ours.generate([prompt], max_new_tokens=12, temperature=0) == [expected]
 
 
@@ -206,13 +211,15 @@ def test_clear_errors(tmp_path, make_checkpoint):
         Qwen3Config.from_dict({"model_type": "qwen3", "hidden_size": 8})
 
 
-def test_static_decode_step_for_cuda_graphs_gives_the_same_tokens():
+@pytest.mark.parametrize("device", DEVICES)
+def test_static_decode_step_for_cuda_graphs_gives_the_same_tokens(device):
     # The CUDA-graph path replays a fixed-shape step over the whole masked cache; off CUDA the same
     # step runs uncaptured, so its tokens and log-probs can be checked here against the eager step.
-    model = tiny_model(seed=11)
+    model = tiny_model(seed=11).to(device)
     prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42]]
-    eager = model.generate(prompts, max_new_tokens=12, seed=3, top_p=0.95, return_logprobs=True)
-    static = model.generate(prompts, max_new_tokens=12, seed=3, top_p=0.95, return_logprobs=True, cuda_graph=True)
+    sampling = dict(max_new_tokens=12, seed=3, top_p=0.95, return_logprobs=True)
+    eager = model.generate(prompts, **sampling, cuda_graph=False)
+    static = model.generate(prompts, **sampling, cuda_graph=True)
     assert static[0] == eager[0]
     assert torch.allclose(torch.tensor(static[1]), torch.tensor(eager[1]), atol=1e-5)
 

@@ -2,6 +2,7 @@
 import pytest
 
 import bench
+from conftest import read_json
 import sample
 
 
@@ -62,3 +63,23 @@ def test_bench_micro_runs_both(tmp_path, skip_hf):
     assert result["generation"][0]["ours"]["decode_tokens_per_s"] > 0
     assert result["training"]["tokens_per_s"] > 0
     assert "| batch |" in result["markdown"] and (tmp_path / "b.json").exists()
+
+
+@pytest.mark.slow  # ~40 s: four trainers and eval
+def test_bench_gpu_suite_runs_the_trainers_and_eval_on_cpu(tmp_path, tokenizer_file, prepared_data):
+    # The prepared GPU run (issue 13), shrunk to a CPU check: every section fills its figures
+    argv = ["--suite", "gpu", "--preset", "micro", "--device", "cpu", "--small", "--skip_hf",
+            "--tokenizer", str(tokenizer_file), "--data_dir", str(prepared_data),
+            "--batch_size", "2", "--prompt_len", "4", "--new_tokens", "4", "--repeats", "1",
+            "--train_batch_size", "2", "--train_len", "8", "--train_steps", "2",
+            "--eval_limit", "4", "--json", str(tmp_path / "gpu.json")]
+    result = bench.main(argv)
+    assert result["config"]["vocab_size"] == 151936  # the real vocabulary, whatever the preset
+    for name in ("rl", "rl_eager_decode", "opd", "sft_stress"):
+        run = result["trainers"][name]
+        assert run["steps"] == 2 and len(run["step_s"]) == 2 and run["seconds_per_step"] > 0
+    assert result["trainers"]["rl"]["last_step"]["response_len"] == 8  # no early stop: full length
+    assert result["eval"]["gsm8k"]["limit"] == 4 and result["eval"]["mmlu"]["seconds"] > 0
+    assert result["eval"]["gsm8k_graph_equals_eager"] is True
+    assert result["pipeline_hours"]["total"] > 0
+    assert read_json(tmp_path / "gpu.json")["pipeline_hours"] == result["pipeline_hours"]
