@@ -2,9 +2,9 @@
 Speed, side by side with transformers: generation, training steps, evaluation.
 
     python bench.py --preset tiny                          # CPU: ~2 minutes on 2 cores
-    python bench.py --preset 0.6b --batch_size 1,16,64     # one GPU, bf16: generation + a training step
+    python bench.py --preset 0.6b --batch_size 1,16,64     # one GPU, bf16: + a training step
     python bench.py --suite gpu --tokenizer TOKENIZER_JSON --data_dir data --json gpu.json
-                                                           # one GPU, ~6 minutes: everything below
+                                                           # one GPU, ~9 min on an H200: all below
 
 Generation (both suites). A random-init Qwen3 of a preset shape is saved to a temporary folder and
 loaded by both implementations, which then sample the same random prompts with the same settings,
@@ -48,8 +48,8 @@ The `gpu` suite (issue 13's prepared run) adds, with the real tokenizer and prep
     (a hash of its text): every step then does the full policy-gradient work. RL runs again with
     eager decoding, for the graph's gain on the whole step.
   - eval.py's protocol on --eval_limit MMLU and GSM8K questions (256 greedy tokens: a random model
-    never writes "Question:") and 200 TruthfulQA, timed; GSM8K's first 64 also with eager decoding,
-    whose completions must equal the graph's.
+    never writes "Question:") and 200 TruthfulQA, timed; 16 GSM8K questions with and without the
+    CUDA graph, to compare their greedy completions.
   - runs/paper.py's pipeline time, recomputed from those measurements.
 Every section's figures go into --json as soon as they exist, so a run cut short keeps them.
 """
@@ -82,7 +82,8 @@ a("--preset", choices=["micro", "tiny", "0.6b"], default=None,
   help="model shape (default: tiny for --suite generation, 0.6b for --suite gpu)")
 a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
 a("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
-  help="weights dtype for generation, autocast dtype for training (default: bf16 on cuda, fp32 on cpu)")
+  help="weights dtype for generation, autocast dtype for training "
+  "(default: bf16 on cuda, fp32 on cpu)")
 a("--batch_size", default=None, help="comma-separated generation batch sizes "
   "(default: 1,16 on cpu, 1,16,64 on cuda, 1,16,64,128 for --suite gpu)")
 a("--prompt_len", type=int, default=None, help="prompt tokens per row (default 32 cpu, 128 cuda)")
@@ -92,7 +93,8 @@ a("--top_p", type=float, default=0.9, help="top-p for both (1.0 = off)")
 a("--repeats", type=int, default=None,
   help="timed runs per measurement, the fastest is reported (default 2 cpu, 3 cuda, 2 --suite gpu)")
 a("--train_batch_size", type=int, default=None, help="training rows (default 2 cpu, 8 cuda)")
-a("--train_len", type=int, default=None, help="training tokens per row (default 128 cpu, 1024 cuda)")
+a("--train_len", type=int, default=None,
+  help="training tokens per row (default 128 cpu, 1024 cuda)")
 a("--no_cuda_graph", dest="cuda_graph", action="store_false",
   help="ours without its CUDA-graph decode step (on by default on CUDA)")
 a("--skip_hf", action="store_true", help="measure ours only (automatic without transformers)")
@@ -107,9 +109,10 @@ a("--threads", type=int, default=None, help="torch CPU threads (default: torch's
   "1 makes CPU numbers steadier on a shared machine")
 a("--seed", type=int, default=0, help="seed for the weights, prompts and sampling")
 a("--json", default=None, help="also write the results to this JSON file")
-a("--tokenizer", help="--suite gpu: a Qwen3 tokenizer.json (the real one: its vocabulary is 151,669)")
+a("--tokenizer", help="--suite gpu: a Qwen3 tokenizer.json (the real one: 151,669 tokens)")
 a("--data_dir", help="--suite gpu: prepared data (data/prepare.py's output)")
-a("--train_steps", type=int, default=3, help="--suite gpu: steps per trainer (the first is warm-up)")
+a("--train_steps", type=int, default=3,
+  help="--suite gpu: steps per trainer (the first is warm-up)")
 a("--eval_limit", type=int, default=500, help="--suite gpu: MMLU and GSM8K questions to evaluate")
 a("--small", action="store_true",
   help="--suite gpu: shrink the trainers' and eval's settings (for a CPU check of the suite)")
@@ -200,7 +203,7 @@ def random_checkpoint(config, folder, device, dtype, seed, logit_std=0.0, silent
     model.to(dtype).save_pretrained(folder)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Generation
 
 
@@ -283,7 +286,7 @@ def bench_generation(args, folder, config, device, dtype, result, save=lambda: N
             row[name] = {"tokens_per_s": B * args.new_tokens / min(times[name]),
                          "seconds": times[name], "cpu_seconds": cpu_times[name],
                          "peak_mib": mem[name]}
-        if "ours_eager" in fns:  # the same seed must give the same tokens with and without the graph
+        if "ours_eager" in fns:  # the same seed: the same tokens with and without the graph?
             same_rows = [a == b for a, b in zip(outputs["ours"], outputs["ours_eager"])]
             row["graph_tokens_equal_eager"] = all(same_rows)
             row["graph_rows_equal_eager"] = sum(same_rows) / len(same_rows)
@@ -315,7 +318,7 @@ def bench_generation(args, folder, config, device, dtype, result, save=lambda: N
         torch.cuda.empty_cache()
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Training: one full fine-tuning step on random tokens
 
 
@@ -361,11 +364,12 @@ def bench_training(args, folder, device, dtype, result):
     del model, optimizer
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The gpu suite: the trainers and eval.py as they run
 
 
-TRAINER_RUNS = {  # name: (module, flags beyond the shared ones); everything else is the trainer's default
+# name: (module, flags beyond the shared ones); everything else is the trainer's default
+TRAINER_RUNS = {
     "rl": ("train_rl", []),
     "rl_eager_decode": ("train_rl", []),
     "opd": ("train_distill", ["--teacher", "{model}"]),
@@ -434,7 +438,8 @@ def bench_eval(args, folder, device, dtype):
     model = Qwen3.from_pretrained(folder, device=device, dtype=dtype)
     tokenizer = Tokenizer.from_pretrained(folder)
     small = dict(gsm8k_shots=1, mmlu_shots=1, max_new_tokens=8) if args.small else {}
-    runs = {"mmlu": ("mmlu",), "gsm8k": ("gsm8k",), "truthfulqa": ("truthfulqa_mc1", "truthfulqa_mc2")}
+    runs = {"mmlu": ("mmlu",), "gsm8k": ("gsm8k",),
+            "truthfulqa": ("truthfulqa_mc1", "truthfulqa_mc2")}
     timings = {}
     for name, tasks in runs.items():
         limit = min(200, args.eval_limit) if name == "truthfulqa" else args.eval_limit
@@ -442,9 +447,9 @@ def bench_eval(args, folder, device, dtype):
                                             data_dir=args.data_dir, **small), device)
         timings[name] = {"limit": limit, "seconds": seconds}
         print(f"eval {name} {limit}: {seconds:.1f} s", flush=True)
-    # 64 GSM8K questions with and without the CUDA graph: the same greedy completions?
+    # 16 GSM8K questions (one batch) with and without the CUDA graph: the same completions?
     completions = {}
-    limit = min(64, args.eval_limit)
+    limit = min(16, args.eval_limit)
     for graphs in (True, False):
         with patched(model_module, "CUDA_GRAPHS", graphs):
             seconds, scored = timed(lambda: evaluate(model, tokenizer, ("gsm8k",), limit=limit,
@@ -513,7 +518,7 @@ def gpu_suite(args, folder, device, dtype, result, save):
     save()
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def markdown(args, result):
@@ -524,14 +529,15 @@ def markdown(args, result):
     if "transformers" in names:
         ratios = ["ours / transformers"] + ([] if cuda else ["same, by CPU time"])
     graph = ["graph = eager tokens"] if "ours_eager" in names else []
-    header = (f"`python bench.py --suite {args.suite} --preset {args.preset}` on {result['hardware']}"
-              f", torch {result['versions']['torch']}")
+    header = (f"`python bench.py --suite {args.suite} --preset {args.preset}` on "
+              f"{result['hardware']}, torch {result['versions']['torch']}")
     if "transformers" in result["versions"]:
         header += f", transformers {result['versions']['transformers']}"
     header += (f"; {args.dtype_name}, prompt {args.prompt_len} + {args.new_tokens} new tokens, "
                f"temperature {args.temperature}, top_p {args.top_p}")
     columns = [f"{n} tok/s" for n in names] + ratios + graph + mem
-    lines = [header, "", "| batch | " + " | ".join(columns) + " |", "|---" * (1 + len(columns)) + "|"]
+    lines = [header, "", "| batch | " + " | ".join(columns) + " |",
+             "|---" * (1 + len(columns)) + "|"]
     for row in result["generation"]:
         cells = [f"{row[n]['tokens_per_s']:.0f}" for n in names]
         if ratios:
@@ -551,15 +557,16 @@ def markdown(args, result):
                 continue
             line = f"- batch-1 decode, {n}: {row[n]['decode_tokens_per_s']:.0f} tok/s"
             if "fraction_of_bound" in row[n]:
-                line += (f" = {100 * row[n]['fraction_of_bound']:.0f}% of the memory-bandwidth bound "
-                         f"({row[n]['bandwidth_bound_tokens_per_s']:.0f} tok/s at "
+                line += (f" = {100 * row[n]['fraction_of_bound']:.0f}% of the memory-bandwidth"
+                         f" bound ({row[n]['bandwidth_bound_tokens_per_s']:.0f} tok/s at "
                          f"{args.peak_bw_gbs:g} GB/s)")
             lines.append(line)
     if "training" in result:
         t = result["training"]
+        mfu = f", MFU {100 * t['mfu']:.1f}%" if "mfu" in t else ""
         lines.append(f"- training step (forward + backward + AdamW, {t['batch_size']} x "
                      f"{t['seq_len']} tokens): {t['tokens_per_s']:.0f} tok/s, peak "
-                     f"{t['peak_mib']:.0f} MiB" + (f", MFU {100 * t['mfu']:.1f}%" if "mfu" in t else ""))
+                     f"{t['peak_mib']:.0f} MiB{mfu}")
     for name, run in result.get("trainers", {}).items():
         if isinstance(run, dict) and "error" in run:
             lines.append(f"- {name} step: failed, {run['error']}")
@@ -573,7 +580,8 @@ def markdown(args, result):
         elif name in ("error", "gsm8k_graph_equals_eager"):
             lines.append(f"- eval {name}: {timing}")
     if "total" in result.get("pipeline_hours", {}):
-        lines.append(f"- runs/paper.py, estimated from these: {result['pipeline_hours']['total']:.1f} h")
+        hours = result["pipeline_hours"]["total"]
+        lines.append(f"- runs/paper.py, estimated from these: {hours:.1f} h")
     return "\n".join(lines)
 
 

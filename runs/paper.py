@@ -31,11 +31,11 @@ Layout: OUT/<run>/ (final model, checkpoints/, metrics.jsonl), OUT/results/<run>
 CPU cores, ~20 s with --in_process (most of the 3 minutes is each new Python importing torch). Its numbers
 mean nothing; it checks that the pipeline runs end to end.
 
-Time on one 24 GB GPU (RTX 3090 class): an estimate from the step counts and defaults, not yet measured.
-About 4 hours, within 3 to 6: RL ~1 h (200 steps of 128 sampled answers of up to 256 tokens), each OPD
-~40 min (200 steps), stress SFT ~40 min (1,170 LoRA steps), mild SFT ~10 min, six evals ~35 min in all
-(decoding dominates: 256 greedy GSM8K tokens per question). About 45 min of it is the trainers' periodic
-GSM8K evals (--eval_every), which the table does not use.
+Time on one H200, computed from the measured step and eval times of `bench.py --suite gpu` (README):
+about 1.9 hours. RL 28 min (200 steps of 7.7 s: 128 sampled answers of up to 256 tokens), each OPD
+19 min (200 steps of 5.1 s), stress SFT 29 min (1,170 LoRA steps of 1.2 s), mild SFT 7 min, six final
+evals 10 min, the trainers' periodic GSM8K evals (--eval_every) included. On a 24 GB RTX 3090 (a fifth
+of the bandwidth, a fourteenth of the bf16 throughput) expect several times longer.
 """
 import argparse
 import contextlib
