@@ -71,7 +71,8 @@ from pathlib import Path
 import torch
 
 import model as model_module
-from model import Qwen3, Qwen3Config, Tokenizer, autocast, completion_logprobs
+from model import Qwen3, Qwen3Config, Tokenizer, completion_logprobs
+from train_common import autocast
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

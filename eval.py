@@ -1,22 +1,32 @@
-"""Evaluate a Qwen3 checkpoint on GSM8K, MMLU and TruthfulQA MC1/MC2, scored as lm-evaluation-harness does.
+"""
+Measurement: evaluate a Qwen3 checkpoint on GSM8K, MMLU and TruthfulQA MC1/MC2, scored as
+lm-evaluation-harness does, and the state lens the trainers and the paper's table read.
 
     python eval.py --model Qwen/Qwen3-0.6B-Base --limit paper --out base.json
     python eval.py --report base.json rl.json sft.json      # the paper's Table 2, as markdown
-    python eval.py --model out --drift_reference Qwen/Qwen3-0.6B-Base --out rl.json  # + state drift from base
+    python eval.py --model out --drift_reference Qwen/Qwen3-0.6B-Base --out rl.json  # + drift
 
-The protocol is lm-eval's (0.4.13's task yamls gsm8k, mmlu, truthfulqa_mc1/mc2), so that numbers can be
-compared with lm-eval's: the same prompts, the same few-shot examples, the same answer extraction and
-normalisation, and log-likelihoods tokenised the same way. --limit draws a fixed seeded subset (the paper
-used 500 GSM8K, 500 MMLU and 200 TruthfulQA questions: --limit paper); without it, the full test sets.
+    tasks and data   load_gsm8k, load_mmlu, load_truthfulqa (data/prepare.py's files), subset
+    prompts          gsm8k_prompt (also the trainers'), gsm8k_fewshot_prompt, mmlu_prompt, ...
+    extraction       extract_gsm8k_answer, normalize_gsm8k, gsm8k_correct, gsm8k_reward (RL's)
+    scoring          loglikelihoods, greedy_completions, evaluate (every task), mc2_score
+    the state lens   state_nll, kl_to_start, state_drift (MMD², centroid, sliced Wasserstein)
+    Table 2          report (eval.py --report): Forgetting, Retention, drift
 
-Where we differ from lm-eval, on purpose: --limit samples (lm-eval takes the first N); log-softmax runs in
-fp32 (lm-eval: the model's dtype); MC2 subtracts the max log-likelihood before exp() (lm-eval's 0/0 is a
-number here); greedy decoding never picks the embedding's padding rows; "Question:" is looked for every 16
-generated tokens and the text cut there (the same text as stopping at once); special tokens other than the stop
-tokens stay in the decoded completion (lm-eval drops them).
+The protocol is lm-eval's (0.4.13's task yamls gsm8k, mmlu, truthfulqa_mc1/mc2), so that numbers
+can be compared with lm-eval's: the same prompts, the same few-shot examples, the same answer
+extraction and normalisation, and log-likelihoods tokenised the same way. --limit draws a fixed
+seeded subset (the paper used 500 GSM8K, 500 MMLU and 200 TruthfulQA questions: --limit paper);
+without it, the full test sets.
+
+Where we differ from lm-eval, on purpose: --limit samples (lm-eval takes the first N);
+log-softmax runs in fp32 (lm-eval: the model's dtype); MC2 subtracts the max log-likelihood before
+exp() (lm-eval's 0/0 is a number here); greedy decoding never picks the embedding's padding rows;
+"Question:" is looked for every 16 generated tokens and the text cut there (the same text as
+stopping at once); special tokens other than the stop tokens stay in the decoded completion
+(lm-eval drops them).
 """
 import argparse
-import functools
 import importlib.util
 import json
 import math
@@ -30,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import Qwen3, Tokenizer, autocast, completion_logprobs, rank_and_world, save_checkpoint
+from model import Qwen3, Tokenizer, completion_logprobs, rollout
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 TASKS = ("gsm8k", "mmlu", "truthfulqa_mc1", "truthfulqa_mc2")
@@ -77,30 +87,6 @@ def subset(n_total: int, limit, seed: int) -> list:
     if limit is None or limit >= n_total:
         return list(range(n_total))
     return sorted(random.Random(seed).sample(range(n_total), limit))
-
-
-def batch_at(items: list, step: int, n: int, seed: int) -> list:
-    """The n training items this process takes at `step`: consecutive slices of a new shuffle each epoch,
-    so a step's batch is known without replaying the steps before it (which keeps --resume exact)."""
-    rank, world = rank_and_world()
-    orders, batch = {}, []
-    for k in range((step * world + rank) * n, (step * world + rank + 1) * n):
-        epoch, i = divmod(k, len(items))
-        if epoch not in orders:
-            orders[epoch] = random.Random(seed * 1_000_003 + epoch).sample(range(len(items)), len(items))
-        batch.append(items[orders[epoch][i]])
-    return batch
-
-
-def tokens_per_rank(n_tokens: int) -> float:
-    """The step's token count averaged over GPUs. Losses divide by it, so that once optimizer_step has
-    averaged the gradients over GPUs the loss is a mean over all the step's tokens, not a mean of means."""
-    world = rank_and_world()[1]
-    if world == 1:
-        return max(n_tokens, 1)
-    total = torch.tensor([float(n_tokens)], device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
-    torch.distributed.all_reduce(total)
-    return max(total.item() / world, 1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -240,8 +226,8 @@ def loglikelihoods(model, tokenizer, requests: list, batch_size: int = 16) -> li
     pairs = [encode_pair(tokenizer, context, continuation) for context, continuation in requests]
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
     results = [0.0] * len(pairs)
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
+    for first in range(0, len(order), batch_size):
+        batch = order[first:first + batch_size]
         logprobs, mask = completion_logprobs(model, [pairs[i][0] + pairs[i][1] for i in batch],
                                              [len(pairs[i][0]) for i in batch])
         for i, total in zip(batch, (logprobs * mask).sum(-1).tolist()):
@@ -249,40 +235,11 @@ def loglikelihoods(model, tokenizer, requests: list, batch_size: int = 16) -> li
     return results
 
 
-@torch.no_grad()
-def rollout(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
-            stop_strings=(), batch_size: int = 128) -> list:
-    """One completion (token ids) per prompt: the sampler every script shares. Prompts go through
-    model.generate batch_size at a time, longest first (less padding); batch b draws with seed*1000+b.
-    A completion ends with a stop token, with the token that completes one of stop_strings (text, such
-    as "Question:", that is no single token; generate checks for them every 16 steps so that a batch
-    ends when all its rows have), or at max_new_tokens. Autocast is the caller's."""
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    completions = [None] * len(prompts)
-
-    def has_stop(tokens):  # does their text hold a stop string?
-        return any(stop in tokenizer.decode(tokens) for stop in stop_strings)
-    for b, start in enumerate(range(0, len(order), batch_size)):
-        batch = order[start:start + batch_size]
-        new_tokens = model.generate([prompts[i] for i in batch], max_new_tokens, temperature=temperature,
-                                    stop_token_ids=tokenizer.stop_ids, seed=seed * 1000 + b,
-                                    vocab_limit=tokenizer.n_real_tokens,  # never the embedding's padding rows
-                                    stop_fn=(lambda rows: list(map(has_stop, rows))) if stop_strings else None)
-        for i, tokens in zip(batch, new_tokens):
-            if has_stop(tokens):
-                lo, hi = 1, len(tokens)  # binary search for the shortest prefix that holds one
-                while lo < hi:
-                    mid = (lo + hi) // 2
-                    lo, hi = (lo, mid) if has_stop(tokens[:mid]) else (mid + 1, hi)
-                tokens = tokens[:hi]
-            completions[i] = tokens
-    return completions
-
-
 def greedy_completions(model, tokenizer, prompts: list, max_new_tokens: int, batch_size: int = 16) -> list:
     """Greedy completion text of each prompt, cut before the first stop token or stop string."""
-    completions = rollout(model, tokenizer, tokenizer.encode_batch(prompts), max_new_tokens,
-                          stop_strings=GSM8K_STOP_STRINGS, batch_size=batch_size)
+    completions = rollout(model=model, tokenizer=tokenizer, prompts=tokenizer.encode_batch(prompts),
+                          max_new_tokens=max_new_tokens, stop_strings=GSM8K_STOP_STRINGS,
+                          batch_size=batch_size)
     return [truncate_at_stop(tokenizer.decode(tokens)) for tokens in completions]
 
 
@@ -329,10 +286,12 @@ def eval_truthfulqa(model, tokenizer, settings, data_dir, which: str) -> dict:
     indices = subset(len(rows), settings["limit"].get(f"truthfulqa_{which}"), settings["seed"])  # MC1, MC2: same
     requests = [(truthfulqa_prompt(rows[i]["question"]), f" {choice}") for i in indices
                 for choice in rows[i][targets]["choices"]]
-    logliks, samples, start = loglikelihoods(model, tokenizer, requests, settings["batch_size"]), [], 0
+    logliks = loglikelihoods(model, tokenizer, requests, settings["batch_size"])
+    samples, offset = [], 0  # offset: this question's first choice in logliks
     for i in indices:
         labels = rows[i][targets]["labels"]
-        scores, start = logliks[start:start + len(labels)], start + len(labels)
+        scores = logliks[offset:offset + len(labels)]
+        offset += len(labels)
         if which == "mc1":  # the true choice is listed first
             samples.append({"index": i, "pred": argmax(scores), "gold": 0, "logliks": scores})
         else:
@@ -379,31 +338,25 @@ def evaluate(model, tokenizer, tasks=("gsm8k",), limit=None, seed=1234, batch_si
 # far the learner moved from its start on its own states (kl_to_start, at each periodic eval)
 
 
-def starting_model(args, device, dtype):
-    """The model a run started from, frozen, loaded once per run, held as the learner's weights are (fp32
-    master weights, or a LoRA's base in the compute dtype): under the same autocast it computes exactly
-    what the learner did at step 0, so kl_to_start reads 0 there and a KL penalty starts at 0."""
-    return load_frozen(args.model, device, dtype if args.lora_rank else torch.float32)
-
-
-@functools.lru_cache(maxsize=1)
-def load_frozen(name_or_path, device, dtype):
-    return Qwen3.from_pretrained(name_or_path, device=device, dtype=dtype).requires_grad_(False)
-
-
 @torch.no_grad()
-def kl_to_start(model, start, tokenizer, prompts: list, max_new_tokens: int, seed: int = 0, batch_size=16) -> float:
-    """Per-token KL(learner || starting model) on the learner's own states: the learner answers the
-    prompts at temperature 1, and log π(y_t|s_t) - log π_start(y_t|s_t) is averaged over the sampled
-    tokens (a Monte Carlo estimate: exact in expectation, 0 for the starting model itself)."""
-    answers = rollout(model, tokenizer, prompts, max_new_tokens, 1.0, seed, GSM8K_STOP_STRINGS, batch_size)
+def kl_to_start(model, start_model, tokenizer, prompts: list, max_new_tokens: int, seed: int = 0,
+                batch_size=16) -> float:
+    """Per-token KL(learner || starting model) on the learner's own states: the learner answers
+    the prompts at temperature 1, and log π(y_t|s_t) - log π_start(y_t|s_t) is averaged over the
+    sampled tokens (a Monte Carlo estimate: exact in expectation, 0 for the starting model)."""
+    answers = rollout(model=model, tokenizer=tokenizer, prompts=prompts,
+                      max_new_tokens=max_new_tokens, temperature=1.0, seed=seed,
+                      stop_strings=GSM8K_STOP_STRINGS, batch_size=batch_size)
     total = count = 0.0
     for i in range(0, len(prompts), batch_size):
         seqs = [p + a for p, a in zip(prompts[i:i + batch_size], answers[i:i + batch_size])]
         starts = [len(p) for p in prompts[i:i + batch_size]]
-        logprobs, mask = completion_logprobs(model, seqs, starts, vocab_limit=tokenizer.n_real_tokens)
-        start_logprobs, _ = completion_logprobs(start, seqs, starts, vocab_limit=tokenizer.n_real_tokens)
-        total, count = total + ((logprobs - start_logprobs) * mask).sum().item(), count + mask.sum().item()
+        logprobs, mask = completion_logprobs(model, seqs, starts,
+                                             n_real_tokens=tokenizer.n_real_tokens)
+        start_logprobs, _ = completion_logprobs(start_model, seqs, starts,
+                                                n_real_tokens=tokenizer.n_real_tokens)
+        total += ((logprobs - start_logprobs) * mask).sum().item()
+        count += mask.sum().item()
     return total / max(count, 1)
 
 
@@ -411,62 +364,6 @@ def state_nll(logprobs, mask) -> float:
     """Mean per-token NLL, under the current learner, of the state tokens a step trains on (SFT: dataset
     prefixes; RL and OPD: the learner's own samples; off-policy distillation: the teacher's)."""
     return -(logprobs.detach() * mask).sum().item() / max(1, mask.sum().item())
-
-
-# ---------------------------------------------------------------------------------------------------
-# Training-time measurement, shared by the trainers: metrics.jsonl and the periodic held-out eval
-
-
-class MetricsLog:
-    """metrics.jsonl, one JSON line per step (and one per eval), and a progress line with an ETA (rank 0).
-    "step" is the number of steps done: the eval at step N scores the model a checkpoint at N holds."""
-
-    def __init__(self, out_dir, steps: int, start_step: int = 0):
-        self.path, self.steps, self.on = Path(out_dir) / "metrics.jsonl", steps, rank_and_world()[0] == 0
-        if self.on:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            kept = self.path.read_text().splitlines() if self.path.exists() else []  # after --resume: up to it
-            self.path.write_text("".join(line + "\n" for line in kept if json.loads(line)["step"] <= start_step))
-        self.t_last, self.step_times = time.time(), []
-
-    def log(self, step: int, **figures):
-        """A training step's figures (with tokens=, which becomes tokens/s and counts for the ETA) or an eval's."""
-        now = time.time()
-        if "tokens" in figures:
-            self.step_times.append(now - self.t_last)
-            figures["tokens_per_s"] = figures.pop("tokens") / self.step_times[-1]
-            figures["step_s"] = self.step_times[-1]
-        self.t_last = now  # so an eval's time never counts as a step's
-        if self.on:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **figures}) + "\n")
-            eta = (self.steps - step) * sum(self.step_times[-20:]) / max(1, len(self.step_times[-20:]))
-            shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items())
-            print(f"step {step}/{self.steps} | {shown} | eta {eta // 3600:.0f}h{eta % 3600 // 60:02.0f}m", flush=True)
-
-
-KL_PROMPTS = 32  # fixed GSM8K test prompts the learner answers to measure its KL to the starting model
-
-
-def eval_and_checkpoint(done: int, model, tokenizer, optimizer, metrics, args, dtype):
-    """After `done` steps: held-out GSM8K (eval.py's protocol, a fixed subset of --eval_limit test questions)
-    and the KL to the starting model on the learner's own states, every --eval_every steps and at the end,
-    on rank 0; a checkpoint every --save_every steps."""
-    if args.eval_every and (done % args.eval_every == 0 or done == args.steps):
-        if rank_and_world()[0] == 0:
-            questions = load_gsm8k("test", args.data_dir)[:KL_PROMPTS]
-            prompts = tokenizer.encode_batch([gsm8k_prompt(q["question"]) for q in questions])
-            with autocast(model.device, dtype):
-                scores = evaluate(model, tokenizer, ("gsm8k",), limit=args.eval_limit, data_dir=args.data_dir)
-                kl = kl_to_start(model, starting_model(args, model.device, dtype), tokenizer, prompts,
-                                 args.max_new_tokens, args.seed)
-            accuracy = scores["tasks"]["gsm8k"]["metrics"]  # exact_match_flexible, exact_match_strict
-            metrics.log(done, kl_to_start=kl, **{f"gsm8k_{name.split('_')[-1]}": value
-                                                 for name, value in accuracy.items()})
-        if rank_and_world()[1] > 1:
-            torch.distributed.barrier()
-    if done and args.save_every and done % args.save_every == 0:
-        save_checkpoint(args.out_dir, model, optimizer, done)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -504,8 +401,9 @@ def hidden_features(model, prompts: list, rollouts: list, cuts=DRIFT_CUTS, batch
     """Final-norm hidden states of `model`, mean-pooled over each state's generated tokens (the prompt is
     shared). The model is causal: one right-padded pass over prompt + rollout gives every prefix's states."""
     feats = []
-    for start in range(0, len(prompts), batch_size):
-        batch = list(zip(prompts[start:start + batch_size], rollouts[start:start + batch_size]))
+    for first in range(0, len(prompts), batch_size):
+        last = first + batch_size
+        batch = list(zip(prompts[first:last], rollouts[first:last]))
         width = max(len(p) + len(r) for p, r in batch)
         idx = torch.tensor([p + r + [0] * (width - len(p) - len(r)) for p, r in batch], device=model.device)
         hidden = model(idx, return_hidden=True).float()
@@ -566,7 +464,9 @@ def state_drift(model, reference, tokenizer, prompts: list, max_new_tokens=128, 
     its lexical-only features a limitation). tokenizer: encode_batch, decode, stop_ids, n_real_tokens."""
     encoded, states, lengths = tokenizer.encode_batch(prompts), {}, {}
     for name, sampler in (("model", model), ("reference", reference)):
-        rollouts = rollout(sampler, tokenizer, encoded, max_new_tokens, temperature, seed, batch_size=batch_size)
+        rollouts = rollout(model=sampler, tokenizer=tokenizer, prompts=encoded,
+                           max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                           batch_size=batch_size)
         texts = [tokenizer.decode(r[:k]) for r in rollouts for k in prefix_lengths(len(r), cuts)]
         states[name] = (lexical_features(texts), hidden_features(reference, encoded, rollouts, cuts, batch_size))
         lengths[name] = mean(len(r) for r in rollouts)

@@ -1,14 +1,22 @@
 """
-Qwen3 in one file: the architecture, Hugging Face weights in and out, LoRA, a KV cache and a fused
-sampler for batched generation. It matches transformers' Qwen3ForCausalLM (modeling_qwen3.py is the
-ground truth) for every dense Qwen3 size, 0.6B to 32B.
+Qwen3 in one file: the model and nothing else. It matches transformers' Qwen3ForCausalLM
+(modeling_qwen3.py is the ground truth) for every dense Qwen3 size, 0.6B to 32B.
+
+    Qwen3Config          the fields of config.json that define the computation
+    Qwen3                the architecture (RMSNorm, RoPE, grouped-query attention with q/k norms,
+                         SwiGLU), from_pretrained / save_pretrained (Hugging Face safetensors) and
+                         generate (batched, over a pre-allocated KVCache; CUDA-graph decode)
+    rollout              generate over a whole list of prompts, with stop strings
+    completion_logprobs  log-probabilities of given completion tokens, for training and scoring
+    sample_next          the fused sampler: temperature, top-k, top-p, one draw per row
+    add_lora             LoRA adapters on every projection (merged when saved)
+    Tokenizer            Qwen's tokenizer.json; resolve_model_dir finds a folder or hub repo
 
     model = Qwen3.from_pretrained("Qwen/Qwen3-0.6B-Base", device="cuda", dtype=torch.bfloat16)
     tok = Tokenizer.from_pretrained("Qwen/Qwen3-0.6B-Base")
     out = model.generate([tok.encode("Question: 2+2?\nAnswer:")], max_new_tokens=32, temperature=0)
     print(tok.decode(out[0]))
 """
-import argparse
 import json
 import math
 import os
@@ -201,97 +209,6 @@ class Qwen3(nn.Module):
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)
 
-    # Generation -----------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def generate(self, prompts, max_new_tokens: int, temperature: float = 1.0, top_k=None, top_p=None,
-                 stop_token_ids=None, seed=None, return_logprobs: bool = False, vocab_limit=None,
-                 cuda_graph=None, stop_fn=None):
-        """Sample continuations for a batch of prompts (lists of token ids, any lengths). Returns the new
-        tokens of each prompt; a row that samples a stop token keeps it as its last token and ends there.
-        temperature=0 is greedy. return_logprobs adds each new token's log-probability under the
-        distribution it was drawn from (after temperature, top-k, top-p; greedy: the plain softmax).
-        vocab_limit masks embedding rows past the tokenizer's real tokens. Finished rows ride along until
-        all are done, so the batch never reshapes and the host waits only once every 16 steps, when
-        stop_fn(rows' tokens so far) may also end rows (e.g. on a stop string; the caller trims them).
-        cuda_graph replays the decode step as a CUDA graph (see _decoder); None: CUDA_GRAPHS on CUDA."""
-        if not prompts or min(map(len, prompts)) == 0 or max_new_tokens < 1:
-            raise ValueError("generate: needs prompts of at least one token and max_new_tokens >= 1")
-        device, B, prompt_len = self.device, len(prompts), max(map(len, prompts))
-        cuda_graph = CUDA_GRAPHS and device.type == "cuda" if cuda_graph is None else cuda_graph
-        max_len = prompt_len + max_new_tokens
-        if max_len > self.config.max_position_embeddings:
-            raise ValueError(f"generate: {max_len} tokens exceed max_position_embeddings "
-                             f"{self.config.max_position_embeddings}")
-        pad = torch.tensor([prompt_len - len(p) for p in prompts], device=device)
-        idx = torch.tensor([[0] * (prompt_len - len(p)) + list(p) for p in prompts], device=device)
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.dtype
-        cache = KVCache(self.config, B, max_len, device, dtype)
-        slot = torch.arange(max_len, device=device)
-        key_is_real = slot[None, :] >= pad[:, None]  # (B, max_len): False on each row's left padding
-        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-        stop = torch.tensor(sorted(stop_ids := set(stop_token_ids or [])), device=device, dtype=torch.long)
-        decode = self._decoder(cache, key_is_real, pad, cuda_graph)  # before prefill: its warm-up writes slot 0
-
-        # Prefill: the whole padded prompt at once. Padding queries attend to themselves only, which
-        # keeps their (unused) outputs finite so no NaN can leak into the cache.
-        causal = slot[:prompt_len, None] >= slot[None, :prompt_len]
-        own_slot = torch.eye(prompt_len, dtype=torch.bool, device=device)
-        cache.slots, cache.length = slot[:prompt_len], prompt_len
-        cache.mask = ((causal & key_is_real[:, None, :prompt_len]) | own_slot)[:, None]
-        positions = (slot[None, :prompt_len] - pad[:, None]).clamp(min=0)
-        logits = self.lm_head(self(idx, positions, cache, return_hidden=True)[:, -1])  # last position only
-
-        tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
-        logprobs = torch.zeros(B, max_new_tokens, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        for t in range(max_new_tokens):
-            tokens[:, t], logprobs[:, t] = sample_next(logits, temperature, top_k, top_p, vocab_limit, generator)
-            done |= torch.isin(tokens[:, t], stop)
-            if t % 16 == 15 and stop_fn is not None:
-                done |= torch.tensor(stop_fn(tokens[:, :t + 1].tolist()), device=device)
-            if t == max_new_tokens - 1 or (t % 16 == 15 and bool(done.all())):
-                break
-            logits = decode(tokens[:, t:t + 1], prompt_len + t)
-        tokens, logprobs = tokens[:, :t + 1].tolist(), logprobs[:, :t + 1].tolist()
-        for i, row in enumerate(tokens):
-            end = next((j + 1 for j, tok in enumerate(row) if tok in stop_ids), len(row))
-            tokens[i], logprobs[i] = row[:end], logprobs[i][:end]
-        return (tokens, logprobs) if return_logprobs else tokens
-
-    def _decoder(self, cache: KVCache, key_is_real, pad, cuda_graph: bool):
-        """The one-token decode step, step(token (B, 1), slot s) -> next logits (B, vocab), reading its inputs
-        from fixed buffers. Eager, attention reads the slots written so far. For a CUDA graph it reads the
-        whole cache under the mask, so every shape and address is fixed: captured once, replayed, with no
-        per-kernel launch cost. Off CUDA, cuda_graph=True runs that step uncaptured (so the tests check it)."""
-        slot = torch.arange(cache.k.shape[3], device=pad.device)
-        token_in, position_in, slot_in = pad[:, None].clone(), pad[:, None].clone(), slot[:1].clone()
-        mask_in, graph = key_is_real[:, None, None].clone(), None
-
-        def run(length):
-            cache.slots, cache.length, cache.mask = slot_in, length, mask_in[..., :length]
-            return self(token_in, position_in, cache)[:, -1]
-        if cuda_graph and pad.device.type == "cuda":
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                run(len(slot))  # warm-up outside the graph: lazy initialisation and allocations happen here
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                logits_out = run(len(slot))
-
-        def step(token, s):
-            token_in.copy_(token)
-            position_in.copy_((s - pad)[:, None])
-            slot_in.fill_(s)
-            mask_in.copy_((key_is_real & (slot <= s))[:, None, None])
-            if graph is None:
-                return run(len(slot) if cuda_graph else s + 1)
-            graph.replay()
-            return logits_out
-        return step
-
     # Hugging Face weights in and out --------------------------------------------------------------
 
     @classmethod
@@ -345,32 +262,196 @@ class Qwen3(nn.Module):
             for name in os.listdir(tmp):
                 os.replace(Path(tmp, name), Path(out_dir, name))
 
+    # Generation -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens: int, temperature: float = 1.0, top_k=None,
+                 top_p=None, stop_token_ids=None, seed=None, return_logprobs: bool = False,
+                 n_real_tokens=None, cuda_graph=None, stop_fn=None):
+        """Sample continuations for a batch of prompts (lists of token ids, any lengths). Returns
+        the new tokens of each prompt; a row that samples a stop token keeps it as its last token
+        and ends there. temperature=0 is greedy. return_logprobs adds each new token's
+        log-probability under the distribution it was drawn from (after temperature, top-k,
+        top-p; greedy: the plain softmax). n_real_tokens: sample only the tokenizer's tokens, never
+        the embedding's padding rows past them. Finished rows ride along until all are done, so
+        the batch never reshapes and the host waits only once every 16 steps, when
+        stop_fn(rows' tokens so far) may also end rows (e.g. on a stop string; the caller trims
+        them). cuda_graph replays the decode step as a CUDA graph (see _decoder); None:
+        CUDA_GRAPHS on CUDA."""
+        if not prompts or min(map(len, prompts)) == 0 or max_new_tokens < 1:
+            raise ValueError("generate: needs prompts of at least one token and max_new_tokens >= 1")
+        device = self.device
+        B, prompt_len = len(prompts), max(map(len, prompts))
+        max_len = prompt_len + max_new_tokens
+        if cuda_graph is None:
+            cuda_graph = CUDA_GRAPHS and device.type == "cuda"
+        if max_len > self.config.max_position_embeddings:
+            raise ValueError(f"generate: {max_len} tokens exceed max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+
+        # Left-pad the prompts to one length, so that every row writes the same cache slot at
+        # each step: idx (B, prompt_len); pad (B,) counts each row's padding.
+        pad = torch.tensor([prompt_len - len(p) for p in prompts], device=device)
+        idx = torch.tensor([[0] * (prompt_len - len(p)) + list(p) for p in prompts], device=device)
+        # The KV cache holds keys and values in the compute dtype (autocast's, if it is on).
+        dtype = self.dtype
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        cache = KVCache(self.config, B, max_len, device, dtype)
+        slot = torch.arange(max_len, device=device)
+        key_is_real = slot[None, :] >= pad[:, None]  # (B, max_len): False on each row's padding
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+        stop_ids = set(stop_token_ids or [])
+        stop = torch.tensor(sorted(stop_ids), device=device, dtype=torch.long)  # (n_stop,)
+        # The one-token decode step; built before the prefill, as its warm-up writes slot 0
+        decode = self._decoder(cache, key_is_real, pad, cuda_graph)
+
+        # Prefill: the whole padded prompt in one forward pass, filling cache slots
+        # 0..prompt_len-1. mask (B, 1, prompt_len, prompt_len): causal, padding keys hidden.
+        # Padding queries attend to themselves only, which keeps their (unused) outputs finite
+        # so no NaN can leak into the cache. positions (B, prompt_len) count from each row's
+        # first real token, so padding never shifts RoPE.
+        causal = slot[:prompt_len, None] >= slot[None, :prompt_len]
+        own_slot = torch.eye(prompt_len, dtype=torch.bool, device=device)
+        cache.slots, cache.length = slot[:prompt_len], prompt_len
+        cache.mask = ((causal & key_is_real[:, None, :prompt_len]) | own_slot)[:, None]
+        positions = (slot[None, :prompt_len] - pad[:, None]).clamp(min=0)
+        hidden = self(idx, positions, cache, return_hidden=True)  # (B, prompt_len, hidden)
+        logits = self.lm_head(hidden[:, -1])  # (B, vocab): only the last position is projected
+
+        # Decode: sample token t from the logits (B, vocab), then run it through the model to
+        # get the logits of token t+1. tokens and logprobs (B, max_new_tokens) are filled in
+        # place; done (B,) marks rows that sampled a stop token (or that stop_fn ended).
+        tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+        logprobs = torch.zeros(B, max_new_tokens, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        for t in range(max_new_tokens):
+            tokens[:, t], logprobs[:, t] = sample_next(logits, temperature, top_k, top_p,
+                                                       n_real_tokens, generator)
+            done |= torch.isin(tokens[:, t], stop)
+            # Every 16 steps the host looks (one sync): stop strings, and whether all rows ended
+            if t % 16 == 15 and stop_fn is not None:
+                done |= torch.tensor(stop_fn(tokens[:, :t + 1].tolist()), device=device)
+            if t == max_new_tokens - 1 or (t % 16 == 15 and bool(done.all())):
+                break
+            logits = decode(tokens[:, t:t + 1], prompt_len + t)
+
+        # Back to lists: each row up to and including its first stop token
+        tokens = tokens[:, :t + 1].tolist()
+        logprobs = logprobs[:, :t + 1].tolist()
+        for i, row in enumerate(tokens):
+            end = next((j + 1 for j, tok in enumerate(row) if tok in stop_ids), len(row))
+            tokens[i], logprobs[i] = row[:end], logprobs[i][:end]
+        return (tokens, logprobs) if return_logprobs else tokens
+
+    def _decoder(self, cache: KVCache, key_is_real, pad, cuda_graph: bool):
+        """The one-token decode step, step(token (B, 1), slot s) -> next logits (B, vocab), reading its inputs
+        from fixed buffers. Eager, attention reads the slots written so far. For a CUDA graph it reads the
+        whole cache under the mask, so every shape and address is fixed: captured once, replayed, with no
+        per-kernel launch cost. Off CUDA, cuda_graph=True runs that step uncaptured (so the tests check it)."""
+        slot = torch.arange(cache.k.shape[3], device=pad.device)
+        token_in, position_in, slot_in = pad[:, None].clone(), pad[:, None].clone(), slot[:1].clone()
+        mask_in, graph = key_is_real[:, None, None].clone(), None
+
+        def run(length):
+            cache.slots, cache.length, cache.mask = slot_in, length, mask_in[..., :length]
+            return self(token_in, position_in, cache)[:, -1]
+        if cuda_graph and pad.device.type == "cuda":
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                run(len(slot))  # warm-up outside the graph: lazy initialisation and allocations happen here
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits_out = run(len(slot))
+
+        def step(token, s):
+            token_in.copy_(token)
+            position_in.copy_((s - pad)[:, None])
+            slot_in.fill_(s)
+            mask_in.copy_((key_is_real & (slot <= s))[:, None, None])
+            if graph is None:
+                return run(len(slot) if cuda_graph else s + 1)
+            graph.replay()
+            return logits_out
+        return step
+
+
+# Rollouts: generate() for whole lists of prompts, as every script samples ------------------------
+
+
+@torch.no_grad()
+def rollout(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float = 0.0,
+            seed: int = 0, stop_strings=(), batch_size: int = 128) -> list:
+    """One completion (token ids) per prompt: the sampler every script shares. Prompts go through
+    model.generate batch_size at a time, longest first (less padding); batch b draws with seed
+    seed * 1000 + b. A completion ends with a stop token, with the token that completes one of
+    stop_strings (text, such as "Question:", that is no single token; generate checks for them
+    every 16 steps so that a batch ends when all its rows have), or at max_new_tokens. Autocast
+    is the caller's."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    completions = [None] * len(prompts)
+
+    def has_stop(tokens):  # does their text hold a stop string?
+        return any(stop in tokenizer.decode(tokens) for stop in stop_strings)
+
+    def rows_with_stop(rows):  # generate's stop_fn: which rows have written a stop string
+        return list(map(has_stop, rows))
+    for b, first in enumerate(range(0, len(order), batch_size)):
+        batch = order[first:first + batch_size]
+        new_tokens = model.generate([prompts[i] for i in batch], max_new_tokens,
+                                    temperature=temperature, stop_token_ids=tokenizer.stop_ids,
+                                    seed=seed * 1000 + b, n_real_tokens=tokenizer.n_real_tokens,
+                                    stop_fn=rows_with_stop if stop_strings else None)
+        for i, tokens in zip(batch, new_tokens):
+            if has_stop(tokens):  # binary search for the shortest prefix that holds one
+                lo, hi = 1, len(tokens)
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    lo, hi = (lo, mid) if has_stop(tokens[:mid]) else (mid + 1, hi)
+                tokens = tokens[:hi]
+            completions[i] = tokens
+    return completions
+
 
 # Log-probabilities of given tokens, for the trainers and eval -------------------------------------
 
 LOGPROB_CHUNK = 1024  # rows of (chunk, vocab) fp32 logits at a time: 0.6 GB for Qwen's vocab
 
 
-def completion_logprobs(model, seqs: list, starts: list, temperature: float = 1.0, vocab_limit=None,
-                        return_hidden: bool = False):
-    """fp32 log-probs (B, L) of each completion seqs[b][starts[b]:] given all before it, and the mask
-    (B, L) of its real tokens. Only completion positions are projected onto the vocabulary. vocab_limit
-    normalises over the tokenizer's real tokens, those the sampler draws (else lowering a sampled token
-    would move mass onto rows never sampled). return_hidden adds the (N, hidden) masked-position states."""
+def completion_logprobs(model, seqs: list, starts: list, temperature: float = 1.0,
+                        n_real_tokens=None, return_hidden: bool = False):
+    """fp32 log-probs (B, L) of each completion seqs[b][starts[b]:] given all before it, and the
+    mask (B, L) of its real tokens (L: the longest completion). Only completion positions are
+    projected onto the vocabulary. n_real_tokens normalises over the tokenizer's real tokens,
+    those the sampler draws (else lowering a sampled token would move mass onto rows never
+    sampled). return_hidden adds the (N, hidden) states of the N masked positions."""
+    # Right-pad the sequences into idx (B, width); start (B, 1) and n_new (B, 1) per row.
     device, width = model.device, max(map(len, seqs))
     idx = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=device)
     start = torch.tensor(starts, device=device)[:, None]
     n_new = torch.tensor([len(s) for s in seqs], device=device)[:, None] - start
+    # Completion token j of row b is predicted at position where[b, j] = start - 1 + j;
+    # mask (B, L) is False past a row's completion (its `where` is clamped to stay in range).
     j = torch.arange(int(n_new.max()), device=device)
-    mask, where = j < n_new, (start - 1 + j).clamp(max=width - 2)  # position `where` predicts token j
+    mask = j < n_new
+    where = (start - 1 + j).clamp(max=width - 2)
+    # One forward pass without the last token (it predicts nothing): hidden (B, width-1, hidden).
+    # Gather the predicting positions' states, keeping the real ones only: rows (N, hidden).
     hidden = model(idx[:, :-1], return_hidden=True)
     rows = hidden.gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))[mask]
-    head = model.lm_head.weight[:vocab_limit]
+    head = model.lm_head.weight[:n_real_tokens]  # (vocab or n_real_tokens, hidden)
 
-    def logprobs_of(rows, targets):
+    def logprobs_of(rows, targets):  # (n, hidden), (n,) -> log softmax(logits)[target], (n,)
         logits = (rows @ head.t()).float() / temperature
         return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
-    logprobs = in_row_chunks(logprobs_of, rows, idx.gather(1, where + 1)[mask])
+    # The (N, vocab) logits exist only LOGPROB_CHUNK rows at a time; targets (N,) are the
+    # completion tokens. Then scatter the N log-probs back into the (B, L) layout of the mask.
+    targets = idx.gather(1, where + 1)[mask]
+    logprobs = in_row_chunks(logprobs_of, rows, targets)
     logprobs = torch.zeros(mask.shape, device=device).masked_scatter(mask, logprobs)
     return (logprobs, mask, rows) if return_hidden else (logprobs, mask)
 
@@ -388,12 +469,13 @@ def in_row_chunks(fn, *rows):
 TOP_P_CANDIDATES = 1024  # on CPU, top-p first looks for the nucleus among this many most likely tokens
 
 
-def sample_next(logits, temperature: float, top_k=None, top_p=None, vocab_limit=None, generator=None):
+def sample_next(logits, temperature: float, top_k=None, top_p=None, n_real_tokens=None,
+                generator=None):
     """One sampling step for a batch of next-token logits (B, vocab) -> (tokens (B,), logprobs (B,)).
-    Drops rows past the tokenizer (vocab_limit), applies temperature, keeps the top_k tokens, then the fewest
+    Drops rows past the tokenizer (n_real_tokens), applies temperature, keeps the top_k tokens, then the fewest
     most likely tokens whose probability reaches top_p (the one crossing p is kept), and draws by inverting
     the kept CDF at one uniform number per row (no host sync); log-probs are under that distribution."""
-    logits = logits[:, :vocab_limit].float()  # a prefix of the vocabulary, so token ids are unchanged
+    logits = logits[:, :n_real_tokens].float()  # a prefix of the vocabulary, so token ids are unchanged
     if temperature == 0:
         tokens = logits.argmax(-1)
         return tokens, logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
@@ -517,138 +599,3 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)
-
-
-# Training utilities shared by the trainers (metrics and the periodic eval are eval.py's) --------
-
-
-def training_args(description: str, **defaults) -> argparse.ArgumentParser:
-    """The flags every trainer shares; a trainer adds its own and overrides these defaults."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    a("--model", default="Qwen/Qwen3-0.6B-Base", help="model to start from: Hugging Face hub id or local folder")
-    a("--out_dir", default="out", help="final model (Hugging Face layout), checkpoints/ and metrics.jsonl")
-    a("--data_dir", default=str(Path(__file__).resolve().parent / "data"), help="prepared data (eval.py's)")
-    a("--steps", type=int, default=200, help="training steps: one batch of examples and one optimizer update each")
-    a("--batch_size", type=int, default=8, help="examples (questions) per micro-batch, per GPU")
-    a("--grad_accum", type=int, default=4, help="micro-batches per step: batch_size x grad_accum examples per GPU")
-    a("--lr", type=float, default=1e-5, help="peak learning rate (AdamW)")
-    a("--warmup", type=int, default=10, help="steps of linear warmup")
-    a("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    a("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
-    a("--lora_rank", type=int, default=0, help="LoRA rank on every projection; 0 = full fine-tuning")
-    a("--lora_alpha", type=float, default=None, help="LoRA alpha (updates scaled by alpha/rank); default 2 x rank")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    a("--dtype", choices=("bf16", "fp32"), help="autocast dtype; weights, AdamW stay fp32 (default: bf16 on GPU)")
-    a("--seed", type=int, default=1337, help="seeds the data order, the sampling and LoRA's initialisation")
-    a("--eval_every", type=int, default=50, help="held-out GSM8K accuracy every N steps (0: never)")
-    a("--eval_limit", type=int, default=200, help="GSM8K test questions per periodic eval (a fixed subset)")
-    a("--save_every", type=int, default=50, help="checkpoint (weights + AdamW state, for --resume) every N steps")
-    a("--resume", action="store_true", help="continue from the latest checkpoint in --out_dir")
-    p.set_defaults(**defaults)
-    return p
-
-
-def rank_and_world():
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # (0, 1) without torchrun
-
-
-def setup(args):
-    """Join torchrun's process group if any, seed, load model and tokenizer, add LoRA. Trained weights are fp32
-    (AdamW's master weights, under autocast); a LoRA's frozen base is in the compute dtype (half the memory)."""
-    device = torch.device(args.device)
-    if rank_and_world()[1] > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    dtype = torch.bfloat16 if (args.dtype or ("bf16" if device.type == "cuda" else "fp32")) == "bf16" else torch.float32
-    torch.manual_seed(args.seed)  # LoRA's initialisation; every sampling call passes its own seed
-    try:
-        model = Qwen3.from_pretrained(args.model, device=device, dtype=dtype if args.lora_rank else torch.float32)
-        tokenizer = Tokenizer.from_pretrained(args.model)
-    except (FileNotFoundError, ValueError) as e:  # bad input: one line naming the flag, no traceback
-        raise SystemExit(f"--model: {e}")
-    if args.lora_rank:  # the adapters are created in fp32
-        add_lora(model, args.lora_rank, args.lora_alpha or 2 * args.lora_rank)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                                  weight_decay=args.weight_decay)
-    return model, tokenizer, optimizer, device, dtype
-
-
-def autocast(device, dtype):
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-
-def lr_at(step: int, args) -> float:
-    """Linear warmup to args.lr, then cosine decay towards 0 at args.steps."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    return args.lr * 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, args.steps - args.warmup)))
-
-
-def optimizer_step(optimizer, step: int, args, loss: float):
-    """Average gradients over GPUs, stop on a non-finite loss or gradient before anything changes (so the
-    last checkpoint is the last good one), clip, set this step's lr, update. Returns (lr, gradient norm)."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    world = rank_and_world()[1]
-    for p in params if world > 1 else []:  # DDP by hand: one all-reduce per step, whatever method we called
-        p.grad = p.grad if p.grad is not None else torch.zeros_like(p)
-        torch.distributed.all_reduce(p.grad)
-        p.grad /= world
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
-    if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
-        raise SystemExit(f"step {step + 1}: loss {loss}, gradient norm {grad_norm.item()}: not finite, stopping. The "
-                         f"last good checkpoint is in {args.out_dir}/checkpoints (--resume, perhaps with a lower --lr)")
-    for group in optimizer.param_groups:
-        group["lr"] = lr_at(step, args)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return lr_at(step, args), grad_norm.item()
-
-
-def save_checkpoint(out_dir, model, optimizer, step: int):
-    """out_dir/checkpoints/step_N (N steps done, rank 0): trained weights, AdamW state and the torch RNG in
-    safetensors (nothing pickled), renamed into place before older ones go: a crash leaves a whole one."""
-    if rank_and_world()[0] != 0:
-        return
-    root, names = Path(out_dir) / "checkpoints", {p: name for name, p in model.named_parameters()}
-    root.mkdir(parents=True, exist_ok=True)
-    tensors = {"rng.torch": torch.get_rng_state()}
-    for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"]):
-        tensors[f"param.{names[p]}"] = p.detach().cpu().contiguous()
-        tensors.update({f"adam.{i}.{k}": v.detach().cpu().contiguous() for k, v in optimizer.state.get(p, {}).items()})
-    tmp, final = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-")), root / f"step_{step:07d}"
-    save_file(tensors, tmp / "state.safetensors")
-    (tmp / "meta.json").write_text(json.dumps({"step": step}))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in set(root.glob("step_*")) - {final}:
-        shutil.rmtree(old)
-
-
-def load_checkpoint(out_dir, model, optimizer) -> int:
-    """Restore the latest checkpoint in out_dir/checkpoints; returns how many steps it had done."""
-    found = sorted((Path(out_dir) / "checkpoints").glob("step_*"))
-    if not found:
-        raise SystemExit(f"--resume: no checkpoint in {out_dir}/checkpoints")
-    tensors, meta = load_file(found[-1] / "state.safetensors"), json.loads((found[-1] / "meta.json").read_text())
-    names, state = {p: name for name, p in model.named_parameters()}, {}
-    with torch.no_grad():
-        for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"]):
-            p.copy_(tensors[f"param.{names[p]}"])
-            state[i] = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"adam.{i}.")}
-    optimizer.load_state_dict({"state": {i: s for i, s in state.items() if s},
-                               "param_groups": optimizer.state_dict()["param_groups"]})
-    torch.set_rng_state(tensors["rng.torch"])
-    print(f"resumed from {found[-1]}")
-    return meta["step"]
-
-
-def finish(model, tokenizer, out_dir):
-    """Write the final model to out_dir (Hugging Face layout, LoRA merged) and leave torchrun's group."""
-    if rank_and_world()[0] == 0:
-        model.save_pretrained(out_dir, tokenizer=tokenizer)
-        print(f"saved the final model to {out_dir}")
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()

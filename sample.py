@@ -51,7 +51,7 @@ def main(argv=None) -> list:
         parser.error("the prompt is empty")
     torch.manual_seed(args.seed)
     out = model.generate([prompt] * args.num_samples, args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, vocab_limit=tokenizer.n_real_tokens,
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, n_real_tokens=tokenizer.n_real_tokens,
                          stop_token_ids=tokenizer.stop_ids)
     completions = []
     print(args.prompt)

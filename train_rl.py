@@ -2,54 +2,67 @@
 Reinforcement learning on GSM8K, GRPO-style: on-policy, the paper's eq. 6.
 
     state source:  the current policy: its own sampled answers
-    signal source: a scalar reward: 1 if the answer is right (eval's flexible answer, numerically), else 0
+    signal source: a scalar reward: 1 if the answer is right (eval's flexible answer,
+                   numerically), else 0
 
     ∇J(θ) = E_{x ~ D, y_1..G ~ π_θ(·|x)} (1/T) Σ_i Σ_t A_i ∇ log π_θ(y_i,t | x, y_i,<t),
-    A_i = r_i - mean_j r_j                                                                      (eq. 6)
+    A_i = r_i - mean_j r_j                                                              (eq. 6)
 
-Each step samples --group_size answers to each of its questions (collect_states), scores them, and
-applies the policy gradient above to them (apply_reward). T counts the answer tokens of the step.
+Each step samples --group_size answers to each of its questions (collect_states), scores them,
+and applies the policy gradient above to them (apply_reward). T counts the answer tokens of the
+step.
 
-What it is: REINFORCE with a per-question baseline (the group's mean reward, as GRPO computes it), the
-loss averaged over tokens rather than per answer (as DAPO and nanochat do), log-probs taken at the
-sampling temperature. Questions whose answers all score the same carry no signal and are skipped (their
-fraction is logged). What it is not: DeepSeek's full GRPO recipe. There is no KL penalty to a reference
-model unless --kl_coef > 0 (then the k3 estimator), no division of the advantage by the group's std
-unless --std_adv, and no importance ratio or clipping, because each batch is used for exactly one
-update: with --ppo_epochs > 1 the batch is reused and PPO's clipped ratio comes in. No value network.
+What it is: REINFORCE with a per-question baseline (the group's mean reward, as GRPO computes
+it), the loss averaged over tokens rather than per answer (as DAPO and nanochat do), log-probs
+taken at the sampling temperature. Questions whose answers all score the same carry no signal and
+are skipped (their fraction is logged). What it is not: DeepSeek's full GRPO recipe. There is no
+KL penalty to a reference model unless --kl_coef > 0 (then the k3 estimator), no division of the
+advantage by the group's std unless --std_adv, and no importance ratio or clipping, because each
+batch is used for exactly one update: with --ppo_epochs > 1 the batch is reused and PPO's clipped
+ratio comes in. No value network.
 
     python train_rl.py                                     # the main job, on one GPU
-    torchrun --standalone --nproc_per_node=4 train_rl.py   # DDP: same script, 4x the questions per step
+    torchrun --standalone --nproc_per_node=4 train_rl.py   # DDP: 4x the questions per step
 """
 import torch
 
-from eval import (GSM8K_STOP_STRINGS, MetricsLog, batch_at, eval_and_checkpoint, gsm8k_prompt, gsm8k_reward,
-                  load_gsm8k, rollout, starting_model, state_nll, tokens_per_rank)
-from model import autocast, completion_logprobs, finish, load_checkpoint, optimizer_step, setup, training_args
+from eval import GSM8K_STOP_STRINGS, gsm8k_prompt, gsm8k_reward, load_gsm8k, state_nll
+from model import completion_logprobs, rollout
+from train_common import (MetricsLog, autocast, batch_at, due, finish, load_checkpoint,
+                          optimizer_step, periodic_eval, save_checkpoint, setup, starting_model,
+                          step_seed, tokens_per_rank, training_args)
 
 
 def get_args(argv=None):
-    parser = training_args(__doc__.strip().split("\n")[0], steps=200, batch_size=1, grad_accum=16, lr=2e-6,
-                           eval_every=50, save_every=50)
+    parser = training_args(__doc__.strip().split("\n")[0], steps=200, batch_size=1,
+                           grad_accum=16, lr=2e-6, eval_every=50, save_every=50)
     a = parser.add_argument
-    a("--group_size", type=int, default=8, help="answers sampled per question (--batch_size counts questions)")
+    a("--group_size", type=int, default=8,
+      help="answers sampled per question (--batch_size counts questions)")
     a("--max_new_tokens", type=int, default=256, help="longest sampled answer")
-    a("--temperature", type=float, default=1.0, help="sampling temperature; log-probs are taken at it too")
-    a("--std_adv", action="store_true", help="divide each advantage by its group's reward std (GRPO's z-score)")
-    a("--kl_coef", type=float, default=0.0, help="weight of a k3 KL penalty to the frozen starting model (0: none)")
-    a("--ppo_epochs", type=int, default=1, help="updates per batch of rollouts; above 1, PPO's clipped ratio")
+    a("--temperature", type=float, default=1.0,
+      help="sampling temperature; log-probs are taken at it too")
+    a("--std_adv", action="store_true",
+      help="divide each advantage by its group's reward std (GRPO's z-score)")
+    a("--kl_coef", type=float, default=0.0,
+      help="weight of a k3 KL penalty to the frozen starting model (0: none)")
+    a("--ppo_epochs", type=int, default=1,
+      help="updates per batch of rollouts; above 1, PPO's clipped ratio")
     a("--clip_eps", type=float, default=0.2, help="PPO clip range for --ppo_epochs > 1")
-    a("--gen_batch_size", type=int, default=128, help="sequences sampled at once (memory: the KV cache)")
+    a("--gen_batch_size", type=int, default=128,
+      help="sequences sampled at once (memory: the KV cache)")
     return parser.parse_args(argv)
 
 
 def collect_states(model, tokenizer, questions, step, args, dtype):
     """Sample --group_size answers per question from the current model and score them."""
-    prompts = [p for p in tokenizer.encode_batch([gsm8k_prompt(q["question"]) for q in questions])
-               for _ in range(args.group_size)]
+    prompts = tokenizer.encode_batch([gsm8k_prompt(q["question"]) for q in questions])
+    prompts = [p for p in prompts for _ in range(args.group_size)]  # each one group_size times
     with autocast(model.device, dtype):
-        answers = rollout(model, tokenizer, prompts, args.max_new_tokens, args.temperature,
-                          args.seed * 1_000_003 + step, GSM8K_STOP_STRINGS, args.gen_batch_size)
+        answers = rollout(model=model, tokenizer=tokenizer, prompts=prompts,
+                          max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          seed=step_seed(args.seed, step), stop_strings=GSM8K_STOP_STRINGS,
+                          batch_size=args.gen_batch_size)
     golds = [q["gold"] for q in questions for _ in range(args.group_size)]
     rewards = [gsm8k_reward(tokenizer.decode(a), gold) for a, gold in zip(answers, golds)]
     return dict(seqs=[p + a for p, a in zip(prompts, answers)], starts=[len(p) for p in prompts],
@@ -57,8 +70,9 @@ def collect_states(model, tokenizer, questions, step, args, dtype):
 
 
 def group_advantages(rewards, std_adv=False):
-    """rewards (questions, group) -> advantages (reward minus its group's mean, optionally over its std) and
-    the mask of groups whose rewards differ: the others have all-zero advantages and are skipped."""
+    """rewards (questions, group) -> advantages (reward minus its group's mean, optionally over
+    its std) and the mask of groups whose rewards differ: the others have all-zero advantages and
+    are skipped."""
     advantages = rewards - rewards.mean(1, keepdim=True)
     std = rewards.std(1, keepdim=True)
     if std_adv:
@@ -66,11 +80,13 @@ def group_advantages(rewards, std_adv=False):
     return advantages, std.squeeze(1) > 0
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, n_tokens, clip_eps, ref_logprobs=None, kl_coef=0.0):
-    """Eq. 6 as a loss over tokens (B, L). With old_logprobs = logprobs.detach() the ratio is 1 and its
-    gradient is exactly -A ∇log π; PPO's clip only acts when a batch is reused. Optional k3 KL penalty,
-    exp(r) - r - 1 with r = log π_ref - log π: its value is an unbiased, never negative estimate of
-    KL(π || π_ref); as a loss on π's samples its gradient is that of KL(π_ref || π), as in GRPO."""
+def policy_loss(logprobs, old_logprobs, advantages, mask, n_tokens, clip_eps, ref_logprobs=None,
+                kl_coef=0.0):
+    """Eq. 6 as a loss over tokens (B, L). With old_logprobs = logprobs.detach() the ratio is 1
+    and its gradient is exactly -A ∇log π; PPO's clip only acts when a batch is reused. Optional
+    k3 KL penalty, exp(r) - r - 1 with r = log π_ref - log π: its value is an unbiased, never
+    negative estimate of KL(π || π_ref); as a loss on π's samples its gradient is that of
+    KL(π_ref || π), as in GRPO. Returns (loss, the KL estimate), each a mean over n_tokens."""
     ratio = torch.exp(logprobs - old_logprobs)
     adv = advantages[:, None]
     per_token = -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
@@ -78,46 +94,67 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, n_tokens, clip_eps, re
     if ref_logprobs is not None:
         r = ref_logprobs - logprobs
         kl = torch.exp(r) - r - 1
-    return ((per_token + kl_coef * kl) * mask).sum() / n_tokens, (kl.detach() * mask).sum() / n_tokens
+    loss = ((per_token + kl_coef * kl) * mask).sum() / n_tokens
+    return loss, (kl.detach() * mask).sum() / n_tokens
 
 
-def apply_reward(model, ref_model, optimizer, batch, step, args, dtype, vocab_limit=None):
-    """The policy-gradient update(s) on this step's scored rollouts, --batch_size questions (x --group_size
-    answers) per micro-batch; log-probs over the first vocab_limit tokens, those the sampler draws from.
-    Returns the step's figures."""
+def apply_reward(model, ref_model, batch, args, dtype, n_real_tokens=None):
+    """Backpropagate the policy gradient (eq. 6) on this step's scored rollouts, --batch_size
+    questions (x --group_size answers) per micro-batch; the caller's optimizer_step applies it.
+    Log-probs are over the first n_real_tokens tokens, those the sampler draws from. The first
+    pass over a batch keeps its log-probs in it (the policy that sampled it, and the reference
+    model's): a second pass (--ppo_epochs) computes its PPO ratio against them. Returns the
+    step's figures, the loss first."""
+    # Advantages (questions, group) -> one per answer; drop the answers of groups whose rewards
+    # are all equal (their advantages are 0): seqs, starts and advantages (n_kept,) line up.
     advantages, keep = group_advantages(batch["rewards"], args.std_adv)
-    kept = keep.repeat_interleave(args.group_size)  # per answer: does its group carry any signal?
+    kept = keep.repeat_interleave(args.group_size)
     seqs = [seq for seq, k in zip(batch["seqs"], kept) if k]
     starts = [start for start, k in zip(batch["starts"], kept) if k]
     advantages = advantages.flatten()[kept]
+    # The loss divides by the answer tokens of the step on all GPUs: a mean over tokens
     n_tokens = sum(len(s) - st for s, st in zip(seqs, starts))
-    norm = tokens_per_rank(n_tokens)  # the loss is a mean over the step's tokens on all GPUs
+    norm = tokens_per_rank(n_tokens)
     micro = args.batch_size * args.group_size
-    old_logprobs, ref_logprobs = {}, {}
-    for epoch in range(args.ppo_epochs):
-        loss_sum = kl_sum = nll_sum = 0.0
-        for i in range(0, len(seqs), micro):
-            mb_seqs, mb_starts = seqs[i:i + micro], starts[i:i + micro]
-            with autocast(model.device, dtype):
-                logprobs, mask = completion_logprobs(model, mb_seqs, mb_starts, args.temperature, vocab_limit)
-                old_logprobs.setdefault(i, logprobs.detach())  # first pass: the policy that sampled the batch
-                if ref_model is not None and i not in ref_logprobs:
-                    with torch.no_grad():
-                        ref_logprobs[i], _ = completion_logprobs(ref_model, mb_seqs, mb_starts, args.temperature,
-                                                                 vocab_limit)
-                loss, kl = policy_loss(logprobs, old_logprobs[i], advantages[i:i + micro].to(logprobs.device), mask,
-                                       norm, args.clip_eps, ref_logprobs.get(i), args.kl_coef)
-            loss.backward()
-            loss_sum, kl_sum = loss_sum + loss.item(), kl_sum + kl.item()
-            nll_sum += state_nll(logprobs, mask) * mask.sum().item() / n_tokens
-        lr, grad_norm = optimizer_step(optimizer, step, args, loss_sum)
+    old_logprobs = batch.setdefault("old_logprobs", {})  # micro-batch index -> (micro, L)
+    ref_logprobs = batch.setdefault("ref_logprobs", {})
+    loss_sum = kl_sum = nll_sum = 0.0
+    for i in range(0, len(seqs), micro):
+        mb_seqs, mb_starts = seqs[i:i + micro], starts[i:i + micro]
+        with autocast(model.device, dtype):
+            # log π_θ of each sampled answer token at the sampling temperature: (micro, L),
+            # mask (micro, L) marks the answer tokens (not the padding after short answers)
+            logprobs, mask = completion_logprobs(model, mb_seqs, mb_starts,
+                                                 temperature=args.temperature,
+                                                 n_real_tokens=n_real_tokens)
+            # On the first pass the current policy is the one that sampled the batch
+            old_logprobs.setdefault(i, logprobs.detach())
+            if ref_model is not None and i not in ref_logprobs:  # for the k3 KL penalty
+                with torch.no_grad():
+                    ref_logprobs[i], _ = completion_logprobs(ref_model, mb_seqs, mb_starts,
+                                                             temperature=args.temperature,
+                                                             n_real_tokens=n_real_tokens)
+            # The per-token loss -A log π (with PPO's clip on a reused batch, and the KL term),
+            # summed over the micro-batch's tokens and divided by the step's: a scalar
+            loss, kl = policy_loss(logprobs=logprobs, old_logprobs=old_logprobs[i],
+                                   advantages=advantages[i:i + micro].to(logprobs.device),
+                                   mask=mask, n_tokens=norm, clip_eps=args.clip_eps,
+                                   ref_logprobs=ref_logprobs.get(i), kl_coef=args.kl_coef)
+        loss.backward()  # gradients add up over micro-batches
+        loss_sum += loss.item()
+        kl_sum += kl.item()
+        nll_sum += state_nll(logprobs, mask) * mask.sum().item() / n_tokens
+    # The figures: rewards of all answers, including the skipped groups'
     rewards = batch["rewards"]
     lengths = [len(s) - st for s, st in zip(batch["seqs"], batch["starts"])]
-    figures = dict(loss=loss_sum, lr=lr, grad_norm=grad_norm, reward=rewards.mean().item(),
-                   pass_rate=(rewards.max(1).values > 0).float().mean().item(),  # questions with a right answer
-                   zero_var_frac=1 - keep.float().mean().item(), response_len=sum(lengths) / len(lengths))
-    if seqs:  # the mean -log π of the sampled tokens: a one-sample estimate of the entropy, and the state NLL
-        figures.update(entropy=nll_sum, state_nll=nll_sum, **({"kl": kl_sum} if ref_model is not None else {}))
+    figures = dict(loss=loss_sum, reward=rewards.mean().item(),
+                   pass_rate=(rewards.max(1).values > 0).float().mean().item(),  # any right
+                   zero_var_frac=1 - keep.float().mean().item(),
+                   response_len=sum(lengths) / len(lengths))
+    if seqs:  # the mean -log π of the sampled tokens: a one-sample entropy estimate, and the
+        figures.update(entropy=nll_sum, state_nll=nll_sum)  # state NLL of the learner's states
+    if seqs and ref_model is not None:
+        figures["kl"] = kl_sum
     return figures
 
 
@@ -128,17 +165,28 @@ def main(argv=None):
     ref_model = starting_model(args, model.device, dtype) if args.kl_coef > 0 else None
     train = load_gsm8k("train", args.data_dir)
     questions_per_step = args.batch_size * args.grad_accum
-    start = load_checkpoint(args.out_dir, model, optimizer) if args.resume else 0
-    metrics = MetricsLog(args.out_dir, args.steps, start)
-    print(f"{args.steps} steps of {questions_per_step} questions x {args.group_size} answers per GPU")
-    if start == 0:
-        eval_and_checkpoint(0, model, tokenizer, optimizer, metrics, args, dtype)
-    for step in range(start, args.steps):
-        questions = batch_at(train, step, questions_per_step, args.seed)
-        batch = collect_states(model, tokenizer, questions, step, args, dtype)
-        figures = apply_reward(model, ref_model, optimizer, batch, step, args, dtype, tokenizer.n_real_tokens)
-        metrics.log(step + 1, **figures, tokens=sum(map(len, batch["seqs"])))
-        eval_and_checkpoint(step + 1, model, tokenizer, optimizer, metrics, args, dtype)
+    first_step = load_checkpoint(args.out_dir, model, optimizer) if args.resume else 0
+    metrics = MetricsLog(args.out_dir, args.steps, first_step)
+    print(f"{args.steps} steps of {questions_per_step} questions x {args.group_size} answers "
+          "per GPU")
+    if first_step == 0:
+        periodic_eval(0, model, tokenizer, metrics, args, dtype)
+    for step in range(first_step, args.steps):
+        questions = batch_at(train, step=step, n=questions_per_step, seed=args.seed)
+        # The states: the learner's own answers, sampled now, with their rewards
+        batch = collect_states(model=model, tokenizer=tokenizer, questions=questions, step=step,
+                               args=args, dtype=dtype)
+        # The signal: the reward, as a policy gradient; above one --ppo_epochs, the same batch
+        # is reused for more updates, each one pass of apply_reward and one optimizer step
+        for _ in range(args.ppo_epochs):
+            figures = apply_reward(model=model, ref_model=ref_model, batch=batch, args=args,
+                                   dtype=dtype, n_real_tokens=tokenizer.n_real_tokens)
+            lr, grad_norm = optimizer_step(optimizer, step, args, figures["loss"])
+        metrics.log(step + 1, **figures, lr=lr, grad_norm=grad_norm,
+                    tokens=sum(map(len, batch["seqs"])))
+        periodic_eval(step + 1, model, tokenizer, metrics, args, dtype)
+        if due(step + 1, args.save_every):
+            save_checkpoint(args.out_dir, model, optimizer, step + 1)
     finish(model, tokenizer, args.out_dir)
 
 

@@ -4,23 +4,26 @@ Supervised fine-tuning on GSM8K: off-policy state fitting (the paper's eq. 5).
     state source:  the dataset: the question and a prefix of its gold solution
     signal source: the gold next token
 
-    L(θ) = - E_{(x, y) ~ D} (1/|y|) Σ_t log π_θ(y_t | x, y_<t)                                 (eq. 5)
+    L(θ) = - E_{(x, y) ~ D} (1/|y|) Σ_t log π_θ(y_t | x, y_<t)                           (eq. 5)
 
-x is the plain prompt "Question: {q}\nAnswer:" (eval's GSM8K prompt, no chat template) and y the gold
-solution after a space, its "#### N" line included, then EOS. Only y's tokens carry loss, averaged over
-all the answer tokens of a step. Each step builds its states (collect_states) and fits the next tokens
-at them (fit_states).
+x is the plain prompt "Question: {q}\nAnswer:" (eval's GSM8K prompt, no chat template) and y the
+gold solution after a space, its "#### N" line included, then EOS. Only y's tokens carry loss,
+averaged over all the answer tokens of a step. Each step builds its states (collect_states) and
+fits the next tokens at them (fit_states).
 
---states self keeps the objective and changes the states: the learner samples --samples_per_question
-answers to each question, the correct ones are kept, and fit_states trains on those (rejection-sampling
-fine-tuning, a.k.a. RFT / STaR). Same loss, states from the learner: the paper's point, runnable.
+--states self keeps the objective and changes the states: the learner samples
+--samples_per_question answers to each question, the correct ones are kept, and fit_states trains
+on those (rejection-sampling fine-tuning, a.k.a. RFT / STaR). Same loss, states from the learner:
+the paper's point, runnable.
 
 Presets (the paper's Table 2, Qwen3-0.6B-Base):
-    --preset stress  5 epochs, lr 5e-4, LoRA rank 64 / alpha 128: the paper's stress SFT, which forgets.
-    --preset mild    1 epoch, lr 1e-4, the same LoRA: a fifth of the epochs at a fifth of the lr, so the
-                     model learns the solution format and "#### N" line (that is most of the GSM8K gain for
-                     a base model) while its weights move too little to forget much. Only these two
-                     numbers separate the presets, so the comparison is about how hard the model is pushed.
+    --preset stress  5 epochs, lr 5e-4, LoRA rank 64 / alpha 128: the paper's stress SFT, which
+                     forgets.
+    --preset mild    1 epoch, lr 1e-4, the same LoRA: a fifth of the epochs at a fifth of the lr,
+                     so the model learns the solution format and "#### N" line (that is most of
+                     the GSM8K gain for a base model) while its weights move too little to forget
+                     much. Only these two numbers separate the presets, so the comparison is
+                     about how hard the model is pushed.
 Both use 32 sequences a step (8 x 4 micro-batches): 234 steps an epoch.
 
     python train_sft.py --preset mild --out_dir out/sft_mild
@@ -31,10 +34,11 @@ Both use 32 sequences a step (8 x 4 micro-batches): 234 steps an epoch.
 import argparse
 import math
 
-from eval import (GSM8K_STOP_STRINGS, MetricsLog, batch_at, eval_and_checkpoint, gsm8k_prompt, gsm8k_reward,
-                  load_gsm8k, rollout, tokens_per_rank)
-from model import (autocast, completion_logprobs, finish, load_checkpoint, optimizer_step, rank_and_world, setup,
-                   training_args)
+from eval import GSM8K_STOP_STRINGS, gsm8k_prompt, gsm8k_reward, load_gsm8k
+from model import completion_logprobs, rollout
+from train_common import (MetricsLog, autocast, batch_at, due, finish, load_checkpoint,
+                          optimizer_step, periodic_eval, rank_and_world, save_checkpoint, setup,
+                          step_seed, tokens_per_rank, training_args)
 
 PRESETS = {
     "mild": dict(epochs=1, lr=1e-4, lora_rank=64, lora_alpha=128),
@@ -43,17 +47,19 @@ PRESETS = {
 
 
 def get_args(argv=None):
-    parser = training_args(__doc__.strip().split("\n")[0], steps=None, eval_every=100, save_every=100)
-    parser.add_argument("--preset", default="mild", choices=PRESETS,
-                        help="defaults for --epochs, --lr, --lora_rank, --lora_alpha (flags given explicitly win)")
-    parser.add_argument("--epochs", type=float, help="passes over GSM8K train; sets --steps unless --steps is given")
-    parser.add_argument("--states", default="dataset", choices=("dataset", "self"),
-                        help="dataset: gold solutions (SFT); self: the learner's own correct samples (RFT)")
-    parser.add_argument("--samples_per_question", type=int, default=4,
-                        help="--states self: answers sampled per question")
-    parser.add_argument("--max_new_tokens", type=int, default=256, help="--states self: longest sampled answer")
-    parser.add_argument("--temperature", type=float, default=1.0, help="--states self: sampling temperature")
-    # The preset sets the defaults, so that --help shows them and any explicit flag still overrides them
+    parser = training_args(__doc__.strip().split("\n")[0], steps=None, eval_every=100,
+                           save_every=100)
+    a = parser.add_argument
+    a("--preset", default="mild", choices=PRESETS,
+      help="defaults for --epochs, --lr, --lora_rank, --lora_alpha (explicit flags win)")
+    a("--epochs", type=float, help="passes over GSM8K train; sets --steps unless it is given")
+    a("--states", default="dataset", choices=("dataset", "self"),
+      help="dataset: gold solutions (SFT); self: the learner's own correct samples (RFT)")
+    a("--samples_per_question", type=int, default=4,
+      help="--states self: answers sampled per question")
+    a("--max_new_tokens", type=int, default=256, help="--states self: longest sampled answer")
+    a("--temperature", type=float, default=1.0, help="--states self: sampling temperature")
+    # The preset sets the defaults, so that --help shows them and explicit flags still win
     preset = argparse.ArgumentParser(add_help=False)
     preset.add_argument("--preset", default="mild")
     parser.set_defaults(**PRESETS.get(preset.parse_known_args(argv)[0].preset, {}))
@@ -61,32 +67,44 @@ def get_args(argv=None):
 
 
 def collect_states(model, tokenizer, questions, step, args, dtype):
-    """The states this step fits, as token sequences (prompt + answer) and where each answer starts."""
+    """The states this step fits, as token sequences (prompt + answer) and where each answer
+    starts."""
     prompts = [tokenizer.encode(gsm8k_prompt(q["question"])) for q in questions]
-    if args.states == "dataset":  # the gold solution after "Answer:", then EOS: the model learns to stop
+    if args.states == "dataset":  # the gold solution after "Answer:", then EOS: it learns to stop
         answers = [tokenizer.encode(" " + q["answer"]) + [tokenizer.eos_id] for q in questions]
-    else:  # the learner's own answers, kept where they are right
-        prompts = [p for p in prompts for _ in range(args.samples_per_question)]
-        golds = [q["gold"] for q in questions for _ in range(args.samples_per_question)]
-        with autocast(model.device, dtype):
-            samples = rollout(model, tokenizer, prompts, args.max_new_tokens, args.temperature,
-                              args.seed * 1_000_003 + step, GSM8K_STOP_STRINGS)
-        correct = [gsm8k_reward(tokenizer.decode(s), gold) == 1.0 for s, gold in zip(samples, golds)]
-        prompts, answers = [p for p, c in zip(prompts, correct) if c], [s for s, c in zip(samples, correct) if c]
+        return [p + a for p, a in zip(prompts, answers)], [len(p) for p in prompts]
+    # --states self: the learner's own answers, kept where they are right
+    prompts = [p for p in prompts for _ in range(args.samples_per_question)]
+    golds = [q["gold"] for q in questions for _ in range(args.samples_per_question)]
+    with autocast(model.device, dtype):
+        samples = rollout(model=model, tokenizer=tokenizer, prompts=prompts,
+                          max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          seed=step_seed(args.seed, step), stop_strings=GSM8K_STOP_STRINGS)
+    correct = [gsm8k_reward(tokenizer.decode(s), gold) == 1.0 for s, gold in zip(samples, golds)]
+    prompts = [p for p, right in zip(prompts, correct) if right]
+    answers = [s for s, right in zip(samples, correct) if right]
     return [p + a for p, a in zip(prompts, answers)], [len(p) for p in prompts]
 
 
-def fit_states(model, seqs, starts, args, dtype, vocab_limit=None):
-    """Backpropagate eq. 5 on these states, --batch_size sequences at a time: the NLL of the answer tokens,
-    averaged over all of the step's answer tokens (so --grad_accum only trades memory for time).
-    Returns this GPU's mean NLL: the loss, and also the state NLL, since the answers are the states here."""
+def fit_states(model, seqs, starts, args, dtype, n_real_tokens=None):
+    """Backpropagate eq. 5 on these states, --batch_size sequences at a time: the NLL of the
+    answer tokens, averaged over all of the step's answer tokens (so --grad_accum only trades
+    memory for time). The caller's optimizer_step applies the gradient. Returns this GPU's mean
+    NLL: the loss, and also the state NLL, since the answers are the states here."""
+    # The loss is a sum over answer tokens divided by the step's answer tokens on all GPUs:
+    # the same number whatever the micro-batching and however many GPUs share the step.
     n_tokens = sum(len(s) - st for s, st in zip(seqs, starts))
-    norm, nll_sum = tokens_per_rank(n_tokens), 0.0  # the loss is a mean over the step's tokens on all GPUs
+    norm = tokens_per_rank(n_tokens)
+    nll_sum = 0.0
     for i in range(0, len(seqs), args.batch_size):
         with autocast(model.device, dtype):
-            logprobs, mask = completion_logprobs(model, seqs[i:i + args.batch_size], starts[i:i + args.batch_size],
-                                                 vocab_limit=vocab_limit)
-            nll = -(logprobs * mask).sum()
+            # logprobs, mask (micro-batch, longest answer): log π_θ(y_t | x, y_<t) of each answer
+            # token; the prompt and the padding after short answers are not in them
+            logprobs, mask = completion_logprobs(model, seqs[i:i + args.batch_size],
+                                                 starts[i:i + args.batch_size],
+                                                 n_real_tokens=n_real_tokens)
+            nll = -(logprobs * mask).sum()  # the micro-batch's summed NLL, a scalar
+        # Gradients add up over micro-batches: each adds its share of the step's mean
         (nll / norm).backward()
         nll_sum += nll.item()
     return nll_sum / max(n_tokens, 1)
@@ -97,25 +115,34 @@ def main(argv=None):
     model, tokenizer, optimizer, device, dtype = setup(args)
     train = load_gsm8k("train", args.data_dir)
     questions_per_step = args.batch_size * args.grad_accum
-    if args.steps is None:
-        args.steps = math.ceil(args.epochs * len(train) / (questions_per_step * rank_and_world()[1]))
-    start = load_checkpoint(args.out_dir, model, optimizer) if args.resume else 0
-    metrics = MetricsLog(args.out_dir, args.steps, start)
+    if args.steps is None:  # --epochs: enough steps for that many passes over the train split
+        questions_per_pass = questions_per_step * rank_and_world()[1]
+        args.steps = math.ceil(args.epochs * len(train) / questions_per_pass)
+    first_step = load_checkpoint(args.out_dir, model, optimizer) if args.resume else 0
+    metrics = MetricsLog(args.out_dir, args.steps, first_step)
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{args.states} states, {args.steps} steps of {questions_per_step} questions per GPU, "
-          f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters")
-    if start == 0:
-        eval_and_checkpoint(0, model, tokenizer, optimizer, metrics, args, dtype)
-    for step in range(start, args.steps):
-        questions = batch_at(train, step, questions_per_step, args.seed)
-        seqs, starts = collect_states(model, tokenizer, questions, step, args, dtype)
-        loss = fit_states(model, seqs, starts, args, dtype, tokenizer.n_real_tokens)
+          f"{n_trained:,} trainable parameters")
+    if first_step == 0:
+        periodic_eval(0, model, tokenizer, metrics, args, dtype)
+    for step in range(first_step, args.steps):
+        questions = batch_at(train, step=step, n=questions_per_step, seed=args.seed)
+        # The states: gold solutions (or the learner's correct answers), as token sequences
+        seqs, starts = collect_states(model=model, tokenizer=tokenizer, questions=questions,
+                                      step=step, args=args, dtype=dtype)
+        # The signal: the next token's NLL at every state, backpropagated
+        loss = fit_states(model=model, seqs=seqs, starts=starts, args=args, dtype=dtype,
+                          n_real_tokens=tokenizer.n_real_tokens)
         lr, grad_norm = optimizer_step(optimizer, step, args, loss)
+        answer_tokens = sum(len(s) - st for s, st in zip(seqs, starts))
         figures = dict(loss=loss, state_nll=loss, lr=lr, grad_norm=grad_norm,
-                       answer_len=sum(len(s) - st for s, st in zip(seqs, starts)) / max(1, len(seqs)))
+                       answer_len=answer_tokens / max(1, len(seqs)))
         if args.states == "self":
             figures["kept_fraction"] = len(seqs) / (len(questions) * args.samples_per_question)
         metrics.log(step + 1, **figures, tokens=sum(map(len, seqs)))
-        eval_and_checkpoint(step + 1, model, tokenizer, optimizer, metrics, args, dtype)
+        periodic_eval(step + 1, model, tokenizer, metrics, args, dtype)
+        if due(step + 1, args.save_every):
+            save_checkpoint(args.out_dir, model, optimizer, step + 1)
     finish(model, tokenizer, args.out_dir)
 
 

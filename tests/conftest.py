@@ -1,11 +1,18 @@
-"""Shared test fixtures: the reference data in ../shared/data and tiny random-init Qwen3 models.
+"""Shared test fixtures: the reference data in ../shared/data, tiny random-init Qwen3 models, and
+what the trainer tests share (a byte-level tokenizer, reading a run's metrics and final model).
 
-Nothing here downloads anything: tests run offline on random weights and real data/tokenizer files,
-and the tests that need ../shared/data skip when it is absent.
+Nothing here downloads anything: tests run offline on random weights and real data/tokenizer
+files, and the tests that need ../shared/data skip when it is absent.
+
+Trainer runs use tiny random models and real GSM8K (from ../shared/data). Most use a byte-level
+tokenizer (256 byte tokens + <|endoftext|>, <|im_end|>), so that a vocab-512 model can read GSM8K
+and a step takes milliseconds; with Qwen's tokenizer the model needs its 151,936-row vocabulary,
+and one CPU step takes seconds. test_train_sft.py runs one step with the real tokenizer.
 """
 import importlib.util
 import json
 import shutil
+from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -40,7 +47,8 @@ def tokenizer_file(shared_data) -> Path:
 
 
 def load_script(relative_path):
-    """A file of this repo that is no package module (data/prepare.py, runs/paper.py), imported by path."""
+    """A file of this repo that is no package module (data/prepare.py, runs/paper.py), imported
+    by path."""
     path = ROOT / relative_path
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
@@ -56,6 +64,16 @@ def prepared_data(shared_data, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread: two OpenMP threads spend more time waiting for each
+    other (much more on a busy machine) than computing. Trainer tests use it for every test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(**overrides):
     """A Qwen3Config for a tiny model; any field can be overridden (e.g. vocab_size=151936)."""
     from model import Qwen3Config
@@ -63,7 +81,8 @@ def tiny_config(**overrides):
 
 
 def tiny_model(seed=0, **overrides):
-    """A random-init tiny Qwen3 in fp32. Norm weights are randomised too, so that a wrong norm shows."""
+    """A random-init tiny Qwen3 in fp32. Norm weights are randomised too, so that a wrong norm
+    shows."""
     from model import Qwen3
     torch.manual_seed(seed)
     model = Qwen3(tiny_config(**overrides))
@@ -78,9 +97,9 @@ def tiny_model(seed=0, **overrides):
 
 @pytest.fixture
 def make_checkpoint(tmp_path):
-    """Factory: write a tiny random checkpoint folder in the Hugging Face layout and return its path.
-
-    With with_tokenizer=True the real Qwen tokenizer.json is copied in (skips without ../shared)."""
+    """Factory: write a tiny random checkpoint folder in the Hugging Face layout and return its
+    path. With with_tokenizer=True the real Qwen tokenizer.json is copied in (skips without
+    ../shared/data)."""
     def make(seed=0, with_tokenizer=False, name="ckpt", **overrides):
         out = tmp_path / name
         model = tiny_model(seed=seed, **overrides)
@@ -96,3 +115,42 @@ def make_checkpoint(tmp_path):
 
 def read_json(path):
     return json.loads(Path(path).read_text())
+
+
+# The trainers' runs ------------------------------------------------------------------------------
+
+# a byte-level tokenizer.json (token i is byte i, then the two stop tokens): runs/paper.py's
+write_byte_tokenizer = load_script("runs/paper.py").write_byte_tokenizer
+
+
+@pytest.fixture
+def byte_model(tmp_path):
+    """Factory: a tiny random model folder (vocab 512) with the byte-level tokenizer."""
+    def make(seed=0, name="byte_model", **overrides):
+        out = tmp_path / name
+        tiny_model(seed=seed, **overrides).save_pretrained(out)
+        write_byte_tokenizer(out / "tokenizer.json")
+        return out
+    return make
+
+
+def train_lines(out_dir):
+    """The training steps' lines of a run's metrics.jsonl (not the evals')."""
+    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
+    return [row for row in map(json.loads, lines) if "loss" in row]
+
+
+def assert_final_model(out_dir, steps):
+    """The run wrote a loadable Hugging Face folder and one metrics line per step."""
+    from model import Qwen3, Tokenizer
+    loaded = Qwen3.from_pretrained(out_dir)
+    assert Tokenizer.from_pretrained(out_dir).stop_ids
+    assert all(torch.isfinite(p).all() for p in loaded.parameters())
+    assert [row["step"] for row in train_lines(out_dir)] == list(range(1, steps + 1))
+    return loaded
+
+
+def args_for(**overrides):
+    """The shared flags' defaults, as a trainer would parse them, with overrides."""
+    from train_common import training_args
+    return Namespace(**{**vars(training_args("test").parse_args([])), **overrides})

@@ -5,10 +5,12 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from conftest import DEVICES, tiny_config, tiny_model
+from conftest import DEVICES, tiny_config, tiny_model, write_byte_tokenizer
 import model as M
-from model import Qwen3, Qwen3Config, Tokenizer, add_lora, completion_logprobs, sample_next
+from model import (Qwen3, Qwen3Config, Tokenizer, add_lora, completion_logprobs, rollout,
+                   sample_next)
 
 SHAPES = {  # tied and untied heads, MHA and GQA, head_dim != hidden/heads, other rope theta
     "tied-gqa": {},
@@ -129,6 +131,46 @@ def test_completion_logprobs_equal_log_softmax_with_gradients(monkeypatch):
     assert torch.allclose(chunked_grad, model.layers[0].mlp.up_proj.weight.grad, atol=1e-5)
 
 
+def test_completion_logprobs_are_the_completion_tokens_only():
+    """Right-padded batch of different lengths: each completion's log-probs equal a plain
+    log-softmax of the full logits of that sequence alone; prompts and padding are masked out."""
+    model = tiny_model(seed=5)
+    seqs = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [3, 4, 5, 6, 7, 8, 9, 1, 2]]
+    starts = [2, 1, 7]
+    logprobs, mask = completion_logprobs(model, seqs, starts, temperature=0.7)
+    assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 0, 0]]
+    for b, (seq, start) in enumerate(zip(seqs, starts)):
+        full = (model(torch.tensor([seq]))[0] / 0.7).log_softmax(-1)
+        expected = full[torch.arange(start - 1, len(seq) - 1), torch.tensor(seq[start:])]
+        assert torch.allclose(logprobs[b, :len(seq) - start], expected, atol=1e-5)
+        assert (logprobs[b, len(seq) - start:] == 0).all()
+
+
+def test_completion_logprobs_normalise_over_the_real_tokens_only():
+    """n_real_tokens: normalised over the first tokens only, as the sampler draws them."""
+    model = tiny_model(seed=5)
+    seq = [5, 6, 7, 8, 9, 10]
+    limited, _ = completion_logprobs(model, [seq], [2], n_real_tokens=300)
+    full = model(torch.tensor([seq]))[0, :, :300].log_softmax(-1)
+    assert torch.allclose(limited[0], full[torch.arange(1, 5), torch.tensor(seq[2:])], atol=1e-5)
+
+
+def test_rollout_ends_at_the_token_that_completes_a_stop_string(tmp_path):
+    write_byte_tokenizer(tmp_path / "tok.json")
+    tok = Tokenizer.from_pretrained(tmp_path / "tok.json")
+    text = " 5 apples.\n\nQuestion: how many"
+
+    class Scripted:  # a stand-in model that always "samples" the same text
+        device = torch.device("cpu")
+
+        def generate(self, prompts, max_new_tokens, **kw):
+            return [tok.encode(text) for _ in prompts]
+    out = rollout(Scripted(), tok, [[1], [2]], 64, 1.0, 0, stop_strings=("Question:",))
+    assert tok.decode(out[0]) == " 5 apples.\n\nQuestion:"
+    assert out[0] == out[1]
+    assert rollout(Scripted(), tok, [[1]], 64, 1.0, 0)[0] == tok.encode(text)  # no stop strings
+
+
 # --- the sampler -------------------------------------------------------------------------------
 
 def test_sampler_masks_equal_their_definitions():
@@ -144,7 +186,7 @@ def test_sampler_masks_equal_their_definitions():
     p = probs[order[0]].item() + 0.01  # crosses p at the second token
     assert support(top_p=p) == set(order[:2])
     assert support(top_p=probs[order[0]].item() - 0.01) == {order[0]}
-    assert support(vocab_limit=3) == {0, 1, 2}
+    assert support(n_real_tokens=3) == {0, 1, 2}
     # the returned log-prob is under the truncated, renormalised distribution
     tok, lp = sample_next(logits, 1.0, top_k=2, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(lp.exp(), probs[tok] / (probs[0] + probs[5]))
@@ -169,13 +211,16 @@ def test_lora_saves_merged_with_the_same_logits(tmp_path):
     assert len(trainable) == 2 * 7 * model.config.num_hidden_layers
     with torch.no_grad():
         for p in trainable:
-            p.add_(0.05 * torch.randn_like(p))
+            p.add_(0.05 * torch.randn_like(p))  # a trained adapter: B no longer zero
     idx = torch.randint(0, 512, (2, 9))
     with torch.no_grad():
         with_adapters = model(idx)
         model.save_pretrained(tmp_path / "merged")
         loaded = Qwen3.from_pretrained(tmp_path / "merged")
-        assert (with_adapters - loaded(idx)).abs().max() < 1e-5 and (with_adapters - model(idx)).abs().max() == 0
+        assert (with_adapters - loaded(idx)).abs().max() < 1e-5
+        assert (with_adapters - model(idx)).abs().max() == 0  # saving leaves the model as it was
+    saved = load_file(tmp_path / "merged" / "model.safetensors")
+    assert not any("lora" in k for k in saved)  # merged: plain Hugging Face weights
 
 
 # --- files and errors --------------------------------------------------------------------------

@@ -10,9 +10,8 @@ import time
 import pytest
 
 from conftest import ROOT, load_script
-import test_train_utils as shared
 
-one_thread = shared.one_thread  # tiny models run faster on one thread
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread
 
 paper = load_script("runs/paper.py")
 

@@ -5,12 +5,10 @@ import torch
 
 import model as M
 import train_distill
-from conftest import tiny_model
-import test_train_utils as shared
-from test_train_utils import assert_final_model, train_lines, write_byte_tokenizer
+from conftest import assert_final_model, tiny_model, train_lines, write_byte_tokenizer
+from train_common import optimizer_step
 
-# fixtures shared by the trainer tests, defined once in test_train_utils.py
-byte_model, one_thread = shared.byte_model, shared.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_token_kl_gradient_matches_its_analytic_form():
@@ -32,7 +30,8 @@ def test_full_kl_is_the_exact_kl_over_the_vocabulary(forward, monkeypatch):
     monkeypatch.setattr(M, "LOGPROB_CHUNK", 3)  # several chunks, each recomputed in backward
     student, teacher = tiny_model(seed=1).requires_grad_(True), tiny_model(seed=2)
     rows_s, rows_t = torch.randn(7, 64, requires_grad=True), torch.randn(7, 64)
-    kl = train_distill.full_kl_sum(student, rows_s, teacher, rows_t, forward, 0.8, vocab_limit=300)
+    kl = train_distill.full_kl_sum(student, rows_s, teacher, rows_t, forward, 0.8,
+                                     n_real_tokens=300)
     log_p = (rows_s @ student.lm_head.weight[:300].t() / 0.8).log_softmax(-1)
     log_q = (rows_t @ teacher.lm_head.weight[:300].t() / 0.8).log_softmax(-1)
     expected = (log_q.exp() * (log_q - log_p)).sum() if forward else (log_p.exp() * (log_p - log_q)).sum()
@@ -97,8 +96,9 @@ def test_distillation_shrinks_the_kl_to_the_teacher(signal, tmp_path):
     before = kl_on_student_states(student, teacher, tokenizer, args)
     for step in range(args.steps):
         batch = train_distill.collect_states(student, teacher, tokenizer, QUESTIONS, step, args, torch.float32)
-        train_distill.apply_teacher(student, teacher, optimizer, batch, step, args, torch.float32,
-                                    tokenizer.n_real_tokens)
+        figures = train_distill.apply_teacher(student, teacher, batch, args, torch.float32,
+                                              tokenizer.n_real_tokens)
+        optimizer_step(optimizer, step, args, figures["loss"])
     assert kl_on_student_states(student, teacher, tokenizer, args) < 0.8 * before
 
 

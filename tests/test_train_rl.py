@@ -3,12 +3,17 @@ import pytest
 import torch
 
 import train_rl
-from conftest import tiny_model
-import test_train_utils as shared
-from test_train_utils import assert_final_model, train_lines
+from conftest import assert_final_model, tiny_model, train_lines
+from train_common import optimizer_step
 
-# fixtures shared by the trainer tests, defined once in test_train_utils.py
-byte_model, one_thread = shared.byte_model, shared.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def reward_step(model, optimizer, batch, step, args, n_real_tokens=None):
+    """One RL update as train_rl.main makes it: apply_reward's backward, then optimizer_step."""
+    figures = train_rl.apply_reward(model, None, batch, args, torch.float32, n_real_tokens)
+    optimizer_step(optimizer, step, args, figures["loss"])
+    return figures
 
 
 def test_group_advantages_on_hand_made_rewards():
@@ -30,11 +35,11 @@ def test_zero_variance_groups_are_skipped():
     batch = dict(seqs=[[1, 2, 3, 4], [1, 2, 5, 6], [7, 8, 9], [7, 8, 10]], starts=[2, 2, 2, 2],
                  rewards=torch.tensor([[1., 1.], [0., 0.]]))
     before = [p.detach().clone() for p in model.parameters()]
-    figures = train_rl.apply_reward(model, None, optimizer, batch, 0, args, torch.float32)
+    figures = reward_step(model, optimizer, batch, 0, args)
     assert figures["zero_var_frac"] == 1.0 and figures["reward"] == 0.5 and figures["pass_rate"] == 0.5
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     batch["rewards"] = torch.tensor([[1., 0.], [0., 0.]])
-    figures = train_rl.apply_reward(model, None, optimizer, batch, 0, args, torch.float32)
+    figures = reward_step(model, optimizer, batch, 0, args)
     assert figures["zero_var_frac"] == 0.5 and not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
@@ -85,8 +90,8 @@ def test_rl_raises_the_reward_of_a_tiny_model():
     rewards = []
     for step in range(args.steps):
         rows = [p for p in prompts for _ in range(args.group_size)]
-        answers = model.generate(rows, 8, seed=step, vocab_limit=16)
+        answers = model.generate(rows, 8, seed=step, n_real_tokens=16)
         reward = torch.tensor([sum(t == 7 for t in a) / len(a) for a in answers]).view(len(prompts), args.group_size)
         batch = dict(seqs=[p + a for p, a in zip(rows, answers)], starts=[len(p) for p in rows], rewards=reward)
-        rewards.append(train_rl.apply_reward(model, None, optimizer, batch, step, args, torch.float32, 16)["reward"])
+        rewards.append(reward_step(model, optimizer, batch, step, args, 16)["reward"])
     assert rewards[0] < 0.2 and sum(rewards[-3:]) / 3 > 0.6

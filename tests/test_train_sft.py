@@ -4,18 +4,16 @@ import json
 import pytest
 import torch
 
-import model as M
 import train_sft
-from conftest import tiny_model
-import test_train_utils as shared
-from test_train_utils import args_for, assert_final_model, train_lines
+from conftest import args_for, assert_final_model, tiny_model, train_lines
+from model import Tokenizer
+from train_common import optimizer_step
 
-# fixtures shared by the trainer tests, defined once in test_train_utils.py
-byte_model, one_thread = shared.byte_model, shared.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_dataset_states_are_prompt_then_gold_solution_then_eos(tokenizer_file):
-    tok = M.Tokenizer.from_pretrained(tokenizer_file)
+    tok = Tokenizer.from_pretrained(tokenizer_file)
     question = {"question": "Natalia sold clips to 48 of her friends in April.", "gold": "72",
                 "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72"}
     seqs, starts = train_sft.collect_states(None, tok, [question], 0, args_for(states="dataset"), torch.float32)
@@ -88,5 +86,5 @@ def test_sft_drives_the_loss_of_a_tiny_model_near_zero():
     losses = []
     for step in range(args.steps):
         losses.append(train_sft.fit_states(model, seqs, starts, args, torch.float32))
-        M.optimizer_step(optimizer, step, args, losses[-1])
+        optimizer_step(optimizer, step, args, losses[-1])
     assert losses[0] > 5.5 and losses[-1] < 0.05

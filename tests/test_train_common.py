@@ -1,0 +1,173 @@
+"""train_common.py, the training harness: the lr schedule, the data order, the starting model,
+checkpoints and --resume (through train_sft.py's main), the non-finite stop, a bad --model, and
+torchrun on two CPU processes."""
+import json
+import math
+from argparse import Namespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import eval as ev
+import train_common as T
+from conftest import ROOT, args_for, assert_final_model, train_lines
+from model import Qwen3
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    args = args_for(lr=1.0, warmup=4, steps=104)
+    assert [T.lr_at(s, args) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert T.lr_at(54, args) == pytest.approx(0.5)  # cosine: half way down at the middle
+    assert T.lr_at(103, args) == pytest.approx(0.0, abs=1e-3)
+    assert T.lr_at(79, args) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.75)))
+
+
+def test_batches_cover_each_epoch_once_and_split_ranks(monkeypatch):
+    items = list(range(10))
+    batches = [T.batch_at(items, step, 5, seed=3) for step in range(4)]
+    assert sorted(batches[0] + batches[1]) == items  # epoch 1: every item once
+    assert sorted(batches[2] + batches[3]) == items  # epoch 2: every item once
+    assert batches[0] + batches[1] != batches[2] + batches[3]  # a new shuffle each epoch
+    assert T.batch_at(items, 1, 5, seed=3) == batches[1]  # any step's batch, without replaying
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    per_rank = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        per_rank.append(T.batch_at(items, 0, 5, seed=3))
+    assert sorted(per_rank[0] + per_rank[1]) == items  # ranks see different examples
+
+
+def test_step_seeds_differ_across_steps_and_runs():
+    seeds = {T.step_seed(seed, step) for seed in range(3) for step in range(1000)}
+    assert len(seeds) == 3000
+
+
+def test_the_starting_model_computes_what_the_learner_did_under_autocast(make_checkpoint):
+    # Full fine-tuning trains fp32 master weights under bf16 autocast; a bf16 copy of the start
+    # would compute slightly differently (fp32 embeddings and norms stay fp32 under autocast), so
+    # the start is held in fp32.
+    folder = make_checkpoint(seed=4)
+    learner = Qwen3.from_pretrained(folder)  # the fp32 master weights
+    prompts = [[5, 6, 7], [8, 9]] * 3
+    tok = Namespace(stop_ids=[2], n_real_tokens=300, decode=lambda ids: "")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        args = Namespace(model=str(folder), lora_rank=0)
+        start = T.starting_model(args, learner.device, torch.bfloat16)
+        assert start.dtype == torch.float32
+        assert ev.kl_to_start(learner, start, tok, prompts, max_new_tokens=8) == 0.0
+        bf16_copy = Qwen3.from_pretrained(folder, dtype=torch.bfloat16)
+        assert ev.kl_to_start(learner, bf16_copy, tok, prompts, max_new_tokens=8) != 0.0
+
+
+# Checkpoints, --resume and the non-finite stop, through train_sft.py's main -------------------
+
+
+def run_sft(data_dir, model_dir, out_dir, *extra):
+    import train_sft
+    train_sft.main(["--model", str(model_dir), "--out_dir", str(out_dir), "--data_dir",
+                    str(data_dir), "--steps", "4", "--batch_size", "2", "--grad_accum", "1",
+                    "--lora_rank", "0", "--lr", "3e-3", "--warmup", "1", "--eval_every", "0",
+                    "--save_every", "2", *extra])
+
+
+def test_resume_is_bit_identical(prepared_data, byte_model, tmp_path, monkeypatch):
+    """Killed during step 3 and resumed from the step-2 checkpoint, a run ends with exactly the
+    weights and losses of an uninterrupted one (full fine-tuning: every weight has AdamW state)."""
+    import train_sft
+    model_dir = byte_model()
+    run_sft(prepared_data, model_dir, tmp_path / "straight")
+
+    fit_states, calls = train_sft.fit_states, []
+
+    def dies_in_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return fit_states(*args, **kwargs)
+    monkeypatch.setattr(train_sft, "fit_states", dies_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(prepared_data, model_dir, tmp_path / "resumed")
+    monkeypatch.setattr(train_sft, "fit_states", fit_states)
+    checkpoints = tmp_path / "resumed" / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == ["step_0000002"]
+    run_sft(prepared_data, model_dir, tmp_path / "resumed", "--resume")
+
+    a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("straight", "resumed"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[row["loss"] for row in train_lines(tmp_path / run)]
+              for run in ("straight", "resumed")]
+    assert losses[0] == losses[1]
+    assert [p.name for p in checkpoints.iterdir()] == ["step_0000004"]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(prepared_data, byte_model,
+                                                                  tmp_path, monkeypatch):
+    import train_sft
+    fit_states, calls = train_sft.fit_states, []
+
+    def nan_in_step_3(*args, **kwargs):
+        calls.append(1)
+        loss = fit_states(*args, **kwargs)
+        return float("nan") if len(calls) == 3 else loss
+    monkeypatch.setattr(train_sft, "fit_states", nan_in_step_3)
+    with pytest.raises(SystemExit, match="step 3: loss nan.*not finite.*checkpoints"):
+        run_sft(prepared_data, byte_model(), tmp_path / "run")
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_0000002"
+    assert (checkpoint / "meta.json").exists()
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    weights = load_file(checkpoint / "state.safetensors")
+    assert all(torch.isfinite(t).all() for k, t in weights.items() if t.is_floating_point())
+
+
+def test_checkpoint_holds_only_safetensors_and_json(prepared_data, byte_model, tmp_path):
+    run_sft(prepared_data, byte_model(), tmp_path / "run", "--lora_rank", "4", "--steps", "2")
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_0000002"
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["meta.json", "state.safetensors"]
+    tensors = load_file(checkpoint / "state.safetensors")
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    assert meta["step"] == 2
+    assert tensors["rng.torch"].dtype == torch.uint8
+    # LoRA: only the adapters are trained, so only they are saved, with their AdamW state
+    assert all("lora" in k for k in tensors if k.startswith("param."))
+    adam_state = {k.split(".")[-1] for k in tensors if k.startswith("adam.")}
+    assert adam_state == {"step", "exp_avg", "exp_avg_sq"}
+
+
+def test_a_bad_model_flag_is_one_line_naming_the_flag(tmp_path, make_checkpoint):
+    import train_distill
+    import train_rl
+    missing = tmp_path / "missing"
+    with pytest.raises(SystemExit, match=r"^--model: .*missing: no such model folder"):
+        train_rl.main(["--model", str(missing), "--out_dir", str(tmp_path / "out"),
+                       "--device", "cpu"])
+    with pytest.raises(SystemExit, match=r"^--model: .*missing: no such model folder"):
+        ev.main(["--model", str(missing), "--tasks", "gsm8k"])
+    no_tokenizer = make_checkpoint()  # weights and config, but no tokenizer.json
+    with pytest.raises(SystemExit, match=r"^--teacher: .*no tokenizer.json"):
+        train_distill.load_teacher(args_for(teacher=str(no_tokenizer), model="student"), None,
+                                   None, "cpu", torch.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, extra", [
+    ("train_rl.py", ["--group_size", "4", "--max_new_tokens", "8", "--kl_coef", "0.1"]),
+    ("train_sft.py", ["--lora_rank", "4"]),
+])
+def test_ddp_with_torchrun_on_two_cpu_processes(script, extra, prepared_data, byte_model,
+                                                tmp_path):
+    """The same script under torchrun (gloo on CPU): ranks train on disjoint data, gradients and
+    token counts are reduced, only rank 0 writes, and the run ends with a loadable model."""
+    import subprocess
+    import sys
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / script), "--model", str(byte_model()), "--data_dir", str(prepared_data),
+           "--out_dir", str(out), "--device", "cpu", "--steps", "2", "--batch_size", "1",
+           "--grad_accum", "2", "--eval_every", "0", "--save_every", "1", *extra]
+    finished = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert_final_model(out, steps=2)
