@@ -46,7 +46,7 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 TASKS = ("gsm8k", "mmlu", "truthfulqa_mc1", "truthfulqa_mc2")
 PAPER_LIMITS = {"gsm8k": 500, "mmlu": 500, "truthfulqa_mc1": 200, "truthfulqa_mc2": 200}
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Data loading: the jsonl files data/prepare.py writes (it documents their format)
 
 
@@ -55,7 +55,8 @@ def read_data(data_dir, dataset: str, filename: str) -> list:
     path = Path(data_dir) / dataset / filename
     if not path.exists():
         print(f"{path} not found: preparing {dataset} with data/prepare.py", file=sys.stderr)
-        # data/ is not a package: load prepare.py by path, so no other module named `data` can shadow it
+        # data/ is not a package: load prepare.py by path, so no other module named `data` can
+        # shadow it
         prepare_py = Path(__file__).resolve().parent / "data" / "prepare.py"
         spec = importlib.util.spec_from_file_location("prepare", prepare_py)
         prepare = importlib.util.module_from_spec(spec)
@@ -69,9 +70,10 @@ def read_data(data_dir, dataset: str, filename: str) -> list:
 
 
 def load_gsm8k(split: str, data_dir=DATA_DIR) -> list:
-    """GSM8K rows: question, answer (the full gold solution) and gold (its final number, normalised as
-    lm-eval normalises it: '#### 1,080' -> '1080')."""
-    return [{**row, "gold": normalize_gsm8k(row["answer"])} for row in read_data(data_dir, "gsm8k", f"{split}.jsonl")]
+    """GSM8K rows: question, answer (the full gold solution) and gold (its final number, normalised
+    as lm-eval normalises it: '#### 1,080' -> '1080')."""
+    return [{**row, "gold": normalize_gsm8k(row["answer"])}
+            for row in read_data(data_dir, "gsm8k", f"{split}.jsonl")]
 
 
 def load_mmlu(split: str, data_dir=DATA_DIR) -> list:
@@ -83,13 +85,14 @@ def load_truthfulqa(data_dir=DATA_DIR) -> list:
 
 
 def subset(n_total: int, limit, seed: int) -> list:
-    """Indices of the examples to score: all of them, or a fixed seeded sample of `limit`, in order."""
+    """Indices of the examples to score: all of them, or a fixed seeded sample of `limit`, in
+    order."""
     if limit is None or limit >= n_total:
         return list(range(n_total))
     return sorted(random.Random(seed).sample(range(n_total), limit))
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Prompts (each string below is lm-eval's template; tests check them character by character)
 
 def gsm8k_prompt(question: str) -> str:
@@ -97,16 +100,20 @@ def gsm8k_prompt(question: str) -> str:
 
 
 def gsm8k_fewshot_prompt(question: str, shots: list) -> str:
-    """Each shot is its question and full gold solution after a space; shots end with a blank line."""
-    return "".join(f"{gsm8k_prompt(s['question'])} {s['answer']}\n\n" for s in shots) + gsm8k_prompt(question)
+    """Each shot is its question and full gold solution after a space; shots end with a blank
+    line."""
+    return "".join(f"{gsm8k_prompt(s['question'])} {s['answer']}\n\n"
+                   for s in shots) + gsm8k_prompt(question)
 
 
 def gsm8k_shot_indices(n_train: int, n_test: int, shots: int, seed: int) -> list:
     """Train-set indices of the shots for each test question. lm-eval draws them from one
-    random.Random(seed) per task, test question after test question; replaying the draws for the whole
-    test set gives every question the shots it gets in a full lm-eval run, whichever subset we score."""
+    random.Random(seed) per task, test question after test question; replaying the draws for the
+    whole test set gives every question the shots it gets in a full lm-eval run, whichever subset we
+    score."""
     rng = random.Random(seed)
-    return [rng.sample(range(n_train), shots) for _ in range(n_test)]  # same draws as sampling the rows
+    # same draws as sampling the rows
+    return [rng.sample(range(n_train), shots) for _ in range(n_test)]
 
 
 def mmlu_question(row: dict) -> str:
@@ -118,7 +125,8 @@ def mmlu_prompt(row: dict, shots: list) -> str:
     """The subject's description, then its first k dev questions answered, then the question."""
     subject = row["subject"].replace("_", " ")
     description = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
-    return description + "".join(f"{mmlu_question(s)} {'ABCD'[s['answer']]}\n\n" for s in shots) + mmlu_question(row)
+    return description + "".join(f"{mmlu_question(s)} {'ABCD'[s['answer']]}\n\n"
+                                 for s in shots) + mmlu_question(row)
 
 
 TRUTHFULQA_PREAMBLE = (
@@ -140,24 +148,29 @@ def truthfulqa_prompt(question: str) -> str:
     return f"{TRUTHFULQA_PREAMBLE}\n\nQ: {question}\nA:"
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Answer checking
 
-GSM8K_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")        # lm-eval "strict-match": the first '#### N'
-GSM8K_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")  # "flexible-extract": the last number-like run
-GSM8K_IGNORE = (",", r"\$", r"(?s).*#### ", r"\.$")       # removed, in this order, from prediction and gold
-GSM8K_STOP_STRINGS = ("Question:", "</s>", "<|im_end|>", "<|endoftext|>")  # generation ends at the first
+GSM8K_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")  # lm-eval "strict-match": the first '#### N'
+# "flexible-extract": the last number-like run
+GSM8K_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+# removed, in this order, from prediction and gold
+GSM8K_IGNORE = (",", r"\$", r"(?s).*#### ", r"\.$")
+# generation ends at the first
+GSM8K_STOP_STRINGS = ("Question:", "</s>", "<|im_end|>", "<|endoftext|>")
 
 
 def extract_gsm8k_answer(text: str, mode: str = "strict"):
-    """The answer lm-eval's GSM8K filter extracts from a completion (a string such as '1,080.'), or None."""
+    """The answer lm-eval's GSM8K filter extracts from a completion (a string such as '1,080.'), or
+    None."""
     if mode not in ("strict", "flexible"):
         raise ValueError(f"mode must be 'strict' or 'flexible', not {mode!r}")
     matches = (GSM8K_STRICT if mode == "strict" else GSM8K_FLEXIBLE).findall(text)
     if not matches:
         return None
     match = matches[0] if mode == "strict" else matches[-1]
-    if isinstance(match, tuple):  # one group per alternative of the flexible regex: the one that matched
+    # one group per alternative of the flexible regex: the one that matched
+    if isinstance(match, tuple):
         match = next(group for group in match if group)
     return match.strip()
 
@@ -170,7 +183,8 @@ def normalize_gsm8k(text: str) -> str:
 
 
 def gsm8k_correct(prediction, gold: str) -> bool:
-    """Exact match after normalisation, as lm-eval scores it: '1,080.' and '$1080' match '1080', '1080.0' does not."""
+    """Exact match after normalisation, as lm-eval scores it: '1,080.' and '$1080' match '1080',
+    '1080.0' does not."""
     return prediction is not None and normalize_gsm8k(prediction) == normalize_gsm8k(gold)
 
 
@@ -183,7 +197,8 @@ def truncate_at_stop(text: str) -> str:
 def gsm8k_reward(completion_text: str, gold: str) -> float:
     """The RL reward: 1.0 when the completion's flexible-extracted answer equals the gold number
     numerically ('18.0' and '$18.' earn it for 18), else 0.0. The eval's flexible score is the same
-    extraction with lm-eval's string match, which '18.0' fails: the reward does not punish a format."""
+    extraction with lm-eval's string match, which '18.0' fails: the reward does not punish a
+    format."""
     answer = extract_gsm8k_answer(truncate_at_stop(completion_text), "flexible")
     try:
         return float(float(normalize_gsm8k(answer)) == float(normalize_gsm8k(gold)))
@@ -192,8 +207,9 @@ def gsm8k_reward(completion_text: str, gold: str) -> float:
 
 
 def mc2_score(logliks: list, labels: list) -> float:
-    """Probability mass of the true choices, normalised over all choices. As lm-eval does, the choices
-    before the first 0 label count as true (two TruthfulQA questions list a true one after a false one)."""
+    """Probability mass of the true choices, normalised over all choices. As lm-eval does, the
+    choices before the first 0 label count as true (two TruthfulQA questions list a true one after a
+    false one)."""
     n_true = labels.index(0)
     top = max(logliks)  # subtracted for stability; it cancels in the ratio
     probs = [math.exp(ll - top) for ll in logliks]
@@ -201,16 +217,18 @@ def mc2_score(logliks: list, labels: list) -> float:
 
 
 def argmax(values: list) -> int:
-    return max(range(len(values)), key=lambda i: (values[i], -i))  # ties: the first, as numpy's argmax
+    # ties: the first, as numpy's argmax
+    return max(range(len(values)), key=lambda i: (values[i], -i))
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Scoring with the model: batched log-likelihoods and greedy generation, longest first
 
 def encode_pair(tokenizer, context: str, continuation: str):
-    """lm-eval's tokenisation of a (context, continuation) request: trailing spaces of the context move
-    to the continuation, the concatenation is encoded whole, and the continuation is what follows the
-    context's own encoding. So ' A' after 'Answer:' is scored as the tokens a model would see."""
+    """lm-eval's tokenisation of a (context, continuation) request: trailing spaces of the context
+    move to the continuation, the concatenation is encoded whole, and the continuation is what
+    follows the context's own encoding. So ' A' after 'Answer:' is scored as the tokens a model
+    would see."""
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
@@ -220,9 +238,9 @@ def encode_pair(tokenizer, context: str, continuation: str):
 
 @torch.no_grad()
 def loglikelihoods(model, tokenizer, requests: list, batch_size: int = 16) -> list:
-    """Summed log-probability of each (context, continuation) request's continuation tokens, in batches
-    of similar lengths. model.py's completion_logprobs projects only the continuation positions onto the
-    vocabulary: for MMLU that is one position in ~600."""
+    """Summed log-probability of each (context, continuation) request's continuation tokens, in
+    batches of similar lengths. model.py's completion_logprobs projects only the continuation
+    positions onto the vocabulary: for MMLU that is one position in ~600."""
     pairs = [encode_pair(tokenizer, context, continuation) for context, continuation in requests]
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
     results = [0.0] * len(pairs)
@@ -235,7 +253,8 @@ def loglikelihoods(model, tokenizer, requests: list, batch_size: int = 16) -> li
     return results
 
 
-def greedy_completions(model, tokenizer, prompts: list, max_new_tokens: int, batch_size: int = 16) -> list:
+def greedy_completions(model, tokenizer, prompts: list, max_new_tokens: int,
+                       batch_size: int = 16) -> list:
     """Greedy completion text of each prompt, cut before the first stop token or stop string."""
     completions = rollout(model=model, tokenizer=tokenizer, prompts=tokenizer.encode_batch(prompts),
                           max_new_tokens=max_new_tokens, stop_strings=GSM8K_STOP_STRINGS,
@@ -246,16 +265,21 @@ def greedy_completions(model, tokenizer, prompts: list, max_new_tokens: int, bat
 def eval_gsm8k(model, tokenizer, settings, data_dir) -> dict:
     train, test = load_gsm8k("train", data_dir), load_gsm8k("test", data_dir)
     indices = subset(len(test), settings["limit"].get("gsm8k"), settings["seed"])
-    shots = gsm8k_shot_indices(len(train), len(test), settings["gsm8k_shots"], settings["fewshot_seed"])
-    prompts = [gsm8k_fewshot_prompt(test[i]["question"], [train[j] for j in shots[i]]) for i in indices]
-    completions = greedy_completions(model, tokenizer, prompts, settings["max_new_tokens"], settings["batch_size"])
+    shots = gsm8k_shot_indices(len(train), len(test), settings["gsm8k_shots"],
+                               settings["fewshot_seed"])
+    prompts = [gsm8k_fewshot_prompt(test[i]["question"], [train[j] for j in shots[i]])
+               for i in indices]
+    completions = greedy_completions(model, tokenizer, prompts, settings["max_new_tokens"],
+                                     settings["batch_size"])
     samples = []
     for i, completion in zip(indices, completions):
         pred = {mode: extract_gsm8k_answer(completion, mode) for mode in ("strict", "flexible")}
         match = {mode: int(gsm8k_correct(pred[mode], test[i]["gold"])) for mode in pred}
-        samples.append({"index": i, "pred": {**pred, "completion": completion}, "gold": test[i]["gold"],
+        samples.append({"index": i, "pred": {**pred, "completion": completion},
+                        "gold": test[i]["gold"],
                         "exact_match": match})
-    metrics = {f"exact_match_{mode}": mean(s["exact_match"][mode] for s in samples) for mode in ("strict", "flexible")}
+    metrics = {f"exact_match_{mode}": mean(s["exact_match"][mode] for s in samples)
+               for mode in ("strict", "flexible")}
     return {"metrics": metrics, "n": len(samples), "samples": samples}
 
 
@@ -275,15 +299,19 @@ def eval_mmlu(model, tokenizer, settings, data_dir) -> dict:
         scores = logliks[4 * k:4 * k + 4]
         samples.append({"index": i, "subject": test[i]["subject"], "pred": argmax(scores),
                         "gold": test[i]["answer"], "logliks": scores})
-        by_subject.setdefault(test[i]["subject"], []).append(samples[-1]["pred"] == samples[-1]["gold"])
-    metrics = {"acc": mean(s["pred"] == s["gold"] for s in samples),  # micro: every question counts once
-               "acc_per_subject": {subject: mean(hits) for subject, hits in sorted(by_subject.items())}}
+        by_subject.setdefault(test[i]["subject"],
+                              []).append(samples[-1]["pred"] == samples[-1]["gold"])
+    # micro: every question counts once
+    metrics = {"acc": mean(s["pred"] == s["gold"] for s in samples),
+               "acc_per_subject": {subject: mean(hits)
+                                   for subject, hits in sorted(by_subject.items())}}
     return {"metrics": metrics, "n": len(samples), "samples": samples}
 
 
 def eval_truthfulqa(model, tokenizer, settings, data_dir, which: str) -> dict:
     rows, targets = load_truthfulqa(data_dir), f"{which}_targets"
-    indices = subset(len(rows), settings["limit"].get(f"truthfulqa_{which}"), settings["seed"])  # MC1, MC2: same
+    # MC1, MC2: same
+    indices = subset(len(rows), settings["limit"].get(f"truthfulqa_{which}"), settings["seed"])
     requests = [(truthfulqa_prompt(rows[i]["question"]), f" {choice}") for i in indices
                 for choice in rows[i][targets]["choices"]]
     logliks = loglikelihoods(model, tokenizer, requests, settings["batch_size"])
@@ -295,7 +323,8 @@ def eval_truthfulqa(model, tokenizer, settings, data_dir, which: str) -> dict:
         if which == "mc1":  # the true choice is listed first
             samples.append({"index": i, "pred": argmax(scores), "gold": 0, "logliks": scores})
         else:
-            samples.append({"index": i, "gold": labels, "logliks": scores, "score": mc2_score(scores, labels)})
+            samples.append({"index": i, "gold": labels, "logliks": scores,
+                            "score": mc2_score(scores, labels)})
     metrics = {"acc": mean(s["pred"] == 0 for s in samples)} if which == "mc1" else \
         {"mc2": mean(s["score"] for s in samples)}
     return {"metrics": metrics, "n": len(samples), "samples": samples}
@@ -306,17 +335,21 @@ def mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def evaluate(model, tokenizer, tasks=("gsm8k",), limit=None, seed=1234, batch_size=16, data_dir=DATA_DIR,
-             gsm8k_shots=5, mmlu_shots=5, fewshot_seed=1234, max_new_tokens=256, verbose=False) -> dict:
-    """Score `model` on `tasks`; returns {"settings": ..., "tasks": {task: {"metrics", "n", "samples"}}}.
-    limit: None (full sets), an int for every task, or a {task: int} dict (see PAPER_LIMITS)."""
+def evaluate(model, tokenizer, tasks=("gsm8k",), limit=None, seed=1234, batch_size=16,
+             data_dir=DATA_DIR,
+             gsm8k_shots=5, mmlu_shots=5, fewshot_seed=1234, max_new_tokens=256,
+             verbose=False) -> dict:
+    """Score `model` on `tasks`; returns {"settings": ..., "tasks": {task: {"metrics", "n",
+    "samples"}}}. limit: None (full sets), an int for every task, or a {task: int} dict (see
+    PAPER_LIMITS)."""
     if isinstance(tasks, str):
         tasks = [t for t in tasks.split(",") if t]
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown tasks {sorted(unknown)}; choose from {TASKS}")
     limits = {task: limit.get(task) if isinstance(limit, dict) else limit for task in tasks}
-    settings = dict(tasks=list(tasks), limit=limits, seed=seed, fewshot_seed=fewshot_seed, gsm8k_shots=gsm8k_shots,
+    settings = dict(tasks=list(tasks), limit=limits, seed=seed, fewshot_seed=fewshot_seed,
+                    gsm8k_shots=gsm8k_shots,
                     mmlu_shots=mmlu_shots, max_new_tokens=max_new_tokens, batch_size=batch_size)
     results = {}
     for task in tasks:
@@ -326,16 +359,20 @@ def evaluate(model, tokenizer, tasks=("gsm8k",), limit=None, seed=1234, batch_si
         elif task == "mmlu":
             results[task] = eval_mmlu(model, tokenizer, settings, data_dir)
         else:
-            results[task] = eval_truthfulqa(model, tokenizer, settings, data_dir, task.split("_")[1])
+            results[task] = eval_truthfulqa(model, tokenizer, settings, data_dir,
+                                            task.split("_")[1])
         if verbose:
-            shown = {k: round(v, 4) for k, v in results[task]["metrics"].items() if isinstance(v, float)}
-            print(f"{task}: n={results[task]['n']} {shown} ({time.time() - began:.0f} s)", file=sys.stderr)
+            shown = {k: round(v, 4)
+                     for k, v in results[task]["metrics"].items() if isinstance(v, float)}
+            print(f"{task}: n={results[task]['n']} {shown} ({time.time() - began:.0f} s)",
+                  file=sys.stderr)
     return {"settings": settings, "tasks": results}
 
 
-# ---------------------------------------------------------------------------------------------------
-# Locality: how familiar the states a step supervises are to the learner (state_nll, every step), and how
-# far the learner moved from its start on its own states (kl_to_start, at each periodic eval)
+# --------------------------------------------------------------------------------------------------
+# Locality: how familiar the states a step supervises are to the learner (state_nll, every step),
+# and how far the learner moved from its start on its own states (kl_to_start, at each periodic
+# eval)
 
 
 @torch.no_grad()
@@ -361,17 +398,19 @@ def kl_to_start(model, start_model, tokenizer, prompts: list, max_new_tokens: in
 
 
 def state_nll(logprobs, mask) -> float:
-    """Mean per-token NLL, under the current learner, of the state tokens a step trains on (SFT: dataset
-    prefixes; RL and OPD: the learner's own samples; off-policy distillation: the teacher's)."""
+    """Mean per-token NLL, under the current learner, of the state tokens a step trains on (SFT:
+    dataset prefixes; RL and OPD: the learner's own samples; off-policy distillation: the
+    teacher's)."""
     return -(logprobs.detach() * mask).sum().item() / max(1, mask.sum().item())
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Drift: how far a trained model's own states moved from the base model's (the paper's MMD figure)
 #
-# A state is the prompt plus a generated prefix. Both models sample one rollout per prompt (same prompts, batches
-# and seeds: a model against itself reads 0), each cut at 1/4, 1/2, 3/4 and all of its generated tokens (rounded
-# up; a stop token stays in): fractions, not fixed positions, so every rollout gives the same number of states.
+# A state is the prompt plus a generated prefix. Both models sample one rollout per prompt (same
+# prompts, batches and seeds: a model against itself reads 0), each cut at 1/4, 1/2, 3/4 and all of
+# its generated tokens (rounded up; a stop token stays in): fractions, not fixed positions, so every
+# rollout gives the same number of states.
 
 DRIFT_CUTS = (0.25, 0.5, 0.75, 1.0)
 FEATURE_DIM = 4096  # hashed lexical feature buckets
@@ -383,8 +422,8 @@ def prefix_lengths(n_generated: int, cuts=DRIFT_CUTS) -> list:
 
 def lexical_features(texts, dim=FEATURE_DIM):
     """The paper's featurisation: counts of word unigrams, word bigrams and character 3-grams of the
-    lowercased text, hashed into `dim` buckets by crc32 (stable across runs and machines, unlike hash()),
-    then L2-normalised so that long and short prefixes are comparable."""
+    lowercased text, hashed into `dim` buckets by crc32 (stable across runs and machines, unlike
+    hash()), then L2-normalised so that long and short prefixes are comparable."""
     feats = np.zeros((len(texts), dim))
     for row, text in enumerate(texts):
         text = text.lower()
@@ -398,14 +437,16 @@ def lexical_features(texts, dim=FEATURE_DIM):
 
 @torch.no_grad()
 def hidden_features(model, prompts: list, rollouts: list, cuts=DRIFT_CUTS, batch_size: int = 16):
-    """Final-norm hidden states of `model`, mean-pooled over each state's generated tokens (the prompt is
-    shared). The model is causal: one right-padded pass over prompt + rollout gives every prefix's states."""
+    """Final-norm hidden states of `model`, mean-pooled over each state's generated tokens (the
+    prompt is shared). The model is causal: one right-padded pass over prompt + rollout gives every
+    prefix's states."""
     feats = []
     for first in range(0, len(prompts), batch_size):
         last = first + batch_size
         batch = list(zip(prompts[first:last], rollouts[first:last]))
         width = max(len(p) + len(r) for p, r in batch)
-        idx = torch.tensor([p + r + [0] * (width - len(p) - len(r)) for p, r in batch], device=model.device)
+        idx = torch.tensor([p + r + [0] * (width - len(p) - len(r)) for p, r in batch],
+                           device=model.device)
         hidden = model(idx, return_hidden=True).float()
         for row, (prompt, rollout) in enumerate(batch):
             sums = hidden[row, len(prompt):len(prompt) + len(rollout)].cumsum(0)
@@ -418,10 +459,11 @@ def squared_distances(x, y):
 
 
 def mmd2(x, y, bandwidth=None, unbiased=True, groups=None):
-    """MMD² of samples x (m, d) and y (n, d), RBF kernel exp(-|a-b|² / 2bw²), bandwidth by default the median
-    pairwise distance of the pooled samples; returns (mmd2, bandwidth). Unbiased leaves out the pairs of a point
-    with itself, or with groups=(labels_x, labels_y) all pairs sharing a label: one prompt's states are not
-    independent draws, and their pairs would read as drift between two samples of one model. Biased keeps all."""
+    """MMD² of samples x (m, d) and y (n, d), RBF kernel exp(-|a-b|² / 2bw²), bandwidth by default
+    the median pairwise distance of the pooled samples; returns (mmd2, bandwidth). Unbiased leaves
+    out the pairs of a point with itself, or with groups=(labels_x, labels_y) all pairs sharing a
+    label: one prompt's states are not independent draws, and their pairs would read as drift
+    between two samples of one model. Biased keeps all."""
     if bandwidth is None:
         pooled = np.concatenate([x, y])
         distances = np.sqrt(squared_distances(pooled, pooled)[np.triu_indices(len(pooled), k=1)])
@@ -430,7 +472,8 @@ def mmd2(x, y, bandwidth=None, unbiased=True, groups=None):
     kxx, kyy, kxy = kernel(x, x), kernel(y, y), kernel(x, y)
     if not unbiased:
         return float(kxx.mean() + kyy.mean() - 2 * kxy.mean()), bandwidth
-    gx, gy = map(np.asarray, groups if groups is not None else (range(len(x)), range(len(x), len(x) + len(y))))
+    gx, gy = map(np.asarray,
+                 groups if groups is not None else (range(len(x)), range(len(x), len(x) + len(y))))
     term = lambda k, a, b: k[a[:, None] != b[None, :]].mean()  # noqa: E731
     return float(term(kxx, gx, gx) + term(kyy, gy, gy) - 2 * term(kxy, gx, gy)), bandwidth
 
@@ -440,11 +483,14 @@ def centroid_distance(x, y) -> float:
 
 
 def sliced_wasserstein(x, y, n_projections=128, seed=0) -> float:
-    """Mean over seeded random unit directions of the exact 1-D Wasserstein-1 distance of the projections:
-    the integral of |quantile_x(u) - quantile_y(u)|, step functions summed over their merged steps."""
+    """Mean over seeded random unit directions of the exact 1-D Wasserstein-1 distance of the
+    projections: the integral of |quantile_x(u) - quantile_y(u)|, step functions summed over their
+    merged steps."""
     directions = np.random.default_rng(seed).standard_normal((x.shape[1], n_projections))
-    px, py = (np.sort(s @ (directions / np.linalg.norm(directions, axis=0)), axis=0) for s in (x, y))
-    edges = np.unique(np.concatenate([np.linspace(0, 1, len(x) + 1), np.linspace(0, 1, len(y) + 1)]))
+    px, py = (np.sort(s @ (directions / np.linalg.norm(directions, axis=0)), axis=0)
+              for s in (x, y))
+    edges = np.unique(np.concatenate([np.linspace(0, 1, len(x) + 1),
+                                      np.linspace(0, 1, len(y) + 1)]))
     mids = (edges[1:] + edges[:-1]) / 2
     gaps = np.abs(px[(mids * len(x)).astype(int)] - py[(mids * len(y)).astype(int)])
     return float((np.diff(edges)[:, None] * gaps).sum(0).mean())
@@ -452,32 +498,37 @@ def sliced_wasserstein(x, y, n_projections=128, seed=0) -> float:
 
 def drift_distances(x, y, groups=None) -> dict:
     mmd, bandwidth = mmd2(x, y, groups=groups)
-    return {"mmd2": mmd, "mmd2_biased": mmd2(x, y, bandwidth, unbiased=False)[0], "bandwidth": bandwidth,
+    return {"mmd2": mmd, "mmd2_biased": mmd2(x, y, bandwidth, unbiased=False)[0],
+            "bandwidth": bandwidth,
             "centroid": centroid_distance(x, y), "sliced_wasserstein": sliced_wasserstein(x, y)}
 
 
 @torch.no_grad()
-def state_drift(model, reference, tokenizer, prompts: list, max_new_tokens=128, temperature=1.0, seed=0,
+def state_drift(model, reference, tokenizer, prompts: list, max_new_tokens=128, temperature=1.0,
+                seed=0,
                 batch_size=16, cuts=DRIFT_CUTS) -> dict:
-    """Distances between the states of `model` and `reference` (the base) on the text `prompts`, featurised
-    twice: lexically, and by the reference's hidden states (one feature map for both sets; the paper names
-    its lexical-only features a limitation). tokenizer: encode_batch, decode, stop_ids, n_real_tokens."""
+    """Distances between the states of `model` and `reference` (the base) on the text `prompts`,
+    featurised twice: lexically, and by the reference's hidden states (one feature map for both
+    sets; the paper names its lexical-only features a limitation). tokenizer: encode_batch, decode,
+    stop_ids, n_real_tokens."""
     encoded, states, lengths = tokenizer.encode_batch(prompts), {}, {}
     for name, sampler in (("model", model), ("reference", reference)):
         rollouts = rollout(model=sampler, tokenizer=tokenizer, prompts=encoded,
                            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                            batch_size=batch_size)
         texts = [tokenizer.decode(r[:k]) for r in rollouts for k in prefix_lengths(len(r), cuts)]
-        states[name] = (lexical_features(texts), hidden_features(reference, encoded, rollouts, cuts, batch_size))
+        states[name] = (lexical_features(texts),
+                        hidden_features(reference, encoded, rollouts, cuts, batch_size))
         lengths[name] = mean(len(r) for r in rollouts)
     groups = (np.repeat(np.arange(len(prompts)), len(cuts)),) * 2  # a state's label: its prompt
     return {"n_prompts": len(prompts), "n_states": len(prompts) * len(cuts), "cuts": list(cuts),
-            "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed, "mean_new_tokens": lengths,
+            "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
+            "mean_new_tokens": lengths,
             **{kind: drift_distances(states["model"][i], states["reference"][i], groups)
                for i, kind in enumerate(("lexical", "hidden"))}}
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Table 2: scores, Forgetting and Retention
 
 
@@ -495,8 +546,9 @@ def headline(results: dict) -> dict:
 
 def report(paths: list, truthfulqa: str = "mc2") -> str:
     """Markdown table: the first file is the base model. Forgetting (base - post, in points) and
-    Retention (post / base) are averaged over TruthfulQA (MC1 or MC2) and MMLU, the paper's definition.
-    Drift is the lexical state MMD² against the file's --drift_reference, where it has one."""
+    Retention (post / base) are averaged over TruthfulQA (MC1 or MC2) and MMLU, the paper's
+    definition. Drift is the lexical state MMD² against the file's --drift_reference, where it has
+    one."""
     runs = [(Path(p).stem, json.loads(Path(p).read_text())) for p in paths]
     base_name, base = runs[0]
     kept = ("mmlu", f"truthfulqa_{truthfulqa}")
@@ -512,7 +564,8 @@ def report(paths: list, truthfulqa: str = "mc2") -> str:
                       file=sys.stderr)
         scores = headline(results)
         cells = [f"{scores[c]:.1f}" if c in scores else "–" for c in columns]
-        if name != base_name and all(k in scores and base_scores.get(k) for k in kept):  # base 0: no ratio
+        # base 0: no ratio
+        if name != base_name and all(k in scores and base_scores.get(k) for k in kept):
             forgetting = mean(base_scores[k] - scores[k] for k in kept)
             retention = mean(scores[k] / base_scores[k] for k in kept)
             cells += [f"{forgetting:.1f}", f"{100 * retention:.1f}%"]
@@ -524,11 +577,12 @@ def report(paths: list, truthfulqa: str = "mc2") -> str:
     drifts = [results["drift"] for _, results in runs if "drift" in results]
     for drift in sorted({f"{d['reference']} ({d['n_prompts']} GSM8K prompts, {d['max_new_tokens']} new tokens, "
                          f"temperature {d['temperature']}, seed {d['seed']})" for d in drifts}):
-        lines.append(f"Drift: lexical state MMD² against {drift}.")  # one line per setting: compare within one
+        # one line per setting: compare within one
+        lines.append(f"Drift: lexical state MMD² against {drift}.")
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # CLI
 
 def parse_limit(text):
@@ -549,32 +603,43 @@ def parse_limit(text):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="model folder or Hugging Face hub id (with its tokenizer.json)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model",
+                        help="model folder or Hugging Face hub id (with its tokenizer.json)")
     parser.add_argument("--tasks", default=",".join(TASKS),
                         help=f"comma-separated subset of {','.join(TASKS)}; '' or none: no task (drift only)")
     parser.add_argument("--limit", type=parse_limit, default=None,
                         help="score a fixed seeded subset: N for every task, 'paper' (500 GSM8K, 500 MMLU, "
                              "200 TruthfulQA) or e.g. gsm8k=500,mmlu=500,truthfulqa=200; default: full test sets")
-    parser.add_argument("--seed", type=int, default=1234, help="seed of the --limit subsets (recorded in the output)")
+    parser.add_argument("--seed", type=int, default=1234,
+                        help="seed of the --limit subsets (recorded in the output)")
     parser.add_argument("--fewshot_seed", type=int, default=1234,
                         help="seed of GSM8K's few-shot draws (lm-eval's default)")
-    parser.add_argument("--gsm8k_shots", type=int, default=5, help="GSM8K few-shot examples, from the train split")
+    parser.add_argument("--gsm8k_shots", type=int, default=5,
+                        help="GSM8K few-shot examples, from the train split")
     parser.add_argument("--mmlu_shots", type=int, default=5,
                         help="MMLU few-shot examples: each subject's first k dev rows")
-    parser.add_argument("--max_new_tokens", type=int, default=256, help="GSM8K generation length (lm-eval's default)")
+    parser.add_argument("--max_new_tokens", type=int, default=256,
+                        help="GSM8K generation length (lm-eval's default)")
     parser.add_argument("--batch_size", type=int, default=16, help="sequences per forward pass")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="weights dtype; auto: bfloat16 on GPU, float32 on CPU")
-    parser.add_argument("--data_dir", default=str(DATA_DIR), help="prepared data (downloaded here on first use)")
+    parser.add_argument("--data_dir", default=str(DATA_DIR),
+                        help="prepared data (downloaded here on first use)")
     parser.add_argument("--out", default="results.json", help="where to write the results")
     parser.add_argument("--drift_reference", metavar="BASE",
                         help="also measure state drift from BASE (folder or hub id)")
-    parser.add_argument("--drift_prompts", type=int, default=100, help="GSM8K test questions to roll out (seeded)")
-    parser.add_argument("--drift_max_new_tokens", type=int, default=128, help="rollout length for drift")
-    parser.add_argument("--drift_temperature", type=float, default=1.0, help="rollout sampling temperature")
-    parser.add_argument("--drift_seed", type=int, default=0, help="seed of the drift prompts and rollouts")
+    parser.add_argument("--drift_prompts", type=int, default=100,
+                        help="GSM8K test questions to roll out (seeded)")
+    parser.add_argument("--drift_max_new_tokens", type=int, default=128,
+                        help="rollout length for drift")
+    parser.add_argument("--drift_temperature", type=float, default=1.0,
+                        help="rollout sampling temperature")
+    parser.add_argument("--drift_seed", type=int, default=0,
+                        help="seed of the drift prompts and rollouts")
     parser.add_argument("--report", nargs="+", metavar="RESULTS_JSON",
                         help="print Table 2 from results files instead of evaluating; the first is the base model")
     parser.add_argument("--truthfulqa_metric", default="mc2", choices=["mc1", "mc2"],
@@ -592,20 +657,27 @@ def main(argv=None):
     try:
         model = Qwen3.from_pretrained(args.model, device=args.device, dtype=dtype).eval()
         tokenizer = Tokenizer.from_pretrained(args.model)
-    except (FileNotFoundError, ValueError) as e:  # bad input: one line naming the flag, no traceback
+    # bad input: one line naming the flag, no traceback
+    except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"--model: {e}")
     tasks = "" if args.tasks == "none" else args.tasks
-    results = evaluate(model, tokenizer, tasks, args.limit, args.seed, args.batch_size, args.data_dir,
-                       args.gsm8k_shots, args.mmlu_shots, args.fewshot_seed, args.max_new_tokens, verbose=True)
-    settings = {**results["settings"], "device": args.device, "dtype": str(dtype).replace("torch.", "")}
+    results = evaluate(model, tokenizer, tasks, args.limit, args.seed, args.batch_size,
+                       args.data_dir,
+                       args.gsm8k_shots, args.mmlu_shots, args.fewshot_seed, args.max_new_tokens,
+                       verbose=True)
+    settings = {**results["settings"], "device": args.device,
+                "dtype": str(dtype).replace("torch.", "")}
     results = {"model": args.model, "settings": settings, "tasks": results["tasks"]}
     if args.drift_reference:
         if Tokenizer.from_pretrained(args.drift_reference).tok.to_str() != tokenizer.tok.to_str():
             raise SystemExit(f"error: {args.drift_reference} has another tokenizer than {args.model}")
-        reference = Qwen3.from_pretrained(args.drift_reference, device=args.device, dtype=dtype).eval()
+        reference = Qwen3.from_pretrained(args.drift_reference, device=args.device,
+                                          dtype=dtype).eval()
         test = load_gsm8k("test", args.data_dir)
-        prompts = [gsm8k_prompt(test[i]["question"]) for i in subset(len(test), args.drift_prompts, args.drift_seed)]
-        drift = state_drift(model, reference, tokenizer, prompts, args.drift_max_new_tokens, args.drift_temperature,
+        prompts = [gsm8k_prompt(test[i]["question"])
+                   for i in subset(len(test), args.drift_prompts, args.drift_seed)]
+        drift = state_drift(model, reference, tokenizer, prompts, args.drift_max_new_tokens,
+                            args.drift_temperature,
                             args.drift_seed, args.batch_size)
         results["drift"] = {"reference": args.drift_reference, **drift}
         del reference  # free its memory for whatever runs next in this process
@@ -613,7 +685,8 @@ def main(argv=None):
         print(f"drift: MMD² lexical {drift['lexical']['mmd2']:.4f} hidden {drift['hidden']['mmd2']:.4f}",
               file=sys.stderr)
     Path(args.out).write_text(json.dumps(results, indent=1))
-    print(" ".join(f"{name}={score:.1f}" for name, score in headline(results).items()), f"-> {args.out}")
+    print(" ".join(f"{name}={score:.1f}" for name, score in headline(results).items()),
+          f"-> {args.out}")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ from torch.utils.checkpoint import checkpoint
 
 @dataclass
 class Qwen3Config:
-    """The fields of a Hugging Face Qwen3 config.json that define the computation (defaults: 0.6B)."""
+    """The fields of a Hugging Face Qwen3 config.json that define the computation (defaults:
+    0.6B)."""
     vocab_size: int = 151936
     hidden_size: int = 1024
     intermediate_size: int = 3072
@@ -57,31 +58,39 @@ class Qwen3Config:
         # Refuse what this file does not implement rather than silently computing something else.
         rope = d.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        unsupported = [k for k, bad in (("model_type", d.get("model_type", "qwen3") != "qwen3"),
-                                         ("rope_scaling", rope_type != "default"),
-                                         ("use_sliding_window", d.get("use_sliding_window")),
-                                         ("attention_bias", d.get("attention_bias")),
-                                         ("hidden_act", d.get("hidden_act", "silu") != "silu")) if bad]
+        checks = (("model_type", d.get("model_type", "qwen3") != "qwen3"),
+                  ("rope_scaling", rope_type != "default"),
+                  ("use_sliding_window", d.get("use_sliding_window")),
+                  ("attention_bias", d.get("attention_bias")),
+                  ("hidden_act", d.get("hidden_act", "silu") != "silu"))
+        unsupported = [k for k, bad in checks if bad]
         if unsupported:
             raise ValueError(f"{source}: not a dense Qwen3 as this file implements it: "
                              + ", ".join(f"{k}={d[k]!r}" for k in unsupported))
-        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                               "num_attention_heads") if k not in d]
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads")
+        missing = [k for k in required if k not in d]
         if missing:
             raise ValueError(f"{source}: missing required key(s) {', '.join(missing)}")
-        d = {"num_key_value_heads": d["num_attention_heads"], "head_dim": d["hidden_size"] // d["num_attention_heads"],
-             "rope_theta": (d.get("rope_parameters") or {}).get("rope_theta"), **d}  # transformers 5 nests the theta
-        d.update({k: d[k][0] for k in ("bos_token_id", "eos_token_id") if isinstance(d.get(k), list)})  # several eos
+        d = {"num_key_value_heads": d["num_attention_heads"],
+             "head_dim": d["hidden_size"] // d["num_attention_heads"],
+             "rope_theta": (d.get("rope_parameters") or {}).get("rope_theta"),  # transformers 5
+             **d}
+        for k in ("bos_token_id", "eos_token_id"):  # several eos: the first
+            if isinstance(d.get(k), list):
+                d[k] = d[k][0]
         config = cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
         if config.num_attention_heads % config.num_key_value_heads:
-            raise ValueError(f"{source}: num_attention_heads must be a multiple of num_key_value_heads")
+            raise ValueError(f"{source}: num_attention_heads must be a multiple of "
+                             "num_key_value_heads")
         return config
 
     def to_dict(self, dtype: torch.dtype = torch.float32) -> dict:
         """A config.json that transformers, vLLM and lm-eval load as Qwen3ForCausalLM."""
         return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_act": "silu",
-                "attention_bias": False, "attention_dropout": 0.0, "rope_scaling": None, "use_sliding_window": False,
-                "sliding_window": None, **asdict(self), "torch_dtype": str(dtype).removeprefix("torch.")}
+                "attention_bias": False, "attention_dropout": 0.0, "rope_scaling": None,
+                "use_sliding_window": False, "sliding_window": None, **asdict(self),
+                "torch_dtype": str(dtype).removeprefix("torch.")}
 
 
 # The model ----------------------------------------------------------------------------------------
@@ -90,7 +99,8 @@ class Qwen3Config:
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
-        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
 
     def forward(self, x):
         # Normalise in fp32, scale in the input dtype: exactly transformers' order of rounding.
@@ -100,7 +110,8 @@ class RMSNorm(nn.Module):
 
 def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
     """cos/sin tables (B, 1, T, head_dim) for integer positions (B, T), computed in fp32."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    even = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
+    inv_freq = 1.0 / (theta ** (even / head_dim))
     freqs = positions[..., None].float() * inv_freq
     angles = torch.cat((freqs, freqs), dim=-1)[:, None]
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -115,13 +126,14 @@ class Attention(nn.Module):
     def __init__(self, config: Qwen3Config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.n_head, self.n_kv_head, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
-                                                      config.head_dim)
+        self.n_head = config.num_attention_heads
+        self.n_kv_head = config.num_key_value_heads
+        self.head_dim = config.head_dim
         self.q_proj = nn.Linear(config.hidden_size, self.n_head * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)  # Qwen3's per-head q/k norm, before RoPE
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)  # Qwen3's q/k norms, pre-RoPE
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, cache=None):
@@ -164,14 +176,16 @@ class Block(nn.Module):
 
 class KVCache:
     """Pre-allocated keys and values of every layer, for the KV heads only (GQA repeats them inside
-    attention, never in memory). Rows are left-padded to one prompt length, so all rows write the same
-    slot at each step; `mask` hides the padding and the slots not yet written."""
+    attention, never in memory). Rows are left-padded to one prompt length, so all rows write the
+    same slot at each step; `mask` hides the padding and the slots not yet written."""
 
     def __init__(self, config: Qwen3Config, batch_size: int, max_len: int, device, dtype):
-        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.k, self.v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len,
+                 config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.slots = None  # (T,) the cache slots the current tokens are written to
-        self.length = 0    # how many slots attention reads (all of them when the step is a CUDA graph)
+        self.length = 0    # how many slots attention reads (all of them in a CUDA graph)
         self.mask = None   # (B, 1, T, length) bool, True where a query may attend a key
 
     def update(self, layer: int, k, v):
@@ -180,7 +194,7 @@ class KVCache:
         return self.k[layer, :, :, :self.length], self.v[layer, :, :, :self.length]
 
 
-CUDA_GRAPHS = True  # generate() on CUDA replays its decode step as a CUDA graph: the same tokens, faster
+CUDA_GRAPHS = True  # generate() on CUDA replays its decode step as a CUDA graph: faster
 
 
 class Qwen3(nn.Module):
@@ -198,7 +212,8 @@ class Qwen3(nn.Module):
     dtype = property(lambda self: self.embed_tokens.weight.dtype)
 
     def forward(self, idx, positions=None, cache=None, return_hidden=False):
-        """idx (B, T) token ids -> logits (B, T, vocab), or the final-norm hidden states (B, T, hidden).
+        """idx (B, T) token ids -> logits (B, T, vocab), or the final-norm hidden states
+        (B, T, hidden).
         positions (B, T) default to 0..T-1; `cache` is only used by generate()."""
         if positions is None:
             positions = torch.arange(idx.shape[1], device=idx.device).expand(idx.shape[0], -1)
@@ -213,37 +228,44 @@ class Qwen3(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, device="cpu", dtype=torch.float32) -> "Qwen3":
-        """A dense Qwen3 from a folder or hub repo id (safetensors only); names any bad or missing weight."""
+        """A dense Qwen3 from a folder or hub repo id (safetensors only); names any bad or missing
+        weight."""
         folder = resolve_model_dir(name_or_path)
-        config = Qwen3Config.from_dict(json.loads((folder / "config.json").read_text()), str(folder / "config.json"))
+        config_file = folder / "config.json"
+        config = Qwen3Config.from_dict(json.loads(config_file.read_text()), str(config_file))
         with torch.device("meta"):  # no memory until the weights arrive, and then only in `dtype`
             model = cls(config).to(dtype)
         model = model.to_empty(device=device)
-        if config.tie_word_embeddings:  # to_empty unties shared parameters; the checkpoint may hold lm_head
+        if config.tie_word_embeddings:  # to_empty untied them; the file may hold lm_head too
             model.lm_head.weight = model.embed_tokens.weight
-        tensors, expected = read_safetensors(folder), model.hf_state_dict()
+        tensors = read_safetensors(folder)
+        expected = model.hf_state_dict()
         missing = sorted(expected.keys() - tensors.keys())
         optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
         unexpected = sorted(tensors.keys() - expected.keys() - optional)
         if missing or unexpected:
-            raise ValueError(f"{folder}: missing weight(s) {missing[:5]}{' ...' * (len(missing) > 5)} "
-                             f"unexpected weight(s) {unexpected[:5]}{' ...' * (len(unexpected) > 5)}")
+            raise ValueError(f"{folder}: missing weight(s) {missing[:5]}"
+                             f"{' ...' * (len(missing) > 5)} unexpected weight(s) "
+                             f"{unexpected[:5]}{' ...' * (len(unexpected) > 5)}")
         with torch.no_grad():
             for name, param in expected.items():
                 if tensors[name].shape != param.shape:
-                    raise ValueError(f"{folder}: weight {name} has shape {tuple(tensors[name].shape)}, "
-                                     f"expected {tuple(param.shape)} from config.json")
+                    raise ValueError(f"{folder}: weight {name} has shape "
+                                     f"{tuple(tensors[name].shape)}, expected "
+                                     f"{tuple(param.shape)} from config.json")
                 param.copy_(tensors[name])
         return model.eval()
 
     def hf_state_dict(self, merged: bool = False) -> dict:
         """Weights under their Hugging Face names (model.layers.0.self_attn.q_proj.weight, ...): the
-        live parameters, or with merged=True, LoRA adapters folded in (what save_pretrained writes)."""
+        live parameters, or with merged=True, LoRA adapters folded in (what save_pretrained
+        writes)."""
         weights = {}
         for name, module in self.named_modules():
             if isinstance(module, LoRALinear):
                 weights[name] = module.weight if merged else module.base.weight
-            elif isinstance(module, (nn.Linear, nn.Embedding, RMSNorm)) and not name.endswith(".base"):
+            elif (isinstance(module, (nn.Linear, nn.Embedding, RMSNorm))
+                  and not name.endswith(".base")):
                 weights[name] = module.weight
         if self.config.tie_word_embeddings:
             del weights["lm_head"]
@@ -254,9 +276,11 @@ class Qwen3(nn.Module):
         merged, atomically: a crash mid-save leaves any previous model in out_dir intact."""
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-            tensors = {k: v.detach().cpu().contiguous() for k, v in self.hf_state_dict(merged=True).items()}
+            merged = self.hf_state_dict(merged=True)
+            tensors = {k: v.detach().cpu().contiguous() for k, v in merged.items()}
             save_file(tensors, Path(tmp, "model.safetensors"), metadata={"format": "pt"})
-            Path(tmp, "config.json").write_text(json.dumps(self.config.to_dict(self.dtype), indent=2))
+            config = json.dumps(self.config.to_dict(self.dtype), indent=2)
+            Path(tmp, "config.json").write_text(config)
             if tokenizer is not None:
                 shutil.copy(tokenizer.path, Path(tmp, "tokenizer.json"))
             for name in os.listdir(tmp):
@@ -279,12 +303,12 @@ class Qwen3(nn.Module):
         them). cuda_graph replays the decode step as a CUDA graph (see _decoder); None:
         CUDA_GRAPHS on CUDA."""
         if not prompts or min(map(len, prompts)) == 0 or max_new_tokens < 1:
-            raise ValueError("generate: needs prompts of at least one token and max_new_tokens >= 1")
+            raise ValueError("generate: needs prompts of at least one token and "
+                             "max_new_tokens >= 1")
         device = self.device
         B, prompt_len = len(prompts), max(map(len, prompts))
         max_len = prompt_len + max_new_tokens
-        if cuda_graph is None:
-            cuda_graph = CUDA_GRAPHS and device.type == "cuda"
+        cuda_graph = CUDA_GRAPHS and device.type == "cuda" if cuda_graph is None else cuda_graph
         if max_len > self.config.max_position_embeddings:
             raise ValueError(f"generate: {max_len} tokens exceed max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
@@ -294,15 +318,12 @@ class Qwen3(nn.Module):
         pad = torch.tensor([prompt_len - len(p) for p in prompts], device=device)
         idx = torch.tensor([[0] * (prompt_len - len(p)) + list(p) for p in prompts], device=device)
         # The KV cache holds keys and values in the compute dtype (autocast's, if it is on).
-        dtype = self.dtype
-        if torch.is_autocast_enabled(device.type):
-            dtype = torch.get_autocast_dtype(device.type)
+        autocast_on = torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if autocast_on else self.dtype
         cache = KVCache(self.config, B, max_len, device, dtype)
         slot = torch.arange(max_len, device=device)
         key_is_real = slot[None, :] >= pad[:, None]  # (B, max_len): False on each row's padding
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=device).manual_seed(seed)
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         stop_ids = set(stop_token_ids or [])
         stop = torch.tensor(sorted(stop_ids), device=device, dtype=torch.long)  # (n_stop,)
         # The one-token decode step; built before the prefill, as its warm-up writes slot 0
@@ -347,22 +368,30 @@ class Qwen3(nn.Module):
         return (tokens, logprobs) if return_logprobs else tokens
 
     def _decoder(self, cache: KVCache, key_is_real, pad, cuda_graph: bool):
-        """The one-token decode step, step(token (B, 1), slot s) -> next logits (B, vocab), reading its inputs
-        from fixed buffers. Eager, attention reads the slots written so far. For a CUDA graph it reads the
-        whole cache under the mask, so every shape and address is fixed: captured once, replayed, with no
-        per-kernel launch cost. Off CUDA, cuda_graph=True runs that step uncaptured (so the tests check it)."""
+        """The one-token decode step, step(token (B, 1), slot s) -> next logits (B, vocab),
+        reading its inputs from fixed buffers. Eager, attention reads the slots written so far. For
+        a CUDA graph it reads the whole cache under the mask, so every shape and address is fixed:
+        captured once, replayed, with no per-kernel launch cost. Off CUDA, cuda_graph=True runs
+        that step uncaptured (so the tests check it)."""
         slot = torch.arange(cache.k.shape[3], device=pad.device)
-        token_in, position_in, slot_in = pad[:, None].clone(), pad[:, None].clone(), slot[:1].clone()
-        mask_in, graph = key_is_real[:, None, None].clone(), None
+        # The step's inputs, fixed buffers that step() overwrites: token and position (B, 1),
+        # the slot written (1,), and the mask (B, 1, 1, max_len) of the keys it may read
+        token_in = pad[:, None].clone()
+        position_in = pad[:, None].clone()
+        slot_in = slot[:1].clone()
+        mask_in = key_is_real[:, None, None].clone()
+        graph = None
 
         def run(length):
-            cache.slots, cache.length, cache.mask = slot_in, length, mask_in[..., :length]
+            cache.slots = slot_in
+            cache.length = length
+            cache.mask = mask_in[..., :length]
             return self(token_in, position_in, cache)[:, -1]
         if cuda_graph and pad.device.type == "cuda":
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                run(len(slot))  # warm-up outside the graph: lazy initialisation and allocations happen here
+                run(len(slot))  # warm-up outside the graph: lazy initialisation, allocations
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
@@ -430,7 +459,8 @@ def completion_logprobs(model, seqs: list, starts: list, temperature: float = 1.
     those the sampler draws (else lowering a sampled token would move mass onto rows never
     sampled). return_hidden adds the (N, hidden) states of the N masked positions."""
     # Right-pad the sequences into idx (B, width); start (B, 1) and n_new (B, 1) per row.
-    device, width = model.device, max(map(len, seqs))
+    device = model.device
+    width = max(map(len, seqs))
     idx = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=device)
     start = torch.tensor(starts, device=device)[:, None]
     n_new = torch.tensor([len(s) for s in seqs], device=device)[:, None] - start
@@ -457,34 +487,40 @@ def completion_logprobs(model, seqs: list, starts: list, temperature: float = 1.
 
 
 def in_row_chunks(fn, *rows):
-    """fn over LOGPROB_CHUNK rows at a time, concatenated; under grad each chunk is recomputed in backward."""
-    chunks = [tuple(r[i:i + LOGPROB_CHUNK] for r in rows) for i in range(0, len(rows[0]), LOGPROB_CHUNK)]
-    run = (lambda *chunk: checkpoint(fn, *chunk, use_reentrant=False)) if torch.is_grad_enabled() else fn
+    """fn over LOGPROB_CHUNK rows at a time, concatenated; under grad each chunk is recomputed in
+    backward."""
+    chunks = [tuple(r[i:i + LOGPROB_CHUNK] for r in rows)
+              for i in range(0, len(rows[0]), LOGPROB_CHUNK)]
+    run = fn
+    if torch.is_grad_enabled():
+        run = lambda *chunk: checkpoint(fn, *chunk, use_reentrant=False)  # noqa: E731
     return torch.cat([run(*chunk) for chunk in chunks])
 
 
 # The fused sampler --------------------------------------------------------------------------------
 
 
-TOP_P_CANDIDATES = 1024  # on CPU, top-p first looks for the nucleus among this many most likely tokens
+TOP_P_CANDIDATES = 1024  # on CPU, top-p first looks for the nucleus among this many top tokens
 
 
 def sample_next(logits, temperature: float, top_k=None, top_p=None, n_real_tokens=None,
                 generator=None):
-    """One sampling step for a batch of next-token logits (B, vocab) -> (tokens (B,), logprobs (B,)).
-    Drops rows past the tokenizer (n_real_tokens), applies temperature, keeps the top_k tokens, then the fewest
-    most likely tokens whose probability reaches top_p (the one crossing p is kept), and draws by inverting
-    the kept CDF at one uniform number per row (no host sync); log-probs are under that distribution."""
-    logits = logits[:, :n_real_tokens].float()  # a prefix of the vocabulary, so token ids are unchanged
+    """One sampling step for a batch of next-token logits (B, vocab) -> (tokens (B,), logprobs
+    (B,)). Drops rows past the tokenizer (n_real_tokens), applies temperature, keeps the top_k
+    tokens, then the fewest most likely tokens whose probability reaches top_p (the one crossing p
+    is kept), and draws by inverting the kept CDF at one uniform number per row (no host sync);
+    log-probs are under that distribution."""
+    logits = logits[:, :n_real_tokens].float()  # a prefix of the vocabulary: ids are unchanged
     if temperature == 0:
         tokens = logits.argmax(-1)
         return tokens, logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
-    logits, ids = logits / temperature, None  # ids: the vocabulary ids of the candidates, when sorted
+    logits = logits / temperature
+    ids = None  # the vocabulary ids of the candidates, once they are sorted or cut to the top
     if top_k is not None:
         values, ids = torch.topk(logits, min(top_k, logits.shape[-1]))
         probs = values.softmax(-1)
     elif top_p is not None and top_p < 1.0:
-        if logits.device.type == "cpu":  # sorting the whole vocabulary dominates a CPU step: try the top first
+        if logits.device.type == "cpu":  # a full sort dominates a CPU step: try the top first
             values, ids = torch.topk(logits, min(TOP_P_CANDIDATES, logits.shape[-1]))
             probs = (values - logits.logsumexp(-1, keepdim=True)).exp()  # their true probabilities
         if ids is None or not bool((probs.sum(-1) >= top_p).all()):  # the nucleus reaches past them
@@ -493,10 +529,11 @@ def sample_next(logits, temperature: float, top_k=None, top_p=None, n_real_token
     else:
         probs = logits.softmax(-1)
     if top_p is not None and top_p < 1.0:
-        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)  # mass of more likely tokens >= p
+        # drop the tokens whose more likely tokens already hold p of the mass
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
     cdf = probs.cumsum(-1)
     u = torch.rand(len(cdf), 1, device=cdf.device, generator=generator) * cdf[:, -1:]
-    pick = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)  # never a zero-probability token
+    pick = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)  # never p = 0
     logprobs = (probs.gather(-1, pick) / cdf[:, -1:]).log().squeeze(-1)
     return (pick if ids is None else ids.gather(-1, pick)).squeeze(-1), logprobs
 
@@ -505,29 +542,33 @@ def sample_next(logits, temperature: float, top_k=None, top_p=None, n_real_token
 
 
 class LoRALinear(nn.Module):
-    """y = W x + (alpha / rank) * B A x, with W frozen. B starts at zero, so training starts from the
-    unchanged model. The adapters are fp32 (they are the master weights under autocast)."""
+    """y = W x + (alpha / rank) * B A x, with W frozen. B starts at zero, so training starts from
+    the unchanged model. The adapters are fp32 (they are the master weights under autocast)."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
         super().__init__()
-        self.base, self.scale = base, alpha / rank
+        self.base = base
+        self.scale = alpha / rank
         self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # PEFT's initialisation
 
     @property
     def weight(self):  # the merged weight, for saving and for code that reads .weight
-        return self.base.weight + (self.scale * self.lora_b @ self.lora_a).to(self.base.weight.dtype)
+        update = self.scale * self.lora_b @ self.lora_a
+        return self.base.weight + update.to(self.base.weight.dtype)
 
     def forward(self, x):
-        return self.base(x) + (x.to(self.lora_a.dtype) @ self.lora_a.t() @ self.lora_b.t() * self.scale).to(x.dtype)
+        update = x.to(self.lora_a.dtype) @ self.lora_a.t() @ self.lora_b.t() * self.scale
+        return self.base(x) + update.to(x.dtype)
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def add_lora(model: Qwen3, rank: int, alpha: float) -> list:
-    """Wrap each attention and MLP projection in a LoRA adapter, freeze the rest; return what trains."""
+    """Wrap each attention and MLP projection in a LoRA adapter, freeze the rest; return what
+    trains."""
     model.requires_grad_(False)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -540,25 +581,29 @@ def add_lora(model: Qwen3, rank: int, alpha: float) -> list:
 
 
 def resolve_model_dir(name_or_path) -> Path:
-    """A local folder as is; otherwise a hub repo id, downloaded (config, safetensors, tokenizer)."""
-    path, name = Path(name_or_path), str(name_or_path)
+    """A local folder as is; otherwise a hub repo id, downloaded (config, safetensors,
+    tokenizer)."""
+    path = Path(name_or_path)
+    name = str(name_or_path)
     if path.is_dir() and not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: no config.json in this model folder")
     if path.is_dir():
         return path
     if path.suffix or name.startswith((".", "/")) or name.count("/") != 1:
-        raise FileNotFoundError(f"{name}: no such model folder (nor a hub id like Qwen/Qwen3-0.6B-Base)")
+        raise FileNotFoundError(f"{name}: no such model folder (nor a hub id like "
+                                "Qwen/Qwen3-0.6B-Base)")
     from huggingface_hub import snapshot_download
     try:
         patterns = ["config.json", "*.safetensors", "*.index.json", "tokenizer.json"]
         return Path(snapshot_download(name, allow_patterns=patterns))
     except Exception as e:  # offline, unknown repo, ...: one clear line, not a stack of HTTP errors
-        raise FileNotFoundError(f"{name}: could not download from the Hugging Face hub ({type(e).__name__}); "
-                                "pass a local model folder instead") from None
+        why = f"could not download from the Hugging Face hub ({type(e).__name__})"
+        raise FileNotFoundError(f"{name}: {why}; pass a local model folder instead") from None
 
 
 def read_safetensors(folder: Path) -> dict:
-    """All tensors of a model folder: model.safetensors, or the shards its index names. Never pickle."""
+    """All tensors of a model folder: model.safetensors, or the shards its index names. Never
+    pickle."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -567,7 +612,8 @@ def read_safetensors(folder: Path) -> dict:
     else:
         raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json "
                                 "(only safetensors weights are loaded, never .bin/.pt pickles)")
-    if missing := [shard for shard in shards if not (folder / shard).exists()]:
+    missing = [shard for shard in shards if not (folder / shard).exists()]
+    if missing:
         raise FileNotFoundError(f"{folder / missing[0]}: shard named in the index is missing")
     return {name: t for shard in shards for name, t in load_file(folder / shard).items()}
 
@@ -577,9 +623,10 @@ class Tokenizer:
     Qwen models are trained without one."""
 
     def __init__(self, path):
-        self.path, self.tok = str(path), tokenizers.Tokenizer.from_file(str(path))
+        self.path = str(path)
+        self.tok = tokenizers.Tokenizer.from_file(str(path))
         vocab = self.tok.get_vocab(with_added_tokens=True)
-        self.eos_id = self.pad_id = vocab.get("<|endoftext|>", 0)  # Qwen pads with its end-of-text token
+        self.eos_id = self.pad_id = vocab.get("<|endoftext|>", 0)  # Qwen pads with end-of-text
         self.stop_ids = [vocab[t] for t in ("<|endoftext|>", "<|im_end|>") if t in vocab]
         self.n_real_tokens = self.tok.get_vocab_size(with_added_tokens=True)
 
@@ -587,8 +634,10 @@ class Tokenizer:
     def from_pretrained(cls, name_or_path) -> "Tokenizer":
         """A tokenizer.json file, or the one in a model folder or hub repo."""
         path = Path(name_or_path)
-        if not path.is_file() and not (path := resolve_model_dir(name_or_path) / "tokenizer.json").exists():
-            raise FileNotFoundError(f"{path}: no tokenizer.json in this model folder")
+        if not path.is_file():
+            path = resolve_model_dir(name_or_path) / "tokenizer.json"
+            if not path.exists():
+                raise FileNotFoundError(f"{path}: no tokenizer.json in this model folder")
         return cls(path)
 
     def encode(self, text: str) -> list:
