@@ -173,7 +173,8 @@ def test_resume_is_bit_identical(prepared_data, byte_model, tmp_path, monkeypatc
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     losses = [[row["loss"] for row in train_lines(tmp_path / run)] for run in ("straight", "resumed")]
     assert losses[0] == losses[1]
-    assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["step_0000004"]
+    kept = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir())
+    assert kept == ["step_0000002", "step_0000004"]  # the newest and the one before it
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(prepared_data, byte_model, tmp_path, monkeypatch):
@@ -185,7 +186,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(prepared_data,
         loss = fit_states(*args, **kwargs)
         return float("nan") if len(calls) == 3 else loss
     monkeypatch.setattr(train_sft, "fit_states", nan_in_step_3)
-    with pytest.raises(SystemExit, match="step 3: loss nan.*not finite.*checkpoints"):
+    with pytest.raises(SystemExit, match="step 3: loss nan.*not finite.*last good checkpoint is .*step_0000002"):
         run_sft(prepared_data, byte_model(), tmp_path / "run")
     checkpoint = tmp_path / "run" / "checkpoints" / "step_0000002"
     assert (checkpoint / "meta.json").exists() and not (tmp_path / "run" / "model.safetensors").exists()
