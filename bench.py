@@ -48,9 +48,10 @@ import time
 
 import torch
 
+from cli import ArgumentParser, check_device, check_writable_file
 from model import Qwen3, Qwen3Config, autocast, completion_logprobs
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # one-line errors
 parser.add_argument("--preset", choices=["micro", "tiny", "0.6b"], default="tiny", help="model shape (see above)")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
 parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
@@ -277,8 +278,24 @@ def markdown(args, result):
     return "\n".join(lines)
 
 
+def check_args(args):
+    """Every flag before the bench starts: one line naming a bad one."""
+    check_device(args.device)
+    for flag in ("prompt_len", "new_tokens", "repeats", "train_batch_size", "train_len", "threads"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag}: must be >= 1, got {getattr(args, flag)}")
+    sizes = (args.batch_size or "1").split(",")
+    if not all(size.isdigit() and int(size) > 0 for size in sizes):
+        parser.error(f"--batch_size {args.batch_size!r}: expected comma-separated positive integers, e.g. 1,16")
+    if not (args.temperature >= 0 and 0 < args.top_p <= 1 and args.peak_bw_gbs > 0 and args.logit_std >= 0):
+        parser.error("--temperature must be >= 0, --top_p in (0, 1], --peak_bw_gbs > 0 and --logit_std >= 0")
+    if args.json:
+        check_writable_file(args.json, "--json")
+
+
 def main(argv=None) -> dict:
     args = parser.parse_args(argv)
+    check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

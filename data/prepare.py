@@ -306,7 +306,8 @@ def main(argv=None):
     if args.source is not None and not Path(args.source).is_dir():
         parser.error(f"--source {args.source}: no such folder")
     datasets = [d for d in args.datasets.split(",") if d]
-    if unknown := sorted(set(datasets) - set(DATASETS)) or not datasets:
+    unknown = sorted(set(datasets) - set(DATASETS))
+    if unknown or not datasets:
         parser.error(f"--datasets {args.datasets!r}: unknown {unknown or 'none given'}; choose from {DATASETS}")
     check_writable_dir(args.out, "--out")
     try:
