@@ -625,7 +625,13 @@ def report(paths: list, truthfulqa: str = "mc2") -> str:
     """Markdown table: the first file is the base model. Forgetting (base - post, in points) and
     Retention (post / base) are averaged over TruthfulQA (MC1 or MC2) and MMLU, the paper's definition.
     Drift is the lexical state MMD² against the file's --drift_reference, where it has one."""
-    runs = [(Path(p).stem, json.loads(Path(p).read_text())) for p in paths]
+    runs = []
+    for path in paths:
+        try:
+            runs.append((Path(path).stem, json.loads(Path(path).read_text(encoding="utf-8"))))
+            runs[-1][1]["tasks"].items()
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            fail(f"--report {path}: not a results file of eval.py ({type(e).__name__}: {e})")
     base_name, base = runs[0]
     kept = ("mmlu", f"truthfulqa_{truthfulqa}")
     columns = ["gsm8k_flexible", "gsm8k_strict", "mmlu", "truthfulqa_mc1", "truthfulqa_mc2"]

@@ -481,8 +481,8 @@ def resolve_model_dir(name_or_path) -> Path:
         patterns = ["config.json", "*.safetensors", "*.index.json", "tokenizer.json"]
         return Path(snapshot_download(name, allow_patterns=patterns))
     except Exception as e:  # offline, unknown repo, ...: one clear line, not a stack of HTTP errors
-        why = "no such repo there" if "NotFound" in type(e).__name__ else "could not be reached"
-        raise FileNotFoundError(f"{name}: no such model folder here, and on the Hugging Face hub {why} "
+        why = "has no such repo" if type(e).__name__.startswith(("Repository", "Revision")) else "could not be reached"
+        raise FileNotFoundError(f"{name}: no such model folder here, and the Hugging Face hub {why} "
                                 f"({type(e).__name__}); pass a local model folder instead") from None
 
 

@@ -123,23 +123,23 @@ def load_checkpoint(out_dir, model, optimizer) -> int:
     """Restore the newest readable checkpoint in out_dir/checkpoints (a damaged newest one is reported and
     the one before it used); returns how many steps it had done. A checkpoint of another run (another model
     shape, LoRA against full fine-tuning) is refused with what differs."""
-    found = sorted((Path(out_dir) / "checkpoints").glob("step_*"), reverse=True)
+    found, problems = sorted((Path(out_dir) / "checkpoints").glob("step_*"), reverse=True), []
     if not found:
         fail(f"--resume: no checkpoint in {out_dir}/checkpoints")
     for folder in found:
-        if problem := read_back_problem(folder):
-            print(f"warning: {folder}: {problem}; trying the checkpoint before it", file=sys.stderr)
-            continue
         try:
+            if problem := read_back_problem(folder):
+                raise ValueError(f"{folder}: {problem}")
             tensors = load_safetensors(folder / "state.safetensors")
         except ValueError as e:
-            print(f"warning: {e}; trying the checkpoint before it", file=sys.stderr)
+            problems.append(str(e))
             continue
-        step = json.loads((folder / "meta.json").read_text())["step"]
+        for problem in problems:  # a damaged newer one: say so, and use this one
+            print(f"warning: {problem}; resuming from the checkpoint before it", file=sys.stderr)
         restore(folder, tensors, model, optimizer)
         print(f"resumed from {folder}")
-        return step
-    fail(f"--resume: no readable checkpoint in {out_dir}/checkpoints (see the warnings above)")
+        return json.loads((folder / "meta.json").read_text())["step"]
+    fail(f"--resume: no readable checkpoint in {out_dir}/checkpoints: {'; '.join(problems)}")
 
 
 def restore(folder, tensors, model, optimizer):
