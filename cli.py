@@ -5,7 +5,7 @@ flag or file with one line that names it, never a traceback.
     parser = ArgumentParser(description=...)
     parser.add_argument("--steps", type=positive_int)   # "--steps: must be >= 1, got 0"
     args = parser.parse_args()
-    check_device(args.device)      # "error: --device cuda: CUDA is not available on this machine ..."
+    check_device(args.device)      # "error: --device cuda: CUDA is not available on this machine"
 """
 import argparse
 import math
@@ -20,15 +20,15 @@ def fail(message: str):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, except that a bad flag ends with one line (the script, the flag, what is wrong) instead
-    of the usage text: a user who mistyped one flag should see that flag, not forty others."""
+    """argparse, except that a bad flag ends with one line (the script, the flag, what is wrong)
+    instead of the usage text: who mistyped one flag should see that flag, not forty others."""
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 
-# Argument types: argparse names the flag in the message, e.g. "argument --lr: must be > 0, got 'nan'"
+# Argument types: argparse names the flag, e.g. "argument --lr: must be > 0, got 'nan'"
 
 
 def _number(kind, text, low, low_open, high=None, high_open=False):
@@ -85,7 +85,7 @@ def check_device(device: str, flag: str = "--device"):
 
 
 def check_writable_dir(folder, flag: str):
-    """Create `folder` if needed and prove a file can be written there, before any work depends on it."""
+    """Create `folder` if needed and prove that a file can be written there, before any work."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -106,7 +106,7 @@ def check_writable_file(path, flag: str):
 
 
 def finite_or_null(x):
-    """(x with every NaN or infinite float inside its dicts and lists replaced by None, how many were).
+    """(x with every NaN or infinite float in its dicts and lists replaced by None, how many were).
     JSON has no NaN: a results or metrics file holds null there, and whoever writes it says why."""
     if isinstance(x, float) and not math.isfinite(x):
         return None, 1
@@ -120,6 +120,6 @@ def finite_or_null(x):
 
 
 def progress(iterable=None, **kwargs):
-    """A tqdm progress bar with rate and ETA on stderr, shown only on a terminal (never in logs or tests)."""
+    """A tqdm bar with rate and ETA on stderr, shown only on a terminal (never in logs or tests)."""
     from tqdm import tqdm
     return tqdm(iterable, **{"disable": None, "dynamic_ncols": True, **kwargs})

@@ -1,7 +1,7 @@
 """
-The trainers' guards for a user's work: the flags checked together before anything loads, an --out_dir
-that is never overwritten by accident and is known to be writable before the first step, and
-checkpoints that are verified before the previous one goes and checked again when --resume loads one.
+The trainers' guards for a user's work: the flags checked together before anything loads, an
+--out_dir that is never overwritten by accident and is known to be writable before the first step,
+and checkpoints that are verified before the previous one goes and checked again on --resume.
 (The flags one at a time are checked as they are parsed: model.training_args and cli.py.)
 """
 import json
@@ -26,43 +26,45 @@ def check_training_args(parser, args):
     """What no single flag's type can say: flags that contradict each other, and the device."""
     check_device(args.device)
     if args.resume and args.overwrite:
-        parser.error("--resume and --overwrite: choose one (continue the run in --out_dir, or replace it)")
+        parser.error("--resume and --overwrite: choose one (continue the run in --out_dir, "
+                     "or replace it)")
     if args.steps is not None:  # else (SFT's --epochs) once the data is read: resolve_warmup
         resolve_warmup(args, f"--steps {args.steps}")
 
 
 def resolve_warmup(args, length: str):
-    """An explicit --warmup must fit in the run; the default, 10 steps, shrinks to a shorter run's length."""
+    """An explicit --warmup must fit in the run; the default, 10 steps, shrinks to a shorter run."""
     if args.warmup is not None and args.warmup > args.steps:
         fail(f"--warmup {args.warmup}: longer than the run ({length})")
     args.warmup = min(DEFAULT_WARMUP, args.steps) if args.warmup is None else args.warmup
 
 
 def prepare_out_dir(args):
-    """Before any work: refuse an --out_dir holding an earlier run (a finished model, checkpoints, or the
-    metrics of a run stopped before its first checkpoint) unless --resume continues it or --overwrite
-    replaces it; prove the folder writable; clear what an interrupted save left behind."""
+    """Before any work: refuse an --out_dir holding an earlier run (a finished model, checkpoints,
+    or the metrics of a run stopped before its first checkpoint) unless --resume continues it or
+    --overwrite replaces it; prove the folder writable; clear what an interrupted save left."""
     out, rank = Path(args.out_dir), rank_and_world()[0]
     if out.exists() and not out.is_dir():
         fail(f"--out_dir {out}: is a file, not a folder")
     checkpoints = sorted((out / "checkpoints").glob("step_*"))
-    held = ("a finished model" if (out / "model.safetensors").exists() or (out / "config.json").exists()
-            else "checkpoints" if checkpoints else "metrics.jsonl" if (out / "metrics.jsonl").exists() else None)
+    finished = (out / "model.safetensors").exists() or (out / "config.json").exists()
+    held = ("a finished model" if finished else "checkpoints" if checkpoints
+            else "metrics.jsonl" if (out / "metrics.jsonl").exists() else None)
     if args.resume and not checkpoints:
         fail(f"--resume: no checkpoint in {out / 'checkpoints'} to continue from")
     if held and not (args.resume or args.overwrite):
         fail(f"--out_dir {out}: holds {held} of an earlier run; pass --resume to continue it, "
                      "--overwrite to replace it, or another --out_dir")
     check_writable_dir(out / "checkpoints", "--out_dir")
-    if rank == 0:  # stale temporary folders of an interrupted save (model or checkpoint): never read, removed
+    if rank == 0:  # temporary folders of an interrupted save (model or checkpoint): removed
         for stale in [*out.glob(".tmp-*"), *(out / "checkpoints").glob(".tmp-*")]:
             shutil.rmtree(stale, ignore_errors=True)
-        if args.overwrite:  # the old run's checkpoints would pass for this one's; its final model stays
-            for old in checkpoints:  # until this run's replaces it
+        if args.overwrite:  # the old run's checkpoints would pass for this one's; its final model
+            for old in checkpoints:  # stays until this run's replaces it
                 shutil.rmtree(old)
 
 
-# Checkpoints ---------------------------------------------------------------------------------------
+# Checkpoints -------------------------------------------------------------------------------
 
 
 class DamagedCheckpoint(Exception):
@@ -70,9 +72,9 @@ class DamagedCheckpoint(Exception):
 
 
 def save_checkpoint(out_dir, model, optimizer, step: int):
-    """out_dir/checkpoints/step_N (N steps done, rank 0): trained weights, AdamW state and the torch RNG in
-    safetensors (nothing pickled). Written to a temporary folder, flushed to disk and read back, then renamed
-    into place; only then does the oldest go, so that the newest and the one before it are always whole."""
+    """out_dir/checkpoints/step_N (N steps done, rank 0): trained weights, AdamW state and the torch
+    RNG in safetensors (nothing pickled). Written to a temporary folder, flushed to disk and read
+    back, then renamed into place; only then does the oldest go: the newest two are always whole."""
     if rank_and_world()[0] != 0:
         return
     root, names = Path(out_dir) / "checkpoints", {p: name for name, p in model.named_parameters()}
@@ -80,7 +82,8 @@ def save_checkpoint(out_dir, model, optimizer, step: int):
     tensors = {"rng.torch": torch.get_rng_state()}
     for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"]):
         tensors[f"param.{names[p]}"] = p.detach().cpu().contiguous()
-        tensors.update({f"adam.{i}.{k}": v.detach().cpu().contiguous() for k, v in optimizer.state.get(p, {}).items()})
+        adam = optimizer.state.get(p, {})
+        tensors.update({f"adam.{i}.{k}": v.detach().cpu().contiguous() for k, v in adam.items()})
     tmp, final = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-")), root / f"step_{step:07d}"
     save_file(tensors, tmp / "state.safetensors")
     (tmp / "meta.json").write_text(json.dumps({"step": step}))
@@ -88,7 +91,8 @@ def save_checkpoint(out_dir, model, optimizer, step: int):
         fsync(path)  # on disk before the rename makes it the newest
         make_readable(path)
     if problem := read_back_problem(tmp, tensors.keys()):
-        fail(f"{tmp}: the checkpoint just written does not read back whole ({problem}); is the disk full?")
+        fail(f"{tmp}: the checkpoint just written does not read back whole ({problem}); "
+             "is the disk full?")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(root.glob("step_*"))[:-KEEP_CHECKPOINTS]:
@@ -104,8 +108,8 @@ def fsync(path: Path):
 
 
 def read_back_problem(folder: Path, keys=None):
-    """What is wrong with a checkpoint folder's files (None: nothing). safetensors checks that its header
-    covers the file exactly, so a truncated file shows here without reading the tensors."""
+    """What is wrong with a checkpoint folder's files (None: nothing). safetensors checks that its
+    header covers the file exactly, so a truncated file shows here without reading the tensors."""
     if not (folder / "meta.json").exists():
         return "no meta.json: an incomplete save"
     try:
@@ -120,10 +124,11 @@ def read_back_problem(folder: Path, keys=None):
 
 
 def load_checkpoint(out_dir, model, optimizer) -> int:
-    """Restore the newest readable checkpoint in out_dir/checkpoints (a damaged newest one is reported and
-    the one before it used); returns how many steps it had done. A checkpoint of another run (another model
-    shape, LoRA against full fine-tuning) is refused with what differs."""
-    found, problems = sorted((Path(out_dir) / "checkpoints").glob("step_*"), reverse=True), []
+    """Restore the newest readable checkpoint in out_dir/checkpoints (a damaged newest one is
+    reported and the one before it used); returns how many steps it had done. A checkpoint of
+    another run (another model shape, LoRA against full fine-tuning) is refused with what differs."""
+    found = sorted((Path(out_dir) / "checkpoints").glob("step_*"), reverse=True)
+    problems = []
     if not found:
         fail(f"--resume: no checkpoint in {out_dir}/checkpoints")
     for folder in found:
@@ -143,8 +148,8 @@ def load_checkpoint(out_dir, model, optimizer) -> int:
 
 
 def restore(folder, tensors, model, optimizer):
-    """Check that the checkpoint holds exactly this run's trained weights, shape by shape, then load them,
-    AdamW's state and the RNG. Nothing is changed unless everything matches."""
+    """Check that the checkpoint holds exactly this run's trained weights, shape by shape, then load
+    them, AdamW's state and the RNG. Nothing is changed unless everything matches."""
     names = {p: name for name, p in model.named_parameters()}
     params = [p for group in optimizer.param_groups for p in group["params"]]
     wanted = {f"param.{names[p]}": p for p in params}
@@ -152,19 +157,22 @@ def restore(folder, tensors, model, optimizer):
     if saved != wanted.keys():
         lora = [any("lora_" in k for k in keys) for keys in (saved, wanted)]
         why = (f"it holds {'LoRA adapters' if lora[0] else 'all weights'} and this run trains "
-               f"{'LoRA adapters' if lora[1] else 'all weights'}: resume with the run's own --lora_rank"
+               f"{'LoRA adapters' if lora[1] else 'all weights'}: resume with the run's own "
+               "--lora_rank"
                if lora[0] != lora[1] else f"its trained weights differ from this model's, e.g. "
                f"{sorted(saved ^ wanted.keys())[0]} (another --model?)")
         fail(f"--resume {folder}: not a checkpoint of this run: {why}")
     for key, p in wanted.items():
         if tensors[key].shape != p.shape:
-            fail(f"--resume {folder}: {key[6:]} has shape {tuple(tensors[key].shape)}, this run's is "
-                 f"{tuple(p.shape)} (another --model or --lora_rank?)")
+            fail(f"--resume {folder}: {key[6:]} has shape {tuple(tensors[key].shape)}, this run's "
+                 f"is {tuple(p.shape)} (another --model or --lora_rank?)")
     state = {}
     with torch.no_grad():
         for i, p in enumerate(params):
             p.copy_(tensors[f"param.{names[p]}"])
-            state[i] = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"adam.{i}.")}
+            prefix = f"adam.{i}."
+            state[i] = {k.removeprefix(prefix): v for k, v in tensors.items()
+                        if k.startswith(prefix)}
     optimizer.load_state_dict({"state": {i: s for i, s in state.items() if s},
                                "param_groups": optimizer.state_dict()["param_groups"]})
     torch.set_rng_state(tensors["rng.torch"])
