@@ -71,11 +71,12 @@ from pathlib import Path
 import torch
 
 import model as model_module
+from cli import ArgumentParser, check_device, check_writable_file
 from model import Qwen3, Qwen3Config, Tokenizer, completion_logprobs
 from train_common import autocast
 
-parser = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = ArgumentParser(description=__doc__,  # one-line errors
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
 a = parser.add_argument
 a("--suite", choices=["generation", "gpu"], default="generation",
   help="generation: generation + one training step; gpu: also the trainers and eval (see above)")
@@ -606,8 +607,29 @@ def resolve_defaults(args, device):
         args.peak_tflops = args.peak_tflops or datasheet(PEAK_BF16_TFLOPS, gpu_name)
 
 
+def check_args(args):
+    """Every flag before the bench starts: one line naming a bad one."""
+    check_device(args.device)
+    for flag in ("prompt_len", "new_tokens", "repeats", "train_batch_size", "train_len",
+                 "threads", "train_steps", "eval_limit"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag}: must be >= 1, got {getattr(args, flag)}")
+    sizes = (args.batch_size or "1").split(",")
+    if not all(size.isdigit() and int(size) > 0 for size in sizes):
+        parser.error(f"--batch_size {args.batch_size!r}: expected comma-separated positive "
+                     "integers, e.g. 1,16")
+    peaks_positive = all(peak is None or peak > 0 for peak in (args.peak_bw_gbs, args.peak_tflops))
+    if not (args.temperature >= 0 and 0 < args.top_p <= 1 and peaks_positive
+            and args.logit_std >= 0):
+        parser.error("--temperature must be >= 0, --top_p in (0, 1], --peak_bw_gbs and "
+                     "--peak_tflops > 0 and --logit_std >= 0")
+    if args.json:
+        check_writable_file(args.json, "--json")
+
+
 def main(argv=None) -> dict:
     args = parser.parse_args(argv)
+    check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():

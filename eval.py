@@ -4,7 +4,7 @@ lm-evaluation-harness does, and the state lens the trainers and the paper's tabl
 
     python eval.py --model Qwen/Qwen3-0.6B-Base --limit paper --out base.json
     python eval.py --report base.json rl.json sft.json      # the paper's Table 2, as markdown
-    python eval.py --model out --drift_reference Qwen/Qwen3-0.6B-Base --out rl.json  # + drift
+    python eval.py --model out/rl --drift_reference Qwen/Qwen3-0.6B-Base --out rl.json  # + drift
 
     tasks and data   load_gsm8k, load_mmlu, load_truthfulqa (data/prepare.py's files), subset
     prompts          gsm8k_prompt (also the trainers'), gsm8k_fewshot_prompt, mmlu_prompt, ...
@@ -17,7 +17,10 @@ The protocol is lm-eval's (0.4.13's task yamls gsm8k, mmlu, truthfulqa_mc1/mc2),
 can be compared with lm-eval's: the same prompts, the same few-shot examples, the same answer
 extraction and normalisation, and log-likelihoods tokenised the same way. --limit draws a fixed
 seeded subset (the paper used 500 GSM8K, 500 MMLU and 200 TruthfulQA questions: --limit paper);
-without it, the full test sets.
+without it, the full test sets. To compare with lm-eval, give it the same shots: its `mmlu` task
+runs 0-shot unless given --num_fewshot 5 (we default to 5, the paper's setting; --mmlu_shots 0
+matches lm-eval's default), and gsm8k is 5-shot in both. MC2 sums the probability of every choice
+labelled true, wherever it is listed (0.4.13's rule).
 
 Where we differ from lm-eval, on purpose: --limit samples (lm-eval takes the first N);
 log-softmax runs in fp32 (lm-eval: the model's dtype); MC2 subtracts the max log-likelihood before
@@ -27,19 +30,22 @@ stopping at once); special tokens other than the stop tokens stay in the decoded
 (lm-eval drops them).
 """
 import argparse
+import functools
 import importlib.util
 import json
 import math
+import os
 import random
 import re
 import sys
 import time
-import zlib
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from cli import (ArgumentParser, check_device, check_writable_file, fail, finite_or_null,
+                 nonnegative_float, nonnegative_int, positive_int, progress)
+from drift import state_drift
 from model import Qwen3, Tokenizer, completion_logprobs, rollout
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -51,22 +57,28 @@ PAPER_LIMITS = {"gsm8k": 500, "mmlu": 500, "truthfulqa_mc1": 200, "truthfulqa_mc
 
 
 def read_data(data_dir, dataset: str, filename: str) -> list:
-    """Rows of data_dir/dataset/filename; a missing file is prepared (downloaded) on first use."""
+    """Rows of data_dir/dataset/filename, each checked (a bad line stops with its file and line); a
+    missing file is prepared (downloaded) on first use."""
     path = Path(data_dir) / dataset / filename
-    if not path.exists():
-        print(f"{path} not found: preparing {dataset} with data/prepare.py", file=sys.stderr)
-        # data/ is not a package: load prepare.py by path, so no other module named `data` can
-        # shadow it
-        prepare_py = Path(__file__).resolve().parent / "data" / "prepare.py"
-        spec = importlib.util.spec_from_file_location("prepare", prepare_py)
-        prepare = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(prepare)
-        try:
+    prepare = prepare_module()
+    try:
+        if not path.exists():
+            print(f"{path} not found: preparing {dataset} with data/prepare.py", file=sys.stderr)
             prepare.prepare(out_dir=data_dir, datasets=[dataset])
-        except prepare.DataError as e:  # e.g. offline: one clear line for whichever script asked
-            raise SystemExit(f"error: {e}")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+        return prepare.read_prepared(path, dataset)
+    except prepare.DataError as e:  # offline, or a damaged file: one line for whichever script
+        raise SystemExit(f"error: {e}")
+
+
+@functools.lru_cache(maxsize=1)
+def prepare_module():
+    """data/prepare.py, loaded by path: data/ is not a package, and no other module named `data`
+    can shadow it."""
+    prepare_py = Path(__file__).resolve().parent / "data" / "prepare.py"
+    spec = importlib.util.spec_from_file_location("prepare", prepare_py)
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    return prepare
 
 
 def load_gsm8k(split: str, data_dir=DATA_DIR) -> list:
@@ -207,13 +219,12 @@ def gsm8k_reward(completion_text: str, gold: str) -> float:
 
 
 def mc2_score(logliks: list, labels: list) -> float:
-    """Probability mass of the true choices, normalised over all choices. As lm-eval does, the
-    choices before the first 0 label count as true (two TruthfulQA questions list a true one after a
-    false one)."""
-    n_true = labels.index(0)
+    """Probability mass of the true choices (every choice labelled 1, wherever it is listed:
+    lm-eval 0.4.13; up to 0.4.8 only those before the first 0 counted), normalised over all
+    choices."""
     top = max(logliks)  # subtracted for stability; it cancels in the ratio
     probs = [math.exp(ll - top) for ll in logliks]
-    return sum(probs[:n_true]) / sum(probs)
+    return sum(p for p, label in zip(probs, labels) if label == 1) / sum(probs)
 
 
 def argmax(values: list) -> int:
@@ -237,19 +248,23 @@ def encode_pair(tokenizer, context: str, continuation: str):
 
 
 @torch.no_grad()
-def loglikelihoods(model, tokenizer, requests: list, batch_size: int = 16) -> list:
+def loglikelihoods(model, tokenizer, requests: list, batch_size: int = 16,
+                   desc: str = "scoring") -> list:
     """Summed log-probability of each (context, continuation) request's continuation tokens, in
     batches of similar lengths. model.py's completion_logprobs projects only the continuation
     positions onto the vocabulary: for MMLU that is one position in ~600."""
     pairs = [encode_pair(tokenizer, context, continuation) for context, continuation in requests]
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
     results = [0.0] * len(pairs)
+    bar = progress(total=len(pairs), desc=desc, unit="req", leave=False)
     for first in range(0, len(order), batch_size):
         batch = order[first:first + batch_size]
         logprobs, mask = completion_logprobs(model, [pairs[i][0] + pairs[i][1] for i in batch],
                                              [len(pairs[i][0]) for i in batch])
         for i, total in zip(batch, (logprobs * mask).sum(-1).tolist()):
             results[i] = total
+        bar.update(len(batch))  # the longest come first: the rate rises as the bar goes
+    bar.close()
     return results
 
 
@@ -258,7 +273,7 @@ def greedy_completions(model, tokenizer, prompts: list, max_new_tokens: int,
     """Greedy completion text of each prompt, cut before the first stop token or stop string."""
     completions = rollout(model=model, tokenizer=tokenizer, prompts=tokenizer.encode_batch(prompts),
                           max_new_tokens=max_new_tokens, stop_strings=GSM8K_STOP_STRINGS,
-                          batch_size=batch_size)
+                          batch_size=batch_size, desc="gsm8k")
     return [truncate_at_stop(tokenizer.decode(tokens)) for tokens in completions]
 
 
@@ -293,7 +308,8 @@ def eval_mmlu(model, tokenizer, settings, data_dir) -> dict:
     for i in indices:
         context = mmlu_prompt(test[i], shots[test[i]["subject"]][:settings["mmlu_shots"]])
         requests += [(context, f" {letter}") for letter in "ABCD"]
-    logliks = loglikelihoods(model, tokenizer, requests, settings["batch_size"])
+    logliks = loglikelihoods(model, tokenizer, requests, settings["batch_size"],
+                             desc="mmlu")
     samples, by_subject = [], {}
     for k, i in enumerate(indices):
         scores = logliks[4 * k:4 * k + 4]
@@ -314,7 +330,8 @@ def eval_truthfulqa(model, tokenizer, settings, data_dir, which: str) -> dict:
     indices = subset(len(rows), settings["limit"].get(f"truthfulqa_{which}"), settings["seed"])
     requests = [(truthfulqa_prompt(rows[i]["question"]), f" {choice}") for i in indices
                 for choice in rows[i][targets]["choices"]]
-    logliks = loglikelihoods(model, tokenizer, requests, settings["batch_size"])
+    logliks = loglikelihoods(model, tokenizer, requests, settings["batch_size"],
+                             desc=f"truthfulqa_{which}")
     samples, offset = [], 0  # offset: this question's first choice in logliks
     for i in indices:
         labels = rows[i][targets]["labels"]
@@ -383,7 +400,7 @@ def kl_to_start(model, start_model, tokenizer, prompts: list, max_new_tokens: in
     sampled tokens (a Monte Carlo estimate: exact in expectation, 0 for the starting model)."""
     answers = rollout(model=model, tokenizer=tokenizer, prompts=prompts,
                       max_new_tokens=max_new_tokens, temperature=1.0, seed=seed,
-                      stop_strings=GSM8K_STOP_STRINGS, batch_size=batch_size)
+                      stop_strings=GSM8K_STOP_STRINGS, batch_size=batch_size, desc="kl_to_start")
     total = count = 0.0
     for i in range(0, len(prompts), batch_size):
         seqs = [p + a for p, a in zip(prompts[i:i + batch_size], answers[i:i + batch_size])]
@@ -404,131 +421,7 @@ def state_nll(logprobs, mask) -> float:
     return -(logprobs.detach() * mask).sum().item() / max(1, mask.sum().item())
 
 
-# --------------------------------------------------------------------------------------------------
-# Drift: how far a trained model's own states moved from the base model's (the paper's MMD figure)
-#
-# A state is the prompt plus a generated prefix. Both models sample one rollout per prompt (same
-# prompts, batches and seeds: a model against itself reads 0), each cut at 1/4, 1/2, 3/4 and all of
-# its generated tokens (rounded up; a stop token stays in): fractions, not fixed positions, so every
-# rollout gives the same number of states.
-
-DRIFT_CUTS = (0.25, 0.5, 0.75, 1.0)
-FEATURE_DIM = 4096  # hashed lexical feature buckets
-
-
-def prefix_lengths(n_generated: int, cuts=DRIFT_CUTS) -> list:
-    return [max(1, math.ceil(f * n_generated)) for f in cuts]
-
-
-def lexical_features(texts, dim=FEATURE_DIM):
-    """The paper's featurisation: counts of word unigrams, word bigrams and character 3-grams of the
-    lowercased text, hashed into `dim` buckets by crc32 (stable across runs and machines, unlike
-    hash()), then L2-normalised so that long and short prefixes are comparable."""
-    feats = np.zeros((len(texts), dim))
-    for row, text in enumerate(texts):
-        text = text.lower()
-        words = text.split()
-        grams = ([f"w:{w}" for w in words] + [f"b:{a} {b}" for a, b in zip(words, words[1:])]
-                 + [f"c:{text[i:i + 3]}" for i in range(len(text) - 2)])
-        for g in grams:
-            feats[row, zlib.crc32(g.encode()) % dim] += 1.0
-    return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
-
-
-@torch.no_grad()
-def hidden_features(model, prompts: list, rollouts: list, cuts=DRIFT_CUTS, batch_size: int = 16):
-    """Final-norm hidden states of `model`, mean-pooled over each state's generated tokens (the
-    prompt is shared). The model is causal: one right-padded pass over prompt + rollout gives every
-    prefix's states."""
-    feats = []
-    for first in range(0, len(prompts), batch_size):
-        last = first + batch_size
-        batch = list(zip(prompts[first:last], rollouts[first:last]))
-        width = max(len(p) + len(r) for p, r in batch)
-        idx = torch.tensor([p + r + [0] * (width - len(p) - len(r)) for p, r in batch],
-                           device=model.device)
-        hidden = model(idx, return_hidden=True).float()
-        for row, (prompt, rollout) in enumerate(batch):
-            sums = hidden[row, len(prompt):len(prompt) + len(rollout)].cumsum(0)
-            feats += [(sums[k - 1] / k).cpu().numpy() for k in prefix_lengths(len(rollout), cuts)]
-    return np.stack(feats).astype(np.float64)
-
-
-def squared_distances(x, y):
-    return np.maximum((x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2 * x @ y.T, 0.0)
-
-
-def mmd2(x, y, bandwidth=None, unbiased=True, groups=None):
-    """MMD² of samples x (m, d) and y (n, d), RBF kernel exp(-|a-b|² / 2bw²), bandwidth by default
-    the median pairwise distance of the pooled samples; returns (mmd2, bandwidth). Unbiased leaves
-    out the pairs of a point with itself, or with groups=(labels_x, labels_y) all pairs sharing a
-    label: one prompt's states are not independent draws, and their pairs would read as drift
-    between two samples of one model. Biased keeps all."""
-    if bandwidth is None:
-        pooled = np.concatenate([x, y])
-        distances = np.sqrt(squared_distances(pooled, pooled)[np.triu_indices(len(pooled), k=1)])
-        bandwidth = float(np.median(distances)) or 1.0  # all points equal: any bandwidth gives 0
-    kernel = lambda a, b: np.exp(-squared_distances(a, b) / (2 * bandwidth ** 2))  # noqa: E731
-    kxx, kyy, kxy = kernel(x, x), kernel(y, y), kernel(x, y)
-    if not unbiased:
-        return float(kxx.mean() + kyy.mean() - 2 * kxy.mean()), bandwidth
-    gx, gy = map(np.asarray,
-                 groups if groups is not None else (range(len(x)), range(len(x), len(x) + len(y))))
-    term = lambda k, a, b: k[a[:, None] != b[None, :]].mean()  # noqa: E731
-    return float(term(kxx, gx, gx) + term(kyy, gy, gy) - 2 * term(kxy, gx, gy)), bandwidth
-
-
-def centroid_distance(x, y) -> float:
-    return float(np.linalg.norm(x.mean(0) - y.mean(0)))
-
-
-def sliced_wasserstein(x, y, n_projections=128, seed=0) -> float:
-    """Mean over seeded random unit directions of the exact 1-D Wasserstein-1 distance of the
-    projections: the integral of |quantile_x(u) - quantile_y(u)|, step functions summed over their
-    merged steps."""
-    directions = np.random.default_rng(seed).standard_normal((x.shape[1], n_projections))
-    px, py = (np.sort(s @ (directions / np.linalg.norm(directions, axis=0)), axis=0)
-              for s in (x, y))
-    edges = np.unique(np.concatenate([np.linspace(0, 1, len(x) + 1),
-                                      np.linspace(0, 1, len(y) + 1)]))
-    mids = (edges[1:] + edges[:-1]) / 2
-    gaps = np.abs(px[(mids * len(x)).astype(int)] - py[(mids * len(y)).astype(int)])
-    return float((np.diff(edges)[:, None] * gaps).sum(0).mean())
-
-
-def drift_distances(x, y, groups=None) -> dict:
-    mmd, bandwidth = mmd2(x, y, groups=groups)
-    return {"mmd2": mmd, "mmd2_biased": mmd2(x, y, bandwidth, unbiased=False)[0],
-            "bandwidth": bandwidth,
-            "centroid": centroid_distance(x, y), "sliced_wasserstein": sliced_wasserstein(x, y)}
-
-
-@torch.no_grad()
-def state_drift(model, reference, tokenizer, prompts: list, max_new_tokens=128, temperature=1.0,
-                seed=0,
-                batch_size=16, cuts=DRIFT_CUTS) -> dict:
-    """Distances between the states of `model` and `reference` (the base) on the text `prompts`,
-    featurised twice: lexically, and by the reference's hidden states (one feature map for both
-    sets; the paper names its lexical-only features a limitation). tokenizer: encode_batch, decode,
-    stop_ids, n_real_tokens."""
-    encoded, states, lengths = tokenizer.encode_batch(prompts), {}, {}
-    for name, sampler in (("model", model), ("reference", reference)):
-        rollouts = rollout(model=sampler, tokenizer=tokenizer, prompts=encoded,
-                           max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                           batch_size=batch_size)
-        texts = [tokenizer.decode(r[:k]) for r in rollouts for k in prefix_lengths(len(r), cuts)]
-        states[name] = (lexical_features(texts),
-                        hidden_features(reference, encoded, rollouts, cuts, batch_size))
-        lengths[name] = mean(len(r) for r in rollouts)
-    groups = (np.repeat(np.arange(len(prompts)), len(cuts)),) * 2  # a state's label: its prompt
-    return {"n_prompts": len(prompts), "n_states": len(prompts) * len(cuts), "cuts": list(cuts),
-            "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
-            "mean_new_tokens": lengths,
-            **{kind: drift_distances(states["model"][i], states["reference"][i], groups)
-               for i, kind in enumerate(("lexical", "hidden"))}}
-
-
-# --------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------
 # Table 2: scores, Forgetting and Retention
 
 
@@ -536,20 +429,25 @@ def headline(results: dict) -> dict:
     """One number per task, in percent: GSM8K flexible and strict, MMLU, TruthfulQA MC1 and MC2."""
     tasks, scores = results["tasks"], {}
     if "gsm8k" in tasks:
-        scores["gsm8k_flexible"] = 100 * tasks["gsm8k"]["metrics"]["exact_match_flexible"]
-        scores["gsm8k_strict"] = 100 * tasks["gsm8k"]["metrics"]["exact_match_strict"]
+        scores["gsm8k_flexible"] = tasks["gsm8k"]["metrics"]["exact_match_flexible"]
+        scores["gsm8k_strict"] = tasks["gsm8k"]["metrics"]["exact_match_strict"]
     for task, metric in (("mmlu", "acc"), ("truthfulqa_mc1", "acc"), ("truthfulqa_mc2", "mc2")):
         if task in tasks:
-            scores[task] = 100 * tasks[task]["metrics"][metric]
-    return scores
+            scores[task] = tasks[task]["metrics"][metric]
+    return {name: 100 * score for name, score in scores.items() if score is not None}  # null: not finite
 
 
 def report(paths: list, truthfulqa: str = "mc2") -> str:
     """Markdown table: the first file is the base model. Forgetting (base - post, in points) and
-    Retention (post / base) are averaged over TruthfulQA (MC1 or MC2) and MMLU, the paper's
-    definition. Drift is the lexical state MMD² against the file's --drift_reference, where it has
-    one."""
-    runs = [(Path(p).stem, json.loads(Path(p).read_text())) for p in paths]
+    Retention (post / base) are averaged over TruthfulQA (MC1 or MC2) and MMLU, the paper's definition.
+    Drift is the lexical state MMD² against the file's --drift_reference, where it has one."""
+    runs = []
+    for path in paths:
+        try:
+            runs.append((Path(path).stem, json.loads(Path(path).read_text(encoding="utf-8"))))
+            runs[-1][1]["tasks"].items()
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            fail(f"--report {path}: not a results file of eval.py ({type(e).__name__}: {e})")
     base_name, base = runs[0]
     kept = ("mmlu", f"truthfulqa_{truthfulqa}")
     columns = ["gsm8k_flexible", "gsm8k_strict", "mmlu", "truthfulqa_mc1", "truthfulqa_mc2"]
@@ -564,8 +462,7 @@ def report(paths: list, truthfulqa: str = "mc2") -> str:
                       file=sys.stderr)
         scores = headline(results)
         cells = [f"{scores[c]:.1f}" if c in scores else "–" for c in columns]
-        # base 0: no ratio
-        if name != base_name and all(k in scores and base_scores.get(k) for k in kept):
+        if name != base_name and all(k in scores and base_scores.get(k) for k in kept):  # base 0: no ratio
             forgetting = mean(base_scores[k] - scores[k] for k in kept)
             retention = mean(scores[k] / base_scores[k] for k in kept)
             cells += [f"{forgetting:.1f}", f"{100 * retention:.1f}%"]
@@ -577,69 +474,61 @@ def report(paths: list, truthfulqa: str = "mc2") -> str:
     drifts = [results["drift"] for _, results in runs if "drift" in results]
     for drift in sorted({f"{d['reference']} ({d['n_prompts']} GSM8K prompts, {d['max_new_tokens']} new tokens, "
                          f"temperature {d['temperature']}, seed {d['seed']})" for d in drifts}):
-        # one line per setting: compare within one
-        lines.append(f"Drift: lexical state MMD² against {drift}.")
+        lines.append(f"Drift: lexical state MMD² against {drift}.")  # one line per setting: compare within one
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------
 # CLI
 
 def parse_limit(text):
     """'500' -> 500; 'paper' -> PAPER_LIMITS; 'gsm8k=500,mmlu=500,truthfulqa=200' -> a dict
     ('truthfulqa' sets both MC1 and MC2, which then score the same questions)."""
-    if text is None or text.isdigit():
-        return None if text is None else int(text)
-    if text == "paper":
-        return dict(PAPER_LIMITS)
+    if text is None or text == "paper":
+        return None if text is None else dict(PAPER_LIMITS)
+    if text.isdigit() and int(text) > 0:
+        return int(text)
     limits = {}
     for item in text.split(","):
         name, _, value = item.partition("=")
         matched = [task for task in TASKS if task == name or task.startswith(name + "_")]
-        if not matched or not value.isdigit():
-            raise argparse.ArgumentTypeError(f"bad --limit item {item!r}")
+        if not matched or not value.isdigit() or int(value) == 0:  # 0 would score nothing: a mean of nothing
+            raise argparse.ArgumentTypeError(f"bad item {item!r}: expected N, 'paper' or TASK=N, with N >= 1")
         limits.update({task: int(value) for task in matched})
     return limits
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model",
-                        help="model folder or Hugging Face hub id (with its tokenizer.json)")
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="model folder or Hugging Face hub id (with its tokenizer.json)")
     parser.add_argument("--tasks", default=",".join(TASKS),
                         help=f"comma-separated subset of {','.join(TASKS)}; '' or none: no task (drift only)")
     parser.add_argument("--limit", type=parse_limit, default=None,
                         help="score a fixed seeded subset: N for every task, 'paper' (500 GSM8K, 500 MMLU, "
                              "200 TruthfulQA) or e.g. gsm8k=500,mmlu=500,truthfulqa=200; default: full test sets")
-    parser.add_argument("--seed", type=int, default=1234,
-                        help="seed of the --limit subsets (recorded in the output)")
+    parser.add_argument("--seed", type=int, default=1234, help="seed of the --limit subsets (recorded in the output)")
     parser.add_argument("--fewshot_seed", type=int, default=1234,
                         help="seed of GSM8K's few-shot draws (lm-eval's default)")
-    parser.add_argument("--gsm8k_shots", type=int, default=5,
+    parser.add_argument("--gsm8k_shots", type=nonnegative_int, default=5,
                         help="GSM8K few-shot examples, from the train split")
-    parser.add_argument("--mmlu_shots", type=int, default=5,
-                        help="MMLU few-shot examples: each subject's first k dev rows")
-    parser.add_argument("--max_new_tokens", type=int, default=256,
+    parser.add_argument("--mmlu_shots", type=nonnegative_int, default=5,
+                        help="MMLU few-shot examples: each subject's first k dev rows (at most 5)")
+    parser.add_argument("--max_new_tokens", type=positive_int, default=256,
                         help="GSM8K generation length (lm-eval's default)")
-    parser.add_argument("--batch_size", type=int, default=16, help="sequences per forward pass")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="torch device")
+    parser.add_argument("--batch_size", type=positive_int, default=16, help="sequences per forward pass")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="weights dtype; auto: bfloat16 on GPU, float32 on CPU")
-    parser.add_argument("--data_dir", default=str(DATA_DIR),
-                        help="prepared data (downloaded here on first use)")
+    parser.add_argument("--data_dir", default=str(DATA_DIR), help="prepared data (downloaded here on first use)")
     parser.add_argument("--out", default="results.json", help="where to write the results")
     parser.add_argument("--drift_reference", metavar="BASE",
                         help="also measure state drift from BASE (folder or hub id)")
-    parser.add_argument("--drift_prompts", type=int, default=100,
-                        help="GSM8K test questions to roll out (seeded)")
-    parser.add_argument("--drift_max_new_tokens", type=int, default=128,
-                        help="rollout length for drift")
-    parser.add_argument("--drift_temperature", type=float, default=1.0,
+    parser.add_argument("--drift_prompts", type=positive_int, default=100,
+                        help="GSM8K test questions to roll out (seeded; at least 2)")
+    parser.add_argument("--drift_max_new_tokens", type=positive_int, default=128, help="rollout length for drift")
+    parser.add_argument("--drift_temperature", type=nonnegative_float, default=1.0,
                         help="rollout sampling temperature")
-    parser.add_argument("--drift_seed", type=int, default=0,
-                        help="seed of the drift prompts and rollouts")
+    parser.add_argument("--drift_seed", type=int, default=0, help="seed of the drift prompts and rollouts")
     parser.add_argument("--report", nargs="+", metavar="RESULTS_JSON",
                         help="print Table 2 from results files instead of evaluating; the first is the base model")
     parser.add_argument("--truthfulqa_metric", default="mc2", choices=["mc1", "mc2"],
@@ -648,46 +537,95 @@ def main(argv=None):
     if args.report:
         print(report(args.report, args.truthfulqa_metric))
         return
-    if not args.model:
-        parser.error("--model is required (or --report)")
-    if args.drift_reference and args.drift_prompts < 2:
-        parser.error("--drift_prompts must be at least 2 (MMD² compares states of different prompts)")
+    tasks = check_args(parser, args)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
         args.dtype, torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
-    try:
-        model = Qwen3.from_pretrained(args.model, device=args.device, dtype=dtype).eval()
-        tokenizer = Tokenizer.from_pretrained(args.model)
-    # bad input: one line naming the flag, no traceback
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"--model: {e}")
-    tasks = "" if args.tasks == "none" else args.tasks
-    results = evaluate(model, tokenizer, tasks, args.limit, args.seed, args.batch_size,
-                       args.data_dir,
-                       args.gsm8k_shots, args.mmlu_shots, args.fewshot_seed, args.max_new_tokens,
-                       verbose=True)
-    settings = {**results["settings"], "device": args.device,
-                "dtype": str(dtype).replace("torch.", "")}
+    model, tokenizer = load_for_eval(args.model, args.device, dtype, "--model")
+    reference = None
+    if args.drift_reference:  # loaded before any scoring: a bad reference must not cost the evaluation
+        reference, reference_tokenizer = load_for_eval(args.drift_reference, args.device, dtype, "--drift_reference")
+        if reference_tokenizer.tok.to_str() != tokenizer.tok.to_str():
+            fail(f"--drift_reference {args.drift_reference}: its tokenizer differs from --model {args.model}'s; "
+                 "drift compares the two models' states token by token")
+    check_data(parser, args, tasks)
+    results = evaluate(model, tokenizer, tasks, args.limit, args.seed, args.batch_size, args.data_dir,
+                       args.gsm8k_shots, args.mmlu_shots, args.fewshot_seed, args.max_new_tokens, verbose=True)
+    settings = {**results["settings"], "device": args.device, "dtype": str(dtype).replace("torch.", "")}
     results = {"model": args.model, "settings": settings, "tasks": results["tasks"]}
-    if args.drift_reference:
-        if Tokenizer.from_pretrained(args.drift_reference).tok.to_str() != tokenizer.tok.to_str():
-            raise SystemExit(f"error: {args.drift_reference} has another tokenizer than {args.model}")
-        reference = Qwen3.from_pretrained(args.drift_reference, device=args.device,
-                                          dtype=dtype).eval()
+    if reference is not None:
         test = load_gsm8k("test", args.data_dir)
-        prompts = [gsm8k_prompt(test[i]["question"])
-                   for i in subset(len(test), args.drift_prompts, args.drift_seed)]
-        drift = state_drift(model, reference, tokenizer, prompts, args.drift_max_new_tokens,
-                            args.drift_temperature,
+        prompts = [gsm8k_prompt(test[i]["question"]) for i in subset(len(test), args.drift_prompts, args.drift_seed)]
+        drift = state_drift(model, reference, tokenizer, prompts, args.drift_max_new_tokens, args.drift_temperature,
                             args.drift_seed, args.batch_size)
         results["drift"] = {"reference": args.drift_reference, **drift}
         del reference  # free its memory for whatever runs next in this process
         torch.cuda.empty_cache()  # a no-op where CUDA was never used
         print(f"drift: MMD² lexical {drift['lexical']['mmd2']:.4f} hidden {drift['hidden']['mmd2']:.4f}",
               file=sys.stderr)
-    Path(args.out).write_text(json.dumps(results, indent=1))
-    print(" ".join(f"{name}={score:.1f}" for name, score in headline(results).items()),
-          f"-> {args.out}")
+    tmp = Path(f"{args.out}.tmp")  # written whole, then renamed: an older results file survives a failure
+    tmp.write_text(json.dumps(no_nan(results), indent=1, allow_nan=False))
+    os.replace(tmp, args.out)
+    print(" ".join(f"{name}={score:.1f}" for name, score in headline(results).items()), f"-> {args.out}")
 
+
+def check_args(parser, args) -> list:
+    """Every flag, the output file and the data, before a model loads: a bad one is one line. Returns the tasks."""
+    if not args.model:
+        parser.error("--model is required (or --report)")
+    tasks = [t for t in ("" if args.tasks == "none" else args.tasks).split(",") if t]
+    if unknown := sorted(set(tasks) - set(TASKS)):
+        parser.error(f"--tasks: unknown task(s) {', '.join(unknown)}; choose from {','.join(TASKS)}")
+    if not tasks and not args.drift_reference:
+        parser.error("--tasks: none given, and no --drift_reference: nothing to do")
+    if args.drift_reference and args.drift_prompts < 2:
+        parser.error("--drift_prompts must be at least 2 (MMD² compares states of different prompts)")
+    check_device(args.device)
+    check_writable_file(args.out, "--out")
+    return tasks
+
+
+def check_data(parser, args, tasks):
+    """Every file the tasks read, checked row by row (and downloaded if missing), and the shots they have."""
+    if "gsm8k" in tasks and args.gsm8k_shots > len(load_gsm8k("train", args.data_dir)):
+        parser.error(f"--gsm8k_shots {args.gsm8k_shots}: more than the train split's "
+                     f"{len(load_gsm8k('train', args.data_dir))} examples")
+    if "mmlu" in tasks:
+        dev_rows = {}
+        for row in load_mmlu("dev", args.data_dir):
+            dev_rows[row["subject"]] = dev_rows.get(row["subject"], 0) + 1
+        if args.mmlu_shots > min(dev_rows.values()):
+            parser.error(f"--mmlu_shots {args.mmlu_shots}: more than the {min(dev_rows.values())} dev examples "
+                         "some subjects have")
+        load_mmlu("test", args.data_dir)  # read (and checked) now rather than after GSM8K is scored
+    if any(t.startswith("truthfulqa") for t in tasks):
+        load_truthfulqa(args.data_dir)
+    if args.drift_reference and args.drift_prompts > len(load_gsm8k("test", args.data_dir)):
+        parser.error(f"--drift_prompts {args.drift_prompts}: more than the GSM8K test split's questions")
+
+
+def load_for_eval(name, device, dtype, flag):
+    """Model and tokenizer, with anything wrong, NaN weights included, one line naming the flag."""
+    try:
+        tokenizer = Tokenizer.from_pretrained(name)
+        model = Qwen3.from_pretrained(name, device=device, dtype=dtype).eval()
+    except (FileNotFoundError, ValueError) as e:  # bad input: one line naming the flag, no traceback
+        raise SystemExit(f"{flag}: {e}")
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        fail(f"{flag} {name}: its weights hold NaN or infinite values, so every score would be meaningless")
+    return model, tokenizer
+
+
+def no_nan(results: dict) -> dict:
+    """JSON has no NaN: a task with any non-finite number (a model whose log-likelihoods overflow) gets null
+    metrics and the reason, never a score computed from NaN (MMLU's argmax would read 25%, not 'broken')."""
+    for name, task in results["tasks"].items():
+        task, n = finite_or_null(task)
+        results["tasks"][name] = task
+        if n:
+            task["metrics"] = {k: None for k in task["metrics"]}
+            task["invalid"] = f"{n} numbers are NaN or infinite: the model's outputs are not finite"
+            print(f"warning: {name}: {task['invalid']}; its metrics are null", file=sys.stderr)
+    return finite_or_null(results)[0]
 
 if __name__ == "__main__":
     main()

@@ -2,15 +2,14 @@
 Qwen3 in one file: the model and nothing else. It matches transformers' Qwen3ForCausalLM
 (modeling_qwen3.py is the ground truth) for every dense Qwen3 size, 0.6B to 32B.
 
-    Qwen3Config          the fields of config.json that define the computation
-    Qwen3                the architecture (RMSNorm, RoPE, grouped-query attention with q/k norms,
-                         SwiGLU), from_pretrained / save_pretrained (Hugging Face safetensors) and
-                         generate (batched, over a pre-allocated KVCache; CUDA-graph decode)
+    Qwen3Config, Qwen3   the config and the architecture (RMSNorm, RoPE, grouped-query attention
+                         with q/k norms, SwiGLU); from_pretrained / save_pretrained (Hugging Face
+                         safetensors); generate (batched, over a KV cache; CUDA-graph decode)
     rollout              generate over a whole list of prompts, with stop strings
     completion_logprobs  log-probabilities of given completion tokens, for training and scoring
     sample_next          the fused sampler: temperature, top-k, top-p, one draw per row
-    add_lora             LoRA adapters on every projection (merged when saved)
-    Tokenizer            Qwen's tokenizer.json; resolve_model_dir finds a folder or hub repo
+    add_lora             LoRA on every projection (merged when saved)
+    Tokenizer            Qwen's tokenizer.json; resolve_model_dir: a folder or a hub repo
 
     model = Qwen3.from_pretrained("Qwen/Qwen3-0.6B-Base", device="cuda", dtype=torch.bfloat16)
     tok = Tokenizer.from_pretrained("Qwen/Qwen3-0.6B-Base")
@@ -20,6 +19,7 @@ Qwen3 in one file: the model and nothing else. It matches transformers' Qwen3For
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, fields
@@ -29,8 +29,10 @@ import tokenizers
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
+
+from cli import load_safetensors, make_readable, progress, read_json
 
 # Config -------------------------------------------------------------------------------------------
 
@@ -232,7 +234,7 @@ class Qwen3(nn.Module):
         weight."""
         folder = resolve_model_dir(name_or_path)
         config_file = folder / "config.json"
-        config = Qwen3Config.from_dict(json.loads(config_file.read_text()), str(config_file))
+        config = Qwen3Config.from_dict(read_json(config_file), str(config_file))
         with torch.device("meta"):  # no memory until the weights arrive, and then only in `dtype`
             model = cls(config).to(dtype)
         model = model.to_empty(device=device)
@@ -275,7 +277,7 @@ class Qwen3(nn.Module):
         """Write config.json + model.safetensors (+ tokenizer.json) in the Hugging Face layout, LoRA
         merged, atomically: a crash mid-save leaves any previous model in out_dir intact."""
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tmp-") as tmp:  # stale: cleared
             merged = self.hf_state_dict(merged=True)
             tensors = {k: v.detach().cpu().contiguous() for k, v in merged.items()}
             save_file(tensors, Path(tmp, "model.safetensors"), metadata={"format": "pt"})
@@ -284,6 +286,7 @@ class Qwen3(nn.Module):
             if tokenizer is not None:
                 shutil.copy(tokenizer.path, Path(tmp, "tokenizer.json"))
             for name in os.listdir(tmp):
+                make_readable(Path(tmp, name))
                 os.replace(Path(tmp, name), Path(out_dir, name))
 
     # Generation -----------------------------------------------------------------------------------
@@ -414,27 +417,33 @@ class Qwen3(nn.Module):
 
 @torch.no_grad()
 def rollout(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float = 0.0,
-            seed: int = 0, stop_strings=(), batch_size: int = 128) -> list:
+            seed: int = 0, stop_strings=(), batch_size: int = 128, desc: str = "sampling") -> list:
     """One completion (token ids) per prompt: the sampler every script shares. Prompts go through
     model.generate batch_size at a time, longest first (less padding); batch b draws with seed
     seed * 1000 + b. A completion ends with a stop token, with the token that completes one of
     stop_strings (text, such as "Question:", that is no single token; generate checks for them
-    every 16 steps so that a batch ends when all its rows have), or at max_new_tokens. Autocast
-    is the caller's."""
+    every 16 steps so that a batch ends when all its rows have), or at max_new_tokens. A progress
+    bar (`desc`) counts tokens x rows on a terminal. Autocast is the caller's."""
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     completions = [None] * len(prompts)
+    # the bar counts decoding steps x rows, up to max_new_tokens a row: the ETA is an upper bound
+    bar = progress(total=len(prompts) * max_new_tokens, desc=desc, unit="tok", unit_scale=True,
+                   leave=False)
 
     def has_stop(tokens):  # does their text hold a stop string?
         return any(stop in tokenizer.decode(tokens) for stop in stop_strings)
 
-    def rows_with_stop(rows):  # generate's stop_fn: which rows have written a stop string
+    def every_16_steps(rows):  # generate's stop_fn: move the bar, end the rows with a stop string
+        bar.update(16 * len(rows))
         return list(map(has_stop, rows))
     for b, first in enumerate(range(0, len(order), batch_size)):
         batch = order[first:first + batch_size]
         new_tokens = model.generate([prompts[i] for i in batch], max_new_tokens,
                                     temperature=temperature, stop_token_ids=tokenizer.stop_ids,
                                     seed=seed * 1000 + b, n_real_tokens=tokenizer.n_real_tokens,
-                                    stop_fn=rows_with_stop if stop_strings else None)
+                                    stop_fn=every_16_steps if stop_strings or not bar.disable
+                                    else None)
+        bar.update((first + len(batch)) * max_new_tokens - bar.n)  # early stops: their budget
         for i, tokens in zip(batch, new_tokens):
             if has_stop(tokens):  # binary search for the shortest prefix that holds one
                 lo, hi = 1, len(tokens)
@@ -443,6 +452,7 @@ def rollout(model, tokenizer, prompts: list, max_new_tokens: int, temperature: f
                     lo, hi = (lo, mid) if has_stop(tokens[:mid]) else (mid + 1, hi)
                 tokens = tokens[:hi]
             completions[i] = tokens
+    bar.close()
     return completions
 
 
@@ -580,6 +590,9 @@ def add_lora(model: Qwen3, rank: int, alpha: float) -> list:
 # Files: hub downloads, safetensors, the tokenizer -------------------------------------------------
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name: Qwen/Qwen3-0.6B-Base
+
+
 def resolve_model_dir(name_or_path) -> Path:
     """A local folder as is; otherwise a hub repo id, downloaded (config, safetensors,
     tokenizer)."""
@@ -589,7 +602,7 @@ def resolve_model_dir(name_or_path) -> Path:
         raise FileNotFoundError(f"{path}: no config.json in this model folder")
     if path.is_dir():
         return path
-    if path.suffix or name.startswith((".", "/")) or name.count("/") != 1:
+    if path.exists() or not HUB_ID.fullmatch(name):  # a file, or a path no hub repo can be named
         raise FileNotFoundError(f"{name}: no such model folder (nor a hub id like "
                                 "Qwen/Qwen3-0.6B-Base)")
     from huggingface_hub import snapshot_download
@@ -597,8 +610,11 @@ def resolve_model_dir(name_or_path) -> Path:
         patterns = ["config.json", "*.safetensors", "*.index.json", "tokenizer.json"]
         return Path(snapshot_download(name, allow_patterns=patterns))
     except Exception as e:  # offline, unknown repo, ...: one clear line, not a stack of HTTP errors
-        why = f"could not download from the Hugging Face hub ({type(e).__name__})"
-        raise FileNotFoundError(f"{name}: {why}; pass a local model folder instead") from None
+        unknown = type(e).__name__.startswith(("Repository", "Revision"))
+        why = "has no such repo" if unknown else "could not be reached"
+        raise FileNotFoundError(f"{name}: no such model folder here, and the Hugging Face hub "
+                                f"{why} ({type(e).__name__}); pass a local model folder "
+                                "instead") from None
 
 
 def read_safetensors(folder: Path) -> dict:
@@ -606,7 +622,7 @@ def read_safetensors(folder: Path) -> dict:
     pickle."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(read_json(index)["weight_map"].values()))
     elif (folder / "model.safetensors").exists():
         shards = ["model.safetensors"]
     else:
@@ -615,7 +631,7 @@ def read_safetensors(folder: Path) -> dict:
     missing = [shard for shard in shards if not (folder / shard).exists()]
     if missing:
         raise FileNotFoundError(f"{folder / missing[0]}: shard named in the index is missing")
-    return {name: t for shard in shards for name, t in load_file(folder / shard).items()}
+    return {name: t for shard in shards for name, t in load_safetensors(folder / shard).items()}
 
 
 class Tokenizer:
@@ -624,7 +640,11 @@ class Tokenizer:
 
     def __init__(self, path):
         self.path = str(path)
-        self.tok = tokenizers.Tokenizer.from_file(str(path))
+        try:
+            self.tok = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library's own error: name the file, in one line
+            raise ValueError(f"{path}: not a readable tokenizer.json "
+                             f"({str(e).splitlines()[0]})") from None
         vocab = self.tok.get_vocab(with_added_tokens=True)
         self.eos_id = self.pad_id = vocab.get("<|endoftext|>", 0)  # Qwen pads with end-of-text
         self.stop_ids = [vocab[t] for t in ("<|endoftext|>", "<|im_end|>") if t in vocab]

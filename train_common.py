@@ -2,17 +2,15 @@
 The training harness: what train_sft.py, train_rl.py and train_distill.py share, so that each of
 them holds only its method (where its states come from, and the signal it applies to them).
 
-    training_args    the flags every trainer has (each trainer adds its own)
-    setup            torchrun's process group, device, dtype, seed, the model (with LoRA on
-                     request), its tokenizer and AdamW; starting_model: the frozen start
-    batch_at         the questions of any step, without replaying the steps before it
-    step_seed        the seed of one step's sampling
-    tokens_per_rank  what a loss divides by, so that it is a mean over every GPU's tokens
-    optimizer_step   DDP gradient averaging, the non-finite stop, clipping, lr_at's schedule, AdamW
-    MetricsLog       metrics.jsonl and a progress line; periodic_eval: held-out GSM8K, kl_to_start
-    save_checkpoint  load_checkpoint (--resume, bit-identical), finish (the final model)
+    training_args, setup   the shared flags; torchrun, device, dtype, seed, model (LoRA), AdamW
+    batch_at, step_seed    the questions and the sampling seed of any step, without replaying
+    tokens_per_rank        what a loss divides by: a mean over every GPU's tokens
+    optimizer_step         DDP averaging, the non-finite stop, clipping, lr_at's schedule, AdamW
+    MetricsLog             metrics.jsonl, a progress line and bar; periodic_eval: GSM8K, kl_to_start
+    due, finish            when --eval_every / --save_every act; the final model
 
-Imports go one way: model.py <- eval.py <- train_common.py <- the trainers.
+Checkpoints are checkpoint.py's. Imports go one way: model.py <- eval.py <- train_common.py <-
+checkpoint.py <- the trainers (cli.py, which checks bad input, imports none of them).
 """
 import argparse
 import functools
@@ -20,14 +18,14 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
+import sys
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from cli import (ArgumentParser, finite_or_null, nonnegative_float, nonnegative_int,
+                 positive_float, positive_int, progress)
 from eval import evaluate, gsm8k_prompt, kl_to_start, load_gsm8k
 from model import Qwen3, Tokenizer, add_lora
 
@@ -35,9 +33,11 @@ from model import Qwen3, Tokenizer, add_lora
 
 
 def training_args(description: str, **defaults) -> argparse.ArgumentParser:
-    """The flags every trainer shares; a trainer adds its own and overrides these defaults."""
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The flags every trainer shares; a trainer adds its own and overrides these defaults. Each is
+    checked as it is parsed (cli.check_training_args checks them together); a bad one is one
+    line."""
+    p = ArgumentParser(description=description,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--model", default="Qwen/Qwen3-0.6B-Base",
       help="model to start from: Hugging Face hub id or local folder")
@@ -45,32 +45,36 @@ def training_args(description: str, **defaults) -> argparse.ArgumentParser:
       help="final model (Hugging Face layout), checkpoints/ and metrics.jsonl")
     a("--data_dir", default=str(Path(__file__).resolve().parent / "data"),
       help="prepared data (eval.py's)")
-    a("--steps", type=int, default=200,
-      help="training steps: one batch of examples and one optimizer update each")
-    a("--batch_size", type=int, default=8, help="examples (questions) per micro-batch, per GPU")
-    a("--grad_accum", type=int, default=4,
-      help="micro-batches per step: batch_size x grad_accum examples per GPU")
-    a("--lr", type=float, default=1e-5, help="peak learning rate (AdamW)")
-    a("--warmup", type=int, default=10, help="steps of linear warmup")
-    a("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    a("--grad_clip", type=float, default=1.0,
+    a("--steps", type=positive_int, default=200,
+      help="training steps: one batch and one optimizer update each")
+    a("--batch_size", type=positive_int, default=8,
+      help="examples (questions) per micro-batch, per GPU")
+    a("--grad_accum", type=positive_int, default=4,
+      help="micro-batches per step: batch_size x grad_accum per GPU")
+    a("--lr", type=positive_float, default=1e-5, help="peak learning rate (AdamW)")
+    a("--warmup", type=nonnegative_int,
+      help="steps of linear warmup, at most --steps (default: 10 or --steps)")
+    a("--weight_decay", type=nonnegative_float, default=0.0, help="AdamW weight decay")
+    a("--grad_clip", type=nonnegative_float, default=1.0,
       help="clip the gradient norm to this (0: no clipping)")
-    a("--lora_rank", type=int, default=0,
+    a("--lora_rank", type=nonnegative_int, default=0,
       help="LoRA rank on every projection; 0 = full fine-tuning")
-    a("--lora_alpha", type=float, default=None,
+    a("--lora_alpha", type=positive_float,
       help="LoRA alpha (updates scaled by alpha/rank); default 2 x rank")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     a("--dtype", choices=("bf16", "fp32"),
       help="autocast dtype; weights, AdamW stay fp32 (default: bf16 on GPU)")
     a("--seed", type=int, default=1337,
       help="seeds the data order, the sampling and LoRA's initialisation")
-    a("--eval_every", type=int, default=50,
+    a("--eval_every", type=nonnegative_int, default=50,
       help="held-out GSM8K accuracy every N steps (0: never)")
-    a("--eval_limit", type=int, default=200,
-      help="GSM8K test questions per periodic eval (a fixed subset)")
-    a("--save_every", type=int, default=50,
-      help="checkpoint (weights + AdamW state, for --resume) every N steps")
+    a("--eval_limit", type=positive_int, default=200,
+      help="GSM8K test questions per periodic eval (fixed subset)")
+    a("--save_every", type=nonnegative_int, default=50,
+      help="checkpoint (for --resume) every N steps (0: never)")
     a("--resume", action="store_true", help="continue from the latest checkpoint in --out_dir")
+    a("--overwrite", action="store_true", help="start afresh in an --out_dir that holds an "
+      "earlier run, replacing it (without this, or --resume, such an --out_dir is refused)")
     p.set_defaults(**defaults)
     return p
 
@@ -95,8 +99,8 @@ def setup(args):
     torch.manual_seed(args.seed)  # LoRA's initialisation; every sampling call passes its own seed
     weights_dtype = dtype if args.lora_rank else torch.float32
     try:
+        tokenizer = Tokenizer.from_pretrained(args.model)  # first: it is quick to find broken
         model = Qwen3.from_pretrained(args.model, device=device, dtype=weights_dtype)
-        tokenizer = Tokenizer.from_pretrained(args.model)
     except (FileNotFoundError, ValueError) as e:  # bad input: one line naming the flag
         raise SystemExit(f"--model: {e}")
     if args.lora_rank:  # the adapters are created in fp32
@@ -184,9 +188,12 @@ def optimizer_step(optimizer, step: int, args, loss: float):
         p.grad /= world
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
     if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
+        saved = sorted(Path(args.out_dir, "checkpoints").glob("step_*"))
+        kept = "no checkpoint was saved yet (rerun"
+        if saved:
+            kept = f"the last good checkpoint is {saved[-1]} (--resume"
         raise SystemExit(f"step {step + 1}: loss {loss}, gradient norm {grad_norm.item()}: not "
-                         f"finite, stopping. The last good checkpoint is in {args.out_dir}/"
-                         "checkpoints (--resume, perhaps with a lower --lr)")
+                         f"finite, stopping; {kept}, perhaps with a lower --lr)")
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, args)
     optimizer.step()
@@ -198,20 +205,26 @@ def optimizer_step(optimizer, step: int, args, loss: float):
 
 
 class MetricsLog:
-    """metrics.jsonl, one JSON line per step (and one per eval), and a progress line with an ETA
-    (rank 0). "step" is the number of steps done: the eval at step N scores the model a checkpoint
-    at N holds."""
+    """metrics.jsonl, one JSON line per step (and one per eval), a progress line per step and a
+    progress bar with rate and ETA (rank 0). "step" is the number of steps done: the eval at step N
+    scores the model a checkpoint at N holds. A figure that is NaN or infinite is written null, its
+    name listed in not_finite."""
 
     def __init__(self, out_dir, steps: int, first_step: int = 0):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.steps = steps
         self.on = rank_and_world()[0] == 0
-        if self.on:  # after --resume: the lines up to the checkpoint's step, no later ones
+        if self.on:  # after --resume: the lines up to the checkpoint's step; afresh: none
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            kept = self.path.read_text().splitlines() if self.path.exists() else []
+            kept = []
+            if self.path.exists() and first_step:
+                kept = self.path.read_text().splitlines()
             kept = [line + "\n" for line in kept if json.loads(line)["step"] <= first_step]
             self.path.write_text("".join(kept))
-        self.t_last, self.step_times = time.time(), []
+        self.bar = progress(total=steps, initial=first_step, desc="training", unit="step",
+                            disable=not self.on or None)
+        self.t_last = time.time()
+        self.step_times = []
 
     def log(self, step: int, **figures):
         """A training step's figures (with tokens=, which becomes tokens/s and counts for the ETA)
@@ -221,17 +234,23 @@ class MetricsLog:
             self.step_times.append(now - self.t_last)
             figures["tokens_per_s"] = figures.pop("tokens") / self.step_times[-1]
             figures["step_s"] = self.step_times[-1]
+            self.bar.update(1)
         self.t_last = now  # so an eval's time never counts as a step's
         if not self.on:
             return
+        clean, n_not_finite = finite_or_null(figures)
+        if n_not_finite:
+            clean["not_finite"] = [k for k in figures
+                                   if clean[k] is None and figures[k] is not None]
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **figures}) + "\n")
+            f.write(json.dumps({"step": step, **clean}, allow_nan=False) + "\n")
         recent = self.step_times[-20:]
         eta = (self.steps - step) * sum(recent) / max(1, len(recent))
         shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                            for k, v in figures.items())
         hours, minutes = eta // 3600, eta % 3600 // 60
-        print(f"step {step}/{self.steps} | {shown} | eta {hours:.0f}h{minutes:02.0f}m", flush=True)
+        self.bar.write(f"step {step}/{self.steps} | {shown} | eta {hours:.0f}h{minutes:02.0f}m")
+        sys.stdout.flush()
 
 
 KL_PROMPTS = 32  # fixed GSM8K test prompts the learner answers to measure its KL to the start
@@ -260,57 +279,12 @@ def periodic_eval(steps_done: int, model, tokenizer, metrics, args, dtype):
         torch.distributed.barrier()
 
 
-# Checkpoints and the final model ------------------------------------------------------------------
+# When to act, and the final model -----------------------------------------------------------------
 
 
 def due(steps_done: int, every: int) -> bool:
     """Is this a step to act on, for a flag such as --save_every N (0: never)?"""
     return every > 0 and steps_done > 0 and steps_done % every == 0
-
-
-def save_checkpoint(out_dir, model, optimizer, step: int):
-    """out_dir/checkpoints/step_N (N steps done, rank 0): trained weights, AdamW state and the
-    torch RNG in safetensors (nothing pickled), renamed into place before older ones go: a crash
-    leaves a whole one."""
-    if rank_and_world()[0] != 0:
-        return
-    root = Path(out_dir) / "checkpoints"
-    names = {p: name for name, p in model.named_parameters()}
-    root.mkdir(parents=True, exist_ok=True)
-    tensors = {"rng.torch": torch.get_rng_state()}
-    for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"]):
-        tensors[f"param.{names[p]}"] = p.detach().cpu().contiguous()
-        for k, v in optimizer.state.get(p, {}).items():
-            tensors[f"adam.{i}.{k}"] = v.detach().cpu().contiguous()
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    final = root / f"step_{step:07d}"
-    save_file(tensors, tmp / "state.safetensors")
-    (tmp / "meta.json").write_text(json.dumps({"step": step}))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in set(root.glob("step_*")) - {final}:
-        shutil.rmtree(old)
-
-
-def load_checkpoint(out_dir, model, optimizer) -> int:
-    """Restore the latest checkpoint in out_dir/checkpoints; returns how many steps it had done."""
-    found = sorted((Path(out_dir) / "checkpoints").glob("step_*"))
-    if not found:
-        raise SystemExit(f"--resume: no checkpoint in {out_dir}/checkpoints")
-    tensors = load_file(found[-1] / "state.safetensors")
-    meta = json.loads((found[-1] / "meta.json").read_text())
-    names = {p: name for name, p in model.named_parameters()}
-    state = {}
-    with torch.no_grad():
-        for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"]):
-            p.copy_(tensors[f"param.{names[p]}"])
-            prefix = f"adam.{i}."
-            state[i] = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(prefix)}
-    optimizer.load_state_dict({"state": {i: s for i, s in state.items() if s},
-                               "param_groups": optimizer.state_dict()["param_groups"]})
-    torch.set_rng_state(tensors["rng.torch"])
-    print(f"resumed from {found[-1]}")
-    return meta["step"]
 
 
 def finish(model, tokenizer, out_dir):

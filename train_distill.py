@@ -28,11 +28,12 @@ import random
 
 import torch
 
+from checkpoint import load_checkpoint, prepare_out_dir, save_checkpoint
+from cli import check_training_args, positive_float, positive_int
 from eval import GSM8K_STOP_STRINGS, gsm8k_prompt, load_gsm8k, state_nll
 from model import Qwen3, Tokenizer, completion_logprobs, in_row_chunks, rollout
-from train_common import (MetricsLog, autocast, batch_at, due, finish, load_checkpoint,
-                          optimizer_step, periodic_eval, save_checkpoint, setup, step_seed,
-                          tokens_per_rank, training_args)
+from train_common import (MetricsLog, autocast, batch_at, due, finish, optimizer_step,
+                          periodic_eval, setup, step_seed, tokens_per_rank, training_args)
 
 
 def get_args(argv=None):
@@ -47,16 +48,17 @@ def get_args(argv=None):
       help="whose sampled answers give the states: student (on-policy) or teacher (off-policy)")
     a("--kl_direction", default="reverse", choices=("reverse", "forward"),
       help="--signal full_kl: reverse KL(student || teacher) or forward KL(teacher || student)")
-    a("--max_new_tokens", type=int, default=256, help="longest sampled answer")
-    a("--states_per_rollout", type=int, default=4,
+    a("--max_new_tokens", type=positive_int, default=256, help="longest sampled answer")
+    a("--states_per_rollout", type=positive_int, default=4,
       help="--signal continuation: prefix states cut from each answer")
-    a("--continuation_tokens", type=int, default=32,
+    a("--continuation_tokens", type=positive_int, default=32,
       help="--signal continuation: tokens the teacher writes per state")
-    a("--temperature", type=float, default=1.0,
+    a("--temperature", type=positive_float, default=1.0,
       help="sampling temperature, also of the distributions compared")
-    a("--gen_batch_size", type=int, default=128,
+    a("--gen_batch_size", type=positive_int, default=128,
       help="sequences sampled at once (memory: the KV cache)")
     args = parser.parse_args(argv)
+    check_training_args(parser, args)
     if args.signal == "token_kl" and args.states == "teacher":  # needs the student's samples
         parser.error("--signal token_kl needs --states student; use full_kl or continuation on "
                      "teacher states")
@@ -197,6 +199,7 @@ def apply_teacher(student, teacher, batch, args, dtype, n_real_tokens=None):
 
 def main(argv=None):
     args = get_args(argv)
+    prepare_out_dir(args)  # before anything loads: an earlier run there is refused
     student, tokenizer, optimizer, device, dtype = setup(args)
     teacher = load_teacher(args, student, tokenizer, device, dtype)
     train = load_gsm8k("train", args.data_dir)

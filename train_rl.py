@@ -26,32 +26,39 @@ ratio comes in. No value network.
 """
 import torch
 
+from checkpoint import load_checkpoint, prepare_out_dir, save_checkpoint
+from cli import check_training_args, nonnegative_float, positive_float, positive_int
 from eval import GSM8K_STOP_STRINGS, gsm8k_prompt, gsm8k_reward, load_gsm8k, state_nll
 from model import completion_logprobs, rollout
-from train_common import (MetricsLog, autocast, batch_at, due, finish, load_checkpoint,
-                          optimizer_step, periodic_eval, save_checkpoint, setup, starting_model,
-                          step_seed, tokens_per_rank, training_args)
+from train_common import (MetricsLog, autocast, batch_at, due, finish, optimizer_step,
+                          periodic_eval, setup, starting_model, step_seed, tokens_per_rank,
+                          training_args)
 
 
 def get_args(argv=None):
     parser = training_args(__doc__.strip().split("\n")[0], steps=200, batch_size=1,
                            grad_accum=16, lr=2e-6, eval_every=50, save_every=50)
     a = parser.add_argument
-    a("--group_size", type=int, default=8,
-      help="answers sampled per question (--batch_size counts questions)")
-    a("--max_new_tokens", type=int, default=256, help="longest sampled answer")
-    a("--temperature", type=float, default=1.0,
+    a("--group_size", type=positive_int, default=8,
+      help="answers sampled per question (at least 2; --batch_size counts questions)")
+    a("--max_new_tokens", type=positive_int, default=256, help="longest sampled answer")
+    a("--temperature", type=positive_float, default=1.0,
       help="sampling temperature; log-probs are taken at it too")
     a("--std_adv", action="store_true",
       help="divide each advantage by its group's reward std (GRPO's z-score)")
-    a("--kl_coef", type=float, default=0.0,
+    a("--kl_coef", type=nonnegative_float, default=0.0,
       help="weight of a k3 KL penalty to the frozen starting model (0: none)")
-    a("--ppo_epochs", type=int, default=1,
+    a("--ppo_epochs", type=positive_int, default=1,
       help="updates per batch of rollouts; above 1, PPO's clipped ratio")
-    a("--clip_eps", type=float, default=0.2, help="PPO clip range for --ppo_epochs > 1")
-    a("--gen_batch_size", type=int, default=128,
+    a("--clip_eps", type=positive_float, default=0.2, help="PPO clip range for --ppo_epochs > 1")
+    a("--gen_batch_size", type=positive_int, default=128,
       help="sequences sampled at once (memory: the KV cache)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_training_args(parser, args)
+    if args.group_size < 2:  # the baseline is the group's mean: a lone answer's advantage is 0
+        parser.error(f"--group_size {args.group_size}: must be at least 2 (the baseline is the "
+                     "group's mean reward, so a group of one never learns)")
+    return args
 
 
 def collect_states(model, tokenizer, questions, step, args, dtype):
@@ -160,6 +167,7 @@ def apply_reward(model, ref_model, batch, args, dtype, n_real_tokens=None):
 
 def main(argv=None):
     args = get_args(argv)
+    prepare_out_dir(args)  # before anything loads: an earlier run there is refused
     model, tokenizer, optimizer, device, dtype = setup(args)
     # the frozen starting model: one copy, shared with the periodic kl_to_start
     ref_model = starting_model(args, model.device, dtype) if args.kl_coef > 0 else None

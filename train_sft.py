@@ -34,11 +34,14 @@ Both use 32 sequences a step (8 x 4 micro-batches): 234 steps an epoch.
 import argparse
 import math
 
+from checkpoint import load_checkpoint, prepare_out_dir, save_checkpoint
+from cli import (check_training_args, nonnegative_float, positive_float, positive_int,
+                 resolve_warmup)
 from eval import GSM8K_STOP_STRINGS, gsm8k_prompt, gsm8k_reward, load_gsm8k
 from model import completion_logprobs, rollout
-from train_common import (MetricsLog, autocast, batch_at, due, finish, load_checkpoint,
-                          optimizer_step, periodic_eval, rank_and_world, save_checkpoint, setup,
-                          step_seed, tokens_per_rank, training_args)
+from train_common import (MetricsLog, autocast, batch_at, due, finish, optimizer_step,
+                          periodic_eval, rank_and_world, setup, step_seed, tokens_per_rank,
+                          training_args)
 
 PRESETS = {
     "mild": dict(epochs=1, lr=1e-4, lora_rank=64, lora_alpha=128),
@@ -52,18 +55,26 @@ def get_args(argv=None):
     a = parser.add_argument
     a("--preset", default="mild", choices=PRESETS,
       help="defaults for --epochs, --lr, --lora_rank, --lora_alpha (explicit flags win)")
-    a("--epochs", type=float, help="passes over GSM8K train; sets --steps unless it is given")
+    a("--epochs", type=positive_float, help="passes over GSM8K train; sets --steps unless it is given")
     a("--states", default="dataset", choices=("dataset", "self"),
       help="dataset: gold solutions (SFT); self: the learner's own correct samples (RFT)")
-    a("--samples_per_question", type=int, default=4,
+    a("--samples_per_question", type=positive_int, default=4,
       help="--states self: answers sampled per question")
-    a("--max_new_tokens", type=int, default=256, help="--states self: longest sampled answer")
-    a("--temperature", type=float, default=1.0, help="--states self: sampling temperature")
+    a("--max_new_tokens", type=positive_int, default=256,
+      help="--states self: longest sampled answer")
+    a("--temperature", type=nonnegative_float, default=1.0,
+      help="--states self: sampling temperature")
     # The preset sets the defaults, so that --help shows them and explicit flags still win
     preset = argparse.ArgumentParser(add_help=False)
     preset.add_argument("--preset", default="mild")
     parser.set_defaults(**PRESETS.get(preset.parse_known_args(argv)[0].preset, {}))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_training_args(parser, args)
+    greedy = args.temperature == 0
+    if args.states == "self" and args.samples_per_question > 1 and greedy:
+        parser.error("--temperature 0 with --samples_per_question above 1: greedy samples of one "
+                     "question are all the same; sample at a temperature above 0")
+    return args
 
 
 def collect_states(model, tokenizer, questions, step, args, dtype):
@@ -112,12 +123,14 @@ def fit_states(model, seqs, starts, args, dtype, n_real_tokens=None):
 
 def main(argv=None):
     args = get_args(argv)
+    prepare_out_dir(args)  # before anything loads: an earlier run there is refused
     model, tokenizer, optimizer, device, dtype = setup(args)
     train = load_gsm8k("train", args.data_dir)
     questions_per_step = args.batch_size * args.grad_accum
     if args.steps is None:  # --epochs: enough steps for that many passes over the train split
         questions_per_pass = questions_per_step * rank_and_world()[1]
         args.steps = math.ceil(args.epochs * len(train) / questions_per_pass)
+        resolve_warmup(args, f"{args.steps} steps for --epochs {args.epochs}")
     first_step = load_checkpoint(args.out_dir, model, optimizer) if args.resume else 0
     metrics = MetricsLog(args.out_dir, args.steps, first_step)
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -154,3 +154,24 @@ def args_for(**overrides):
     """The shared flags' defaults, as a trainer would parse them, with overrides."""
     from train_common import training_args
     return Namespace(**{**vars(training_args("test").parse_args([])), **overrides})
+
+
+@pytest.fixture(scope="session")
+def byte_model_dir(tmp_path_factory) -> Path:
+    """One tiny random model (vocab 512) with runs/paper.py's byte-level tokenizer, shared by the
+    session: for tests that only need some loadable model folder. Do not write into it."""
+    out = tmp_path_factory.mktemp("byte_model") / "model"
+    tiny_model(seed=0).save_pretrained(out)
+    write_byte_tokenizer(out / "tokenizer.json")
+    return out
+
+
+class ByteTokenizer:
+    """Enough of a tokenizer for state_drift on a vocabulary-512 model: a token per byte; ids print as words."""
+    stop_ids, n_real_tokens = [2], 300
+
+    def encode_batch(self, texts):
+        return [list(t.encode()) for t in texts]
+
+    def decode(self, ids):
+        return " ".join(f"t{i}" for i in ids)

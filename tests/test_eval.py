@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import eval as ev
+from conftest import ByteTokenizer, tiny_model
 
 
 
@@ -132,10 +133,39 @@ def test_mc1_and_mc2_arithmetic():
     logs = [math.log(p) for p in (0.2, 0.1, 0.3, 0.4)]
     assert ev.mc2_score(logs, [1, 1, 0, 0]) == pytest.approx(0.3)
     assert ev.mc2_score([-1.0, -2.0, -3.0], [1, 0, 0]) == pytest.approx(1 / (1 + math.exp(-1) + math.exp(-2)))
-    # lm-eval splits at the first 0: a true choice listed after a false one counts as false
-    assert ev.mc2_score([math.log(0.5), math.log(0.25), math.log(0.25)], [1, 0, 1]) == pytest.approx(0.5)
+    # lm-eval 0.4.13: a true choice listed after a false one counts as true (up to 0.4.8 it did not)
+    assert ev.mc2_score([math.log(0.5), math.log(0.25), math.log(0.25)], [1, 0, 1]) == pytest.approx(0.75)
     # very unlikely choices: the ratio is still exact (lm-eval's exp() would underflow to 0/0 here)
     assert ev.mc2_score([-1000.0, -1001.0], [1, 0]) == pytest.approx(1 / (1 + math.exp(-1)))
+
+
+def test_mc2_counts_a_true_choice_after_a_false_one_on_the_two_rows_that_have_one(shared_data):
+    """Rows 164 and 607 of mc_task.json list a true choice after a false one. lm-eval 0.4.13 sums the
+    probability of every choice labelled 1; up to 0.4.8 it split at the first 0, which differs here."""
+    from conftest import load_script
+    rows = load_script("data/prepare.py").read_truthfulqa(shared_data / "truthfulqa" / "mc_task.json")
+    for index, labels in ((164, [1, 1, 1, 0, 1, 0, 0, 0, 0]), (607, [1, 1, 0, 1, 0, 0, 0])):
+        assert rows[index]["mc2_targets"]["labels"] == labels
+        logliks = [-1.0 - 0.5 * k for k in range(len(labels))]
+        probs = [math.exp(ll) for ll in logliks]
+        lm_eval_0413 = sum(p for p, label in zip(probs, labels) if label == 1) / sum(probs)
+        before_first_false = sum(probs[:labels.index(0)]) / sum(probs)
+        assert ev.mc2_score(logliks, labels) == pytest.approx(lm_eval_0413, rel=1e-12)
+        assert abs(lm_eval_0413 - before_first_false) > 0.01  # the two rules differ on these rows
+
+
+def test_non_finite_numbers_are_null_with_the_reason_never_nan_in_json():
+    """A model whose log-likelihoods are NaN is reported as such: MMLU's argmax over NaNs would read as an
+    accuracy, JSON has no NaN, so the task's metrics are null and it says why."""
+    nan = float("nan")
+    results = {"model": "m", "tasks": {
+        "mmlu": {"metrics": {"acc": 0.25}, "n": 1, "samples": [{"index": 0, "logliks": [nan, nan, nan, nan]}]},
+        "gsm8k": {"metrics": {"exact_match_strict": 0.5, "exact_match_flexible": 0.5}, "n": 1, "samples": []}}}
+    clean = ev.no_nan(results)
+    text = json.dumps(clean, allow_nan=False)  # would raise on a NaN left anywhere
+    assert clean["tasks"]["mmlu"]["metrics"] == {"acc": None} and "not finite" in clean["tasks"]["mmlu"]["invalid"]
+    assert clean["tasks"]["gsm8k"]["metrics"]["exact_match_strict"] == 0.5 and "NaN," not in text
+    assert ev.headline(clean) == {"gsm8k_flexible": 50.0, "gsm8k_strict": 50.0}  # no MMLU score, not 25%
 
 
 def test_subset_is_seeded_sorted_and_full_without_limit():
@@ -149,8 +179,9 @@ def test_parse_limit():
     assert ev.parse_limit(None) is None and ev.parse_limit("50") == 50
     assert ev.parse_limit("paper") == {"gsm8k": 500, "mmlu": 500, "truthfulqa_mc1": 200, "truthfulqa_mc2": 200}
     assert ev.parse_limit("mmlu=3,truthfulqa=2") == {"mmlu": 3, "truthfulqa_mc1": 2, "truthfulqa_mc2": 2}
-    with pytest.raises(Exception):
-        ev.parse_limit("bogus=3")
+    for bad in ("bogus=3", "0", "gsm8k=0", "-1", "mmlu=x"):
+        with pytest.raises(Exception, match="bad item"):
+            ev.parse_limit(bad)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -264,3 +295,75 @@ def test_report_forgetting_and_retention(tmp_path, capsys):
     assert "| 0.0 | 105.0% |" in ev.report([base, run], truthfulqa="mc1")
     ev.main(["--report", base, run, "--truthfulqa_metric", "mc1"])
     assert "| rl |" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The state lens and drift through the CLI: kl_to_start, --drift_reference, --report's drift column
+
+def write_word_tokenizer(folder, n_words=300):
+    """A word-level tokenizer.json small enough for a vocabulary-512 checkpoint (the real one is 151k tokens,
+    which makes every tiny model 10M parameters), with Qwen's two stop tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = ["<|endoftext|>", "<|im_end|>", "[UNK]", "Question", "Answer", ":"] + [f"w{i}" for i in range(n_words - 6)]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def test_drift_through_the_cli(make_checkpoint, tmp_path, capsys):
+    data = tmp_path / "data" / "gsm8k"
+    data.mkdir(parents=True)
+    rows = [{"question": f"Tom has {i} apples and buys {i + 1} more. How many?", "answer": f"#### {2 * i + 1}"}
+            for i in range(5)]
+    (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = write_word_tokenizer(make_checkpoint(seed=0, name="base"))
+    trained = write_word_tokenizer(make_checkpoint(seed=1, name="trained"))
+    out = tmp_path / "trained.json"
+    common = ["--tasks", "none", "--drift_prompts", "3", "--drift_max_new_tokens", "6", "--drift_seed", "1",
+              "--drift_temperature", "0.5", "--device", "cpu", "--data_dir", str(tmp_path / "data")]
+    ev.main(["--model", str(trained), "--drift_reference", str(base), "--out", str(out)] + common)
+    results = json.loads(out.read_text())
+    drift = results["drift"]
+    assert results["tasks"] == {} and drift["reference"] == str(base)
+    assert (drift["n_prompts"], drift["n_states"], drift["max_new_tokens"], drift["temperature"], drift["seed"]) == \
+        (3, 12, 6, 0.5, 1)
+    for kind in ("lexical", "hidden"):
+        assert set(drift[kind]) == {"mmd2", "mmd2_biased", "bandwidth", "centroid", "sliced_wasserstein"}
+        assert drift[kind]["mmd2_biased"] > 0 and drift[kind]["centroid"] > 0
+    assert f"drift: MMD² lexical {drift['lexical']['mmd2']:.4f}" in capsys.readouterr().err
+
+    write_word_tokenizer(trained, n_words=301)
+    before = out.read_text()
+    with pytest.raises(SystemExit, match="--drift_reference .*its tokenizer differs"):  # found before scoring
+        ev.main(["--model", str(trained), "--drift_reference", str(base), "--out", str(out)] + common)
+    assert out.read_text() == before
+
+
+def fake_results_with_drift(path, drift=None):
+    results = {"model": "m", "settings": {}, "tasks": {"mmlu": {"metrics": {"acc": 0.5}, "samples": [{"index": 0}]}}}
+    if drift is not None:
+        results["drift"] = {"reference": "Qwen/Qwen3-0.6B-Base", "n_prompts": 100, "max_new_tokens": 128,
+                            "temperature": 1.0, "seed": 0, "lexical": {"mmd2": drift}}
+    path.write_text(json.dumps(results))
+    return str(path)
+
+
+def test_report_has_the_drift_column(tmp_path, capsys):
+    base = fake_results_with_drift(tmp_path / "base.json")
+    rl = fake_results_with_drift(tmp_path / "rl.json", drift=0.012345)
+    ev.main(["--report", base, rl])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("| Retention ↑ | Drift (MMD²) |") and lines[1].count("|") == 10
+    assert lines[2] == "| base | – | – | 50.0 | – | – | – | – | – |"
+    assert lines[3] == "| rl | – | – | 50.0 | – | – | – | – | 0.0123 |"
+    assert lines[-1] == ("Drift: lexical state MMD² against Qwen/Qwen3-0.6B-Base (100 GSM8K prompts, 128 new tokens, "
+                         "temperature 1.0, seed 0).")
+
+
+def test_kl_to_start_is_zero_for_the_start_and_positive_for_another_model():
+    base, other, tok = tiny_model(seed=0), tiny_model(seed=1), ByteTokenizer()
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]] * 4
+    assert ev.kl_to_start(base, base, tok, prompts, max_new_tokens=12, batch_size=5) == 0.0
+    # a Monte Carlo estimate of a true KL: with 12 x 12 sampled tokens it is clearly positive
+    assert ev.kl_to_start(other, base, tok, prompts, max_new_tokens=12, batch_size=5) > 0.1

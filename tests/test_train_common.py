@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import eval as ev
 import train_common as T
-from conftest import ROOT, args_for, assert_final_model, train_lines
+from conftest import ROOT, ByteTokenizer, args_for, assert_final_model, train_lines
 from model import Qwen3
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -52,7 +52,7 @@ def test_the_starting_model_computes_what_the_learner_did_under_autocast(make_ch
     folder = make_checkpoint(seed=4)
     learner = Qwen3.from_pretrained(folder)  # the fp32 master weights
     prompts = [[5, 6, 7], [8, 9]] * 3
-    tok = Namespace(stop_ids=[2], n_real_tokens=300, decode=lambda ids: "")
+    tok = ByteTokenizer()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         args = Namespace(model=str(folder), lora_rank=0)
         start = T.starting_model(args, learner.device, torch.bfloat16)
@@ -60,6 +60,15 @@ def test_the_starting_model_computes_what_the_learner_did_under_autocast(make_ch
         assert ev.kl_to_start(learner, start, tok, prompts, max_new_tokens=8) == 0.0
         bf16_copy = Qwen3.from_pretrained(folder, dtype=torch.bfloat16)
         assert ev.kl_to_start(learner, bf16_copy, tok, prompts, max_new_tokens=8) != 0.0
+
+
+def test_metrics_log_writes_null_for_a_non_finite_figure(tmp_path):
+    log = T.MetricsLog(tmp_path, steps=2)
+    log.log(1, loss=1.5, kl_to_start=float("inf"), tokens=10)
+    row = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert row["loss"] == 1.5 and row["kl_to_start"] is None and row["not_finite"] == ["kl_to_start"]
+    T.MetricsLog(tmp_path, steps=2)  # a fresh start (not --resume) keeps none of an earlier run's lines
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
 
 
 # Checkpoints, --resume and the non-finite stop, through train_sft.py's main -------------------
@@ -101,7 +110,26 @@ def test_resume_is_bit_identical(prepared_data, byte_model, tmp_path, monkeypatc
     losses = [[row["loss"] for row in train_lines(tmp_path / run)]
               for run in ("straight", "resumed")]
     assert losses[0] == losses[1]
-    assert [p.name for p in checkpoints.iterdir()] == ["step_0000004"]
+    kept = sorted(p.name for p in checkpoints.iterdir())
+    assert kept == ["step_0000002", "step_0000004"]  # the newest and the one before it
+
+
+def test_overwrite_replaces_an_earlier_run_and_stale_temporary_folders_go(prepared_data,
+                                                                          byte_model, tmp_path):
+    """--overwrite starts afresh (the earlier run's checkpoints would pass for this one's); a
+    folder that an interrupted save left behind is removed; the earlier final model stays until
+    the new one replaces it."""
+    model_dir = byte_model()
+    out = tmp_path / "run"
+    run_sft(prepared_data, model_dir, out)  # 4 steps, checkpoints at 2 and 4
+    (out / ".tmp-interrupted").mkdir()
+    (out / "checkpoints" / ".tmp-interrupted").mkdir()
+    with pytest.raises(SystemExit, match="holds a finished model"):
+        run_sft(prepared_data, model_dir, out, "--steps", "2")
+    run_sft(prepared_data, model_dir, out, "--steps", "2", "--overwrite")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002"]
+    assert not list(out.glob(".tmp-*"))
+    assert [row["step"] for row in train_lines(out)] == [1, 2]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(prepared_data, byte_model,
@@ -114,11 +142,16 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(prepared_data,
         loss = fit_states(*args, **kwargs)
         return float("nan") if len(calls) == 3 else loss
     monkeypatch.setattr(train_sft, "fit_states", nan_in_step_3)
-    with pytest.raises(SystemExit, match="step 3: loss nan.*not finite.*checkpoints"):
+    stop = "step 3: loss nan.*not finite.*last good checkpoint is .*step_0000002"
+    with pytest.raises(SystemExit, match=stop):
         run_sft(prepared_data, byte_model(), tmp_path / "run")
     checkpoint = tmp_path / "run" / "checkpoints" / "step_0000002"
     assert (checkpoint / "meta.json").exists()
     assert not (tmp_path / "run" / "model.safetensors").exists()
+    calls.clear()  # in step 1, before any checkpoint: the message must not point to one
+    monkeypatch.setattr(train_sft, "fit_states", lambda *args, **kwargs: float("nan"))
+    with pytest.raises(SystemExit, match="step 1: .*not finite, stopping; no checkpoint was saved"):
+        run_sft(prepared_data, byte_model(name="other"), tmp_path / "run2")
     weights = load_file(checkpoint / "state.safetensors")
     assert all(torch.isfinite(t).all() for k, t in weights.items() if t.is_floating_point())
 
