@@ -85,7 +85,7 @@ a("--preset", choices=["micro", "tiny", "0.6b"], default=None,
 a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
 a("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
   help="weights dtype for generation, autocast dtype for training "
-  "(default: bf16 on cuda, fp32 on cpu)")
+       "(default: bf16 on cuda, fp32 on cpu)")
 a("--batch_size", default=None, help="comma-separated generation batch sizes "
   "(default: 1,16 on cpu, 1,16,64 on cuda, 1,16,64,128 for --suite gpu)")
 a("--prompt_len", type=int, default=None, help="prompt tokens per row (default 32 cpu, 128 cuda)")
@@ -108,7 +108,7 @@ a("--peak_tflops", type=float, default=None,
 a("--logit_std", type=float, default=3.0, help="spread of the random model's logits "
   "(sets the final norm weight; 0 = plain init, near-uniform next-token distributions)")
 a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice); "
-  "1 makes CPU numbers steadier on a shared machine")
+                                            "1 makes CPU numbers steadier on a shared machine")
 a("--seed", type=int, default=0, help="seed for the weights, prompts and sampling")
 a("--json", default=None, help="also write the results to this JSON file")
 a("--tokenizer", help="--suite gpu: a Qwen3 tokenizer.json (the real one: 151,669 tokens)")
@@ -371,12 +371,9 @@ def bench_training(args, folder, device, dtype, result):
 
 
 # name: (module, flags beyond the shared ones); everything else is the trainer's default
-TRAINER_RUNS = {
-    "rl": ("train_rl", []),
-    "rl_eager_decode": ("train_rl", []),
-    "opd": ("train_distill", ["--teacher", "{model}"]),
-    "sft_stress": ("train_sft", ["--preset", "stress"]),
-}
+TRAINER_RUNS = {"rl": ("train_rl", []), "rl_eager_decode": ("train_rl", []),
+                "opd": ("train_distill", ["--teacher", "{model}"]),
+                "sft_stress": ("train_sft", ["--preset", "stress"]),}
 SMALL_TRAINER_FLAGS = {  # --small: seconds on a CPU
     "train_rl": ["--batch_size", "1", "--grad_accum", "2", "--group_size", "2",
                  "--max_new_tokens", "8"],
@@ -658,9 +655,8 @@ def main(argv=None) -> dict:
     result = {"suite": args.suite, "preset": args.preset, "config": config.to_dict(dtype),
               "device": str(device), "hardware": hardware(device), "versions": versions,
               "dtype": args.dtype_name, "prompt_len": args.prompt_len,
-              "new_tokens": args.new_tokens, "temperature": args.temperature,
-              "top_p": args.top_p, "peak_bw_gbs": args.peak_bw_gbs,
-              "peak_tflops": args.peak_tflops, "generation": []}
+              "new_tokens": args.new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+              "peak_bw_gbs": args.peak_bw_gbs, "peak_tflops": args.peak_tflops, "generation": []}
 
     def save():
         if args.json:

@@ -112,8 +112,7 @@ def drift_distances(x, y, groups=None) -> dict:
 
 @torch.no_grad()
 def state_drift(model, reference, tokenizer, prompts: list, max_new_tokens=128, temperature=1.0,
-                seed=0,
-                batch_size=16, cuts=DRIFT_CUTS) -> dict:
+                seed=0, batch_size=16, cuts=DRIFT_CUTS) -> dict:
     """Distances between the states of `model` and `reference` (the base) on the text `prompts`,
     featurised twice: lexically, and by the reference's hidden states (one feature map for both
     sets; the paper names its lexical-only features a limitation). tokenizer: encode_batch, decode,

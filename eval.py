@@ -1,26 +1,20 @@
-"""
-Measurement: evaluate a Qwen3 checkpoint on GSM8K, MMLU and TruthfulQA MC1/MC2, scored as
-lm-evaluation-harness does, and the state lens the trainers and the paper's table read.
+"""Measurement: a Qwen3 checkpoint on GSM8K, MMLU and TruthfulQA MC1/MC2, scored as
+lm-evaluation-harness does, and the state lens that the trainers and the paper's table read.
 
     python eval.py --model Qwen/Qwen3-0.6B-Base --limit paper --out base.json
     python eval.py --report base.json rl.json sft.json      # the paper's Table 2, as markdown
     python eval.py --model out/rl --drift_reference Qwen/Qwen3-0.6B-Base --out rl.json  # + drift
 
-    tasks and data   load_gsm8k, load_mmlu, load_truthfulqa (data/prepare.py's files), subset
-    prompts          gsm8k_prompt (also the trainers'), gsm8k_fewshot_prompt, mmlu_prompt, ...
-    extraction       extract_gsm8k_answer, normalize_gsm8k, gsm8k_correct, gsm8k_reward (RL's)
-    scoring          loglikelihoods, greedy_completions, evaluate (every task), mc2_score
-    the state lens   state_nll, kl_to_start, state_drift (MMD², centroid, sliced Wasserstein)
-    Table 2          report (eval.py --report): Forgetting, Retention, drift
+    tasks, prompts, answers  load_gsm8k, ...; gsm8k_prompt, ...; gsm8k_correct, gsm8k_reward
+    scoring, the state lens  evaluate, loglikelihoods; state_nll, kl_to_start (drift.py: drift)
 
 The protocol is lm-eval's (0.4.13's task yamls gsm8k, mmlu, truthfulqa_mc1/mc2), so that numbers
 can be compared with lm-eval's: the same prompts, the same few-shot examples, the same answer
 extraction and normalisation, and log-likelihoods tokenised the same way. --limit draws a fixed
 seeded subset (the paper used 500 GSM8K, 500 MMLU and 200 TruthfulQA questions: --limit paper);
-without it, the full test sets. To compare with lm-eval, give it the same shots: its `mmlu` task
-runs 0-shot unless given --num_fewshot 5 (we default to 5, the paper's setting; --mmlu_shots 0
-matches lm-eval's default), and gsm8k is 5-shot in both. MC2 sums the probability of every choice
-labelled true, wherever it is listed (0.4.13's rule).
+without it, the full test sets. lm-eval's `mmlu` runs 0-shot unless given --num_fewshot 5 (ours:
+5, the paper's; --mmlu_shots 0 is lm-eval's default); gsm8k is 5-shot in both. MC2 sums every
+choice labelled true, wherever it is listed (0.4.13's rule).
 
 Where we differ from lm-eval, on purpose: --limit samples (lm-eval takes the first N);
 log-softmax runs in fp32 (lm-eval: the model's dtype); MC2 subtracts the max log-likelihood before
@@ -52,8 +46,7 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 TASKS = ("gsm8k", "mmlu", "truthfulqa_mc1", "truthfulqa_mc2")
 PAPER_LIMITS = {"gsm8k": 500, "mmlu": 500, "truthfulqa_mc1": 200, "truthfulqa_mc2": 200}
 
-# --------------------------------------------------------------------------------------------------
-# Data loading: the jsonl files data/prepare.py writes (it documents their format)
+# Data: the jsonl files data/prepare.py writes (it documents their format) -------------------------
 
 
 def read_data(data_dir, dataset: str, filename: str) -> list:
@@ -104,8 +97,7 @@ def subset(n_total: int, limit, seed: int) -> list:
     return sorted(random.Random(seed).sample(range(n_total), limit))
 
 
-# --------------------------------------------------------------------------------------------------
-# Prompts (each string below is lm-eval's template; tests check them character by character)
+# Prompts: lm-eval's templates (the tests check them character by character) -----------------------
 
 def gsm8k_prompt(question: str) -> str:
     return f"Question: {question}\nAnswer:"
@@ -160,8 +152,7 @@ def truthfulqa_prompt(question: str) -> str:
     return f"{TRUTHFULQA_PREAMBLE}\n\nQ: {question}\nA:"
 
 
-# --------------------------------------------------------------------------------------------------
-# Answer checking
+# Answer checking ----------------------------------------------------------------------------------
 
 GSM8K_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")  # lm-eval "strict-match": the first '#### N'
 # "flexible-extract": the last number-like run
@@ -232,8 +223,7 @@ def argmax(values: list) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))
 
 
-# --------------------------------------------------------------------------------------------------
-# Scoring with the model: batched log-likelihoods and greedy generation, longest first
+# Scoring with the model: batched log-likelihoods and greedy generation ----------------------------
 
 def encode_pair(tokenizer, context: str, continuation: str):
     """lm-eval's tokenisation of a (context, continuation) request: trailing spaces of the context
@@ -243,7 +233,8 @@ def encode_pair(tokenizer, context: str, continuation: str):
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    whole, context_ids = tokenizer.encode(context + continuation), tokenizer.encode(context)
+    whole = tokenizer.encode(context + continuation)
+    context_ids = tokenizer.encode(context)
     return context_ids, whole[len(context_ids):]
 
 
@@ -291,8 +282,7 @@ def eval_gsm8k(model, tokenizer, settings, data_dir) -> dict:
         pred = {mode: extract_gsm8k_answer(completion, mode) for mode in ("strict", "flexible")}
         match = {mode: int(gsm8k_correct(pred[mode], test[i]["gold"])) for mode in pred}
         samples.append({"index": i, "pred": {**pred, "completion": completion},
-                        "gold": test[i]["gold"],
-                        "exact_match": match})
+                        "gold": test[i]["gold"], "exact_match": match})
     metrics = {f"exact_match_{mode}": mean(s["exact_match"][mode] for s in samples)
                for mode in ("strict", "flexible")}
     return {"metrics": metrics, "n": len(samples), "samples": samples}
@@ -308,9 +298,9 @@ def eval_mmlu(model, tokenizer, settings, data_dir) -> dict:
     for i in indices:
         context = mmlu_prompt(test[i], shots[test[i]["subject"]][:settings["mmlu_shots"]])
         requests += [(context, f" {letter}") for letter in "ABCD"]
-    logliks = loglikelihoods(model, tokenizer, requests, settings["batch_size"],
-                             desc="mmlu")
-    samples, by_subject = [], {}
+    logliks = loglikelihoods(model, tokenizer, requests, settings["batch_size"], desc="mmlu")
+    samples = []
+    by_subject = {}
     for k, i in enumerate(indices):
         scores = logliks[4 * k:4 * k + 4]
         samples.append({"index": i, "subject": test[i]["subject"], "pred": argmax(scores),
@@ -325,14 +315,16 @@ def eval_mmlu(model, tokenizer, settings, data_dir) -> dict:
 
 
 def eval_truthfulqa(model, tokenizer, settings, data_dir, which: str) -> dict:
-    rows, targets = load_truthfulqa(data_dir), f"{which}_targets"
+    rows = load_truthfulqa(data_dir)
+    targets = f"{which}_targets"
     # MC1, MC2: same
     indices = subset(len(rows), settings["limit"].get(f"truthfulqa_{which}"), settings["seed"])
     requests = [(truthfulqa_prompt(rows[i]["question"]), f" {choice}") for i in indices
                 for choice in rows[i][targets]["choices"]]
     logliks = loglikelihoods(model, tokenizer, requests, settings["batch_size"],
                              desc=f"truthfulqa_{which}")
-    samples, offset = [], 0  # offset: this question's first choice in logliks
+    samples = []
+    offset = 0  # this question's first choice in logliks
     for i in indices:
         labels = rows[i][targets]["labels"]
         scores = logliks[offset:offset + len(labels)]
@@ -353,8 +345,7 @@ def mean(values) -> float:
 
 
 def evaluate(model, tokenizer, tasks=("gsm8k",), limit=None, seed=1234, batch_size=16,
-             data_dir=DATA_DIR,
-             gsm8k_shots=5, mmlu_shots=5, fewshot_seed=1234, max_new_tokens=256,
+             data_dir=DATA_DIR, gsm8k_shots=5, mmlu_shots=5, fewshot_seed=1234, max_new_tokens=256,
              verbose=False) -> dict:
     """Score `model` on `tasks`; returns {"settings": ..., "tasks": {task: {"metrics", "n",
     "samples"}}}. limit: None (full sets), an int for every task, or a {task: int} dict (see
@@ -386,10 +377,9 @@ def evaluate(model, tokenizer, tasks=("gsm8k",), limit=None, seed=1234, batch_si
     return {"settings": settings, "tasks": results}
 
 
-# --------------------------------------------------------------------------------------------------
-# Locality: how familiar the states a step supervises are to the learner (state_nll, every step),
-# and how far the learner moved from its start on its own states (kl_to_start, at each periodic
-# eval)
+# The state lens -----------------------------------------------------------------------------------
+# How familiar a step's states are to the learner (state_nll, every step), and how far the
+# learner moved from its start on its own states (kl_to_start, at each periodic eval)
 
 
 @torch.no_grad()
@@ -421,26 +411,28 @@ def state_nll(logprobs, mask) -> float:
     return -(logprobs.detach() * mask).sum().item() / max(1, mask.sum().item())
 
 
-# ---------------------------------------------------------------------------------------------------
-# Table 2: scores, Forgetting and Retention
+# Table 2: scores, Forgetting and Retention --------------------------------------------------------
 
 
 def headline(results: dict) -> dict:
     """One number per task, in percent: GSM8K flexible and strict, MMLU, TruthfulQA MC1 and MC2."""
-    tasks, scores = results["tasks"], {}
+    tasks = results["tasks"]
+    scores = {}
     if "gsm8k" in tasks:
         scores["gsm8k_flexible"] = tasks["gsm8k"]["metrics"]["exact_match_flexible"]
         scores["gsm8k_strict"] = tasks["gsm8k"]["metrics"]["exact_match_strict"]
     for task, metric in (("mmlu", "acc"), ("truthfulqa_mc1", "acc"), ("truthfulqa_mc2", "mc2")):
         if task in tasks:
             scores[task] = tasks[task]["metrics"][metric]
-    return {name: 100 * score for name, score in scores.items() if score is not None}  # null: not finite
+    # null: not finite
+    return {name: 100 * score for name, score in scores.items() if score is not None}
 
 
 def report(paths: list, truthfulqa: str = "mc2") -> str:
     """Markdown table: the first file is the base model. Forgetting (base - post, in points) and
-    Retention (post / base) are averaged over TruthfulQA (MC1 or MC2) and MMLU, the paper's definition.
-    Drift is the lexical state MMD² against the file's --drift_reference, where it has one."""
+    Retention (post / base) are averaged over TruthfulQA (MC1 or MC2) and MMLU, the paper's
+    definition. Drift is the lexical state MMD² against the file's --drift_reference, where it has
+    one."""
     runs = []
     for path in paths:
         try:
@@ -451,18 +443,20 @@ def report(paths: list, truthfulqa: str = "mc2") -> str:
     base_name, base = runs[0]
     kept = ("mmlu", f"truthfulqa_{truthfulqa}")
     columns = ["gsm8k_flexible", "gsm8k_strict", "mmlu", "truthfulqa_mc1", "truthfulqa_mc2"]
-    lines = ["| run | GSM8K (flex) | GSM8K (strict) | MMLU | TruthfulQA MC1 | TruthfulQA MC2 | Forgetting ↓ "
-             "| Retention ↑ | Drift (MMD²) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | GSM8K (flex) | GSM8K (strict) | MMLU | TruthfulQA MC1 | TruthfulQA MC2 "
+             "| Forgetting ↓ | Retention ↑ | Drift (MMD²) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     base_scores = headline(base)
     for name, results in runs:
         for task in results["tasks"].keys() & base["tasks"].keys():
-            if [s["index"] for s in results["tasks"][task]["samples"]] != \
-                    [s["index"] for s in base["tasks"][task]["samples"]]:
-                print(f"warning: {name} scored other {task} examples than {base_name} (--limit/--seed)",
-                      file=sys.stderr)
+            scored = [s["index"] for s in results["tasks"][task]["samples"]]
+            if scored != [s["index"] for s in base["tasks"][task]["samples"]]:
+                print(f"warning: {name} scored other {task} examples than {base_name} "
+                      "(--limit/--seed)", file=sys.stderr)
         scores = headline(results)
         cells = [f"{scores[c]:.1f}" if c in scores else "–" for c in columns]
-        if name != base_name and all(k in scores and base_scores.get(k) for k in kept):  # base 0: no ratio
+        comparable = all(k in scores and base_scores.get(k) for k in kept)  # base 0: no ratio
+        if name != base_name and comparable:
             forgetting = mean(base_scores[k] - scores[k] for k in kept)
             retention = mean(scores[k] / base_scores[k] for k in kept)
             cells += [f"{forgetting:.1f}", f"{100 * retention:.1f}%"]
@@ -470,16 +464,17 @@ def report(paths: list, truthfulqa: str = "mc2") -> str:
             cells += ["–", "–"]
         cells.append(f"{results['drift']['lexical']['mmd2']:.4f}" if "drift" in results else "–")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append(f"\nForgetting and Retention average MMLU and TruthfulQA {truthfulqa.upper()} against {base_name}.")
+    lines.append(f"\nForgetting and Retention average MMLU and TruthfulQA {truthfulqa.upper()} "
+                 f"against {base_name}.")
     drifts = [results["drift"] for _, results in runs if "drift" in results]
-    for drift in sorted({f"{d['reference']} ({d['n_prompts']} GSM8K prompts, {d['max_new_tokens']} new tokens, "
-                         f"temperature {d['temperature']}, seed {d['seed']})" for d in drifts}):
-        lines.append(f"Drift: lexical state MMD² against {drift}.")  # one line per setting: compare within one
+    settings = {f"{d['reference']} ({d['n_prompts']} GSM8K prompts, {d['max_new_tokens']} new "
+                f"tokens, temperature {d['temperature']}, seed {d['seed']})" for d in drifts}
+    for drift in sorted(settings):  # one line per setting: compare runs within one
+        lines.append(f"Drift: lexical state MMD² against {drift}.")
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------------
-# CLI
+# CLI ----------------------------------------------------------------------------------------------
 
 def parse_limit(text):
     """'500' -> 500; 'paper' -> PAPER_LIMITS; 'gsm8k=500,mmlu=500,truthfulqa=200' -> a dict
@@ -492,47 +487,51 @@ def parse_limit(text):
     for item in text.split(","):
         name, _, value = item.partition("=")
         matched = [task for task in TASKS if task == name or task.startswith(name + "_")]
-        if not matched or not value.isdigit() or int(value) == 0:  # 0 would score nothing: a mean of nothing
-            raise argparse.ArgumentTypeError(f"bad item {item!r}: expected N, 'paper' or TASK=N, with N >= 1")
+        # 0 would score nothing: a mean of nothing
+        if not matched or not value.isdigit() or int(value) == 0:
+            raise argparse.ArgumentTypeError(f"bad item {item!r}: expected N, 'paper' or TASK=N, "
+                                             f"with N >= 1")
         limits.update({task: int(value) for task in matched})
     return limits
 
 
 def main(argv=None):
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="model folder or Hugging Face hub id (with its tokenizer.json)")
-    parser.add_argument("--tasks", default=",".join(TASKS),
-                        help=f"comma-separated subset of {','.join(TASKS)}; '' or none: no task (drift only)")
-    parser.add_argument("--limit", type=parse_limit, default=None,
-                        help="score a fixed seeded subset: N for every task, 'paper' (500 GSM8K, 500 MMLU, "
-                             "200 TruthfulQA) or e.g. gsm8k=500,mmlu=500,truthfulqa=200; default: full test sets")
-    parser.add_argument("--seed", type=int, default=1234, help="seed of the --limit subsets (recorded in the output)")
-    parser.add_argument("--fewshot_seed", type=int, default=1234,
-                        help="seed of GSM8K's few-shot draws (lm-eval's default)")
-    parser.add_argument("--gsm8k_shots", type=nonnegative_int, default=5,
-                        help="GSM8K few-shot examples, from the train split")
-    parser.add_argument("--mmlu_shots", type=nonnegative_int, default=5,
-                        help="MMLU few-shot examples: each subject's first k dev rows (at most 5)")
-    parser.add_argument("--max_new_tokens", type=positive_int, default=256,
-                        help="GSM8K generation length (lm-eval's default)")
-    parser.add_argument("--batch_size", type=positive_int, default=16, help="sequences per forward pass")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                        help="weights dtype; auto: bfloat16 on GPU, float32 on CPU")
-    parser.add_argument("--data_dir", default=str(DATA_DIR), help="prepared data (downloaded here on first use)")
-    parser.add_argument("--out", default="results.json", help="where to write the results")
-    parser.add_argument("--drift_reference", metavar="BASE",
-                        help="also measure state drift from BASE (folder or hub id)")
-    parser.add_argument("--drift_prompts", type=positive_int, default=100,
-                        help="GSM8K test questions to roll out (seeded; at least 2)")
-    parser.add_argument("--drift_max_new_tokens", type=positive_int, default=128, help="rollout length for drift")
-    parser.add_argument("--drift_temperature", type=nonnegative_float, default=1.0,
-                        help="rollout sampling temperature")
-    parser.add_argument("--drift_seed", type=int, default=0, help="seed of the drift prompts and rollouts")
-    parser.add_argument("--report", nargs="+", metavar="RESULTS_JSON",
-                        help="print Table 2 from results files instead of evaluating; the first is the base model")
-    parser.add_argument("--truthfulqa_metric", default="mc2", choices=["mc1", "mc2"],
-                        help="which TruthfulQA score Forgetting and Retention average with MMLU")
+    parser = ArgumentParser(description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = parser.add_argument
+    a("--model", help="model folder or Hugging Face hub id (with its tokenizer.json)")
+    a("--tasks", default=",".join(TASKS),
+      help=f"comma-separated subset of {','.join(TASKS)}; '' or none: no task (drift only)")
+    a("--limit", type=parse_limit, default=None,
+      help="score a fixed seeded subset: N for every task, 'paper' (500 GSM8K, 500 MMLU, 200 "
+           "TruthfulQA) or e.g. gsm8k=500,mmlu=500,truthfulqa=200; default: full test sets")
+    a("--seed", type=int, default=1234, help="seed of the --limit subsets (recorded in the output)")
+    a("--fewshot_seed", type=int, default=1234,
+      help="seed of GSM8K's few-shot draws (lm-eval's default)")
+    a("--gsm8k_shots", type=nonnegative_int, default=5,
+      help="GSM8K few-shot examples, from the train split")
+    a("--mmlu_shots", type=nonnegative_int, default=5,
+      help="MMLU few-shot examples: each subject's first k dev rows (at most 5)")
+    a("--max_new_tokens", type=positive_int, default=256,
+      help="GSM8K generation length (lm-eval's default)")
+    a("--batch_size", type=positive_int, default=16, help="sequences per forward pass")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+      help="weights dtype; auto: bfloat16 on GPU, float32 on CPU")
+    a("--data_dir", default=str(DATA_DIR), help="prepared data (downloaded here on first use)")
+    a("--out", default="results.json", help="where to write the results")
+    a("--drift_reference", metavar="BASE",
+      help="also measure state drift from BASE (folder or hub id)")
+    a("--drift_prompts", type=positive_int, default=100,
+      help="GSM8K test questions to roll out (seeded; at least 2)")
+    a("--drift_max_new_tokens", type=positive_int, default=128, help="rollout length for drift")
+    a("--drift_temperature", type=nonnegative_float, default=1.0,
+      help="rollout sampling temperature")
+    a("--drift_seed", type=int, default=0, help="seed of the drift prompts and rollouts")
+    a("--report", nargs="+", metavar="RESULTS_JSON",
+      help="print Table 2 from results files instead of evaluating; the first is the base model")
+    a("--truthfulqa_metric", default="mc2", choices=["mc1", "mc2"],
+      help="which TruthfulQA score Forgetting and Retention average with MMLU")
     args = parser.parse_args(argv)
     if args.report:
         print(report(args.report, args.truthfulqa_metric))
@@ -542,65 +541,81 @@ def main(argv=None):
         args.dtype, torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     model, tokenizer = load_for_eval(args.model, args.device, dtype, "--model")
     reference = None
-    if args.drift_reference:  # loaded before any scoring: a bad reference must not cost the evaluation
-        reference, reference_tokenizer = load_for_eval(args.drift_reference, args.device, dtype, "--drift_reference")
+    # loaded before any scoring: a bad reference must not cost the evaluation
+    if args.drift_reference:
+        reference, reference_tokenizer = load_for_eval(args.drift_reference, args.device, dtype,
+                                                       "--drift_reference")
         if reference_tokenizer.tok.to_str() != tokenizer.tok.to_str():
-            fail(f"--drift_reference {args.drift_reference}: its tokenizer differs from --model {args.model}'s; "
+            fail(f"--drift_reference {args.drift_reference}: its tokenizer differs from --model "
+                 f"{args.model}'s; "
                  "drift compares the two models' states token by token")
     check_data(parser, args, tasks)
-    results = evaluate(model, tokenizer, tasks, args.limit, args.seed, args.batch_size, args.data_dir,
-                       args.gsm8k_shots, args.mmlu_shots, args.fewshot_seed, args.max_new_tokens, verbose=True)
-    settings = {**results["settings"], "device": args.device, "dtype": str(dtype).replace("torch.", "")}
+    results = evaluate(model, tokenizer, tasks, args.limit, args.seed, args.batch_size,
+                       args.data_dir, args.gsm8k_shots, args.mmlu_shots, args.fewshot_seed,
+                       args.max_new_tokens, verbose=True)
+    settings = {**results["settings"], "device": args.device,
+                "dtype": str(dtype).replace("torch.", "")}
     results = {"model": args.model, "settings": settings, "tasks": results["tasks"]}
     if reference is not None:
         test = load_gsm8k("test", args.data_dir)
-        prompts = [gsm8k_prompt(test[i]["question"]) for i in subset(len(test), args.drift_prompts, args.drift_seed)]
-        drift = state_drift(model, reference, tokenizer, prompts, args.drift_max_new_tokens, args.drift_temperature,
-                            args.drift_seed, args.batch_size)
+        prompts = [gsm8k_prompt(test[i]["question"])
+                   for i in subset(len(test), args.drift_prompts, args.drift_seed)]
+        drift = state_drift(model, reference, tokenizer, prompts, args.drift_max_new_tokens,
+                            args.drift_temperature, args.drift_seed, args.batch_size)
         results["drift"] = {"reference": args.drift_reference, **drift}
         del reference  # free its memory for whatever runs next in this process
         torch.cuda.empty_cache()  # a no-op where CUDA was never used
-        print(f"drift: MMD² lexical {drift['lexical']['mmd2']:.4f} hidden {drift['hidden']['mmd2']:.4f}",
+        print(f"drift: MMD² lexical {drift['lexical']['mmd2']:.4f} hidden "
+              f"{drift['hidden']['mmd2']:.4f}",
               file=sys.stderr)
-    tmp = Path(f"{args.out}.tmp")  # written whole, then renamed: an older results file survives a failure
+    # written whole, then renamed: an older results file survives a failure
+    tmp = Path(f"{args.out}.tmp")
     tmp.write_text(json.dumps(no_nan(results), indent=1, allow_nan=False))
     os.replace(tmp, args.out)
-    print(" ".join(f"{name}={score:.1f}" for name, score in headline(results).items()), f"-> {args.out}")
+    print(" ".join(f"{name}={score:.1f}" for name, score in headline(results).items()),
+          f"-> {args.out}")
 
 
 def check_args(parser, args) -> list:
-    """Every flag, the output file and the data, before a model loads: a bad one is one line. Returns the tasks."""
+    """Every flag, the output file and the data, before a model loads: a bad one is one line.
+    Returns the tasks."""
     if not args.model:
         parser.error("--model is required (or --report)")
     tasks = [t for t in ("" if args.tasks == "none" else args.tasks).split(",") if t]
-    if unknown := sorted(set(tasks) - set(TASKS)):
-        parser.error(f"--tasks: unknown task(s) {', '.join(unknown)}; choose from {','.join(TASKS)}")
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        parser.error(f"--tasks: unknown task(s) {', '.join(unknown)}; choose from "
+                     f"{','.join(TASKS)}")
     if not tasks and not args.drift_reference:
         parser.error("--tasks: none given, and no --drift_reference: nothing to do")
     if args.drift_reference and args.drift_prompts < 2:
-        parser.error("--drift_prompts must be at least 2 (MMD² compares states of different prompts)")
+        parser.error("--drift_prompts must be at least 2 (MMD² compares states of different"
+                     " prompts)")
     check_device(args.device)
     check_writable_file(args.out, "--out")
     return tasks
 
 
 def check_data(parser, args, tasks):
-    """Every file the tasks read, checked row by row (and downloaded if missing), and the shots they have."""
-    if "gsm8k" in tasks and args.gsm8k_shots > len(load_gsm8k("train", args.data_dir)):
-        parser.error(f"--gsm8k_shots {args.gsm8k_shots}: more than the train split's "
-                     f"{len(load_gsm8k('train', args.data_dir))} examples")
+    """Every file the tasks read, checked row by row (and downloaded if missing), and the shots they
+    have."""
+    n_train = len(load_gsm8k("train", args.data_dir)) if "gsm8k" in tasks else 0
+    if "gsm8k" in tasks and args.gsm8k_shots > n_train:
+        parser.error(f"--gsm8k_shots {args.gsm8k_shots}: more than the train split's {n_train} "
+                     "examples")
     if "mmlu" in tasks:
         dev_rows = {}
         for row in load_mmlu("dev", args.data_dir):
             dev_rows[row["subject"]] = dev_rows.get(row["subject"], 0) + 1
         if args.mmlu_shots > min(dev_rows.values()):
-            parser.error(f"--mmlu_shots {args.mmlu_shots}: more than the {min(dev_rows.values())} dev examples "
-                         "some subjects have")
+            parser.error(f"--mmlu_shots {args.mmlu_shots}: more than the {min(dev_rows.values())} "
+                         "dev examples some subjects have")
         load_mmlu("test", args.data_dir)  # read (and checked) now rather than after GSM8K is scored
     if any(t.startswith("truthfulqa") for t in tasks):
         load_truthfulqa(args.data_dir)
     if args.drift_reference and args.drift_prompts > len(load_gsm8k("test", args.data_dir)):
-        parser.error(f"--drift_prompts {args.drift_prompts}: more than the GSM8K test split's questions")
+        parser.error(f"--drift_prompts {args.drift_prompts}: more than the GSM8K test split's"
+                     " questions")
 
 
 def load_for_eval(name, device, dtype, flag):
@@ -608,16 +623,18 @@ def load_for_eval(name, device, dtype, flag):
     try:
         tokenizer = Tokenizer.from_pretrained(name)
         model = Qwen3.from_pretrained(name, device=device, dtype=dtype).eval()
-    except (FileNotFoundError, ValueError) as e:  # bad input: one line naming the flag, no traceback
+    except (FileNotFoundError, ValueError) as e:  # bad input: one line naming the flag
         raise SystemExit(f"{flag}: {e}")
     if not all(torch.isfinite(p).all() for p in model.parameters()):
-        fail(f"{flag} {name}: its weights hold NaN or infinite values, so every score would be meaningless")
+        fail(f"{flag} {name}: its weights hold NaN or infinite values, so every score would be "
+             "meaningless")
     return model, tokenizer
 
 
 def no_nan(results: dict) -> dict:
-    """JSON has no NaN: a task with any non-finite number (a model whose log-likelihoods overflow) gets null
-    metrics and the reason, never a score computed from NaN (MMLU's argmax would read 25%, not 'broken')."""
+    """JSON has no NaN: a task with any non-finite number (a model whose log-likelihoods overflow)
+    gets null metrics and the reason, never a score computed from NaN (MMLU's argmax would read 25%,
+    not 'broken')."""
     for name, task in results["tasks"].items():
         task, n = finite_or_null(task)
         results["tasks"][name] = task
@@ -626,6 +643,7 @@ def no_nan(results: dict) -> dict:
             task["invalid"] = f"{n} numbers are NaN or infinite: the model's outputs are not finite"
             print(f"warning: {name}: {task['invalid']}; its metrics are null", file=sys.stderr)
     return finite_or_null(results)[0]
+
 
 if __name__ == "__main__":
     main()

@@ -1,15 +1,10 @@
 """
-Qwen3 in one file: the model and nothing else. It matches transformers' Qwen3ForCausalLM
-(modeling_qwen3.py is the ground truth) for every dense Qwen3 size, 0.6B to 32B.
-
-    Qwen3Config, Qwen3   the config and the architecture (RMSNorm, RoPE, grouped-query attention
-                         with q/k norms, SwiGLU); from_pretrained / save_pretrained (Hugging Face
-                         safetensors); generate (batched, over a KV cache; CUDA-graph decode)
-    rollout              generate over a whole list of prompts, with stop strings
-    completion_logprobs  log-probabilities of given completion tokens, for training and scoring
-    sample_next          the fused sampler: temperature, top-k, top-p, one draw per row
-    add_lora             LoRA on every projection (merged when saved)
-    Tokenizer            Qwen's tokenizer.json; resolve_model_dir: a folder or a hub repo
+Qwen3 in one file, and only the model: the config and architecture (Qwen3Config, Qwen3), Hugging
+Face weights and tokenizer in and out (from_pretrained, save_pretrained, Tokenizer), LoRA
+(add_lora), generation over a KV cache with a fused sampler and a CUDA-graph decode (generate,
+sample_next; rollout for lists of prompts with stop strings), and completion_logprobs for training
+and scoring. It matches transformers' Qwen3ForCausalLM (modeling_qwen3.py is the ground truth) for
+every dense Qwen3 size, 0.6B to 32B.
 
     model = Qwen3.from_pretrained("Qwen/Qwen3-0.6B-Base", device="cuda", dtype=torch.bfloat16)
     tok = Tokenizer.from_pretrained("Qwen/Qwen3-0.6B-Base")
@@ -39,8 +34,7 @@ from cli import load_safetensors, make_readable, progress, read_json
 
 @dataclass
 class Qwen3Config:
-    """The fields of a Hugging Face Qwen3 config.json that define the computation (defaults:
-    0.6B)."""
+    """The config.json fields that define the computation (defaults: Qwen3-0.6B)."""
     vocab_size: int = 151936
     hidden_size: int = 1024
     intermediate_size: int = 3072
@@ -83,8 +77,7 @@ class Qwen3Config:
                 d[k] = d[k][0]
         config = cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
         if config.num_attention_heads % config.num_key_value_heads:
-            raise ValueError(f"{source}: num_attention_heads must be a multiple of "
-                             "num_key_value_heads")
+            raise ValueError(f"{source}: num_attention_heads is no multiple of num_key_value_heads")
         return config
 
     def to_dict(self, dtype: torch.dtype = torch.float32) -> dict:
@@ -295,19 +288,15 @@ class Qwen3(nn.Module):
     def generate(self, prompts, max_new_tokens: int, temperature: float = 1.0, top_k=None,
                  top_p=None, stop_token_ids=None, seed=None, return_logprobs: bool = False,
                  n_real_tokens=None, cuda_graph=None, stop_fn=None):
-        """Sample continuations for a batch of prompts (lists of token ids, any lengths). Returns
-        the new tokens of each prompt; a row that samples a stop token keeps it as its last token
-        and ends there. temperature=0 is greedy. return_logprobs adds each new token's
-        log-probability under the distribution it was drawn from (after temperature, top-k,
-        top-p; greedy: the plain softmax). n_real_tokens: sample only the tokenizer's tokens, never
-        the embedding's padding rows past them. Finished rows ride along until all are done, so
-        the batch never reshapes and the host waits only once every 16 steps, when
-        stop_fn(rows' tokens so far) may also end rows (e.g. on a stop string; the caller trims
-        them). cuda_graph replays the decode step as a CUDA graph (see _decoder); None:
-        CUDA_GRAPHS on CUDA."""
+        """The new tokens of each prompt (lists of token ids, any lengths); a row that samples a
+        stop token keeps it as its last and ends. temperature=0 is greedy. return_logprobs adds
+        each token's log-probability under the distribution it was drawn from (after temperature,
+        top-k, top-p). n_real_tokens: never sample the embedding's padding rows past the
+        tokenizer's tokens. Finished rows ride along until all are done, so the batch never
+        reshapes and the host waits only every 16 steps, when stop_fn(rows' tokens so far) may
+        end rows too (on a stop string, say). cuda_graph: see _decoder; None: CUDA_GRAPHS."""
         if not prompts or min(map(len, prompts)) == 0 or max_new_tokens < 1:
-            raise ValueError("generate: needs prompts of at least one token and "
-                             "max_new_tokens >= 1")
+            raise ValueError("generate: needs prompts of one token or more, max_new_tokens >= 1")
         device = self.device
         B, prompt_len = len(prompts), max(map(len, prompts))
         max_len = prompt_len + max_new_tokens
@@ -332,11 +321,10 @@ class Qwen3(nn.Module):
         # The one-token decode step; built before the prefill, as its warm-up writes slot 0
         decode = self._decoder(cache, key_is_real, pad, cuda_graph)
 
-        # Prefill: the whole padded prompt in one forward pass, filling cache slots
-        # 0..prompt_len-1. mask (B, 1, prompt_len, prompt_len): causal, padding keys hidden.
-        # Padding queries attend to themselves only, which keeps their (unused) outputs finite
-        # so no NaN can leak into the cache. positions (B, prompt_len) count from each row's
-        # first real token, so padding never shifts RoPE.
+        # Prefill: the whole padded prompt in one pass, into cache slots 0..prompt_len-1. mask
+        # (B, 1, prompt_len, prompt_len): causal, padding keys hidden; padding queries attend to
+        # themselves only (finite outputs: no NaN can leak into the cache). positions
+        # (B, prompt_len) count from each row's first real token: padding never shifts RoPE.
         causal = slot[:prompt_len, None] >= slot[None, :prompt_len]
         own_slot = torch.eye(prompt_len, dtype=torch.bool, device=device)
         cache.slots, cache.length = slot[:prompt_len], prompt_len
@@ -371,16 +359,14 @@ class Qwen3(nn.Module):
         return (tokens, logprobs) if return_logprobs else tokens
 
     def _decoder(self, cache: KVCache, key_is_real, pad, cuda_graph: bool):
-        """The one-token decode step, step(token (B, 1), slot s) -> next logits (B, vocab),
-        reading its inputs from fixed buffers. Eager, attention reads the slots written so far. For
-        a CUDA graph it reads the whole cache under the mask, so every shape and address is fixed:
-        captured once, replayed, with no per-kernel launch cost. Off CUDA, cuda_graph=True runs
-        that step uncaptured (so the tests check it)."""
+        """step(token (B, 1), slot s) -> next logits (B, vocab), from fixed input buffers. Eager,
+        attention reads the slots written so far; a CUDA graph reads the whole cache under the
+        mask, so every shape and address is fixed: captured once, replayed, no per-kernel launch
+        cost. Off CUDA, cuda_graph=True runs that step uncaptured (so the tests check it)."""
         slot = torch.arange(cache.k.shape[3], device=pad.device)
         # The step's inputs, fixed buffers that step() overwrites: token and position (B, 1),
         # the slot written (1,), and the mask (B, 1, 1, max_len) of the keys it may read
-        token_in = pad[:, None].clone()
-        position_in = pad[:, None].clone()
+        token_in, position_in = pad[:, None].clone(), pad[:, None].clone()
         slot_in = slot[:1].clone()
         mask_in = key_is_real[:, None, None].clone()
         graph = None
@@ -421,14 +407,12 @@ def rollout(model, tokenizer, prompts: list, max_new_tokens: int, temperature: f
     """One completion (token ids) per prompt: the sampler every script shares. Prompts go through
     model.generate batch_size at a time, longest first (less padding); batch b draws with seed
     seed * 1000 + b. A completion ends with a stop token, with the token that completes one of
-    stop_strings (text, such as "Question:", that is no single token; generate checks for them
-    every 16 steps so that a batch ends when all its rows have), or at max_new_tokens. A progress
-    bar (`desc`) counts tokens x rows on a terminal. Autocast is the caller's."""
+    stop_strings (text such as "Question:"; checked every 16 steps), or at max_new_tokens. A
+    progress bar (`desc`) counts rows x tokens on a terminal. Autocast is the caller's."""
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     completions = [None] * len(prompts)
-    # the bar counts decoding steps x rows, up to max_new_tokens a row: the ETA is an upper bound
-    bar = progress(total=len(prompts) * max_new_tokens, desc=desc, unit="tok", unit_scale=True,
-                   leave=False)
+    total = len(prompts) * max_new_tokens  # rows x steps, at most: the ETA is an upper bound
+    bar = progress(total=total, desc=desc, unit="tok", unit_scale=True, leave=False)
 
     def has_stop(tokens):  # does their text hold a stop string?
         return any(stop in tokenizer.decode(tokens) for stop in stop_strings)
@@ -464,10 +448,9 @@ LOGPROB_CHUNK = 1024  # rows of (chunk, vocab) fp32 logits at a time: 0.6 GB for
 def completion_logprobs(model, seqs: list, starts: list, temperature: float = 1.0,
                         n_real_tokens=None, return_hidden: bool = False):
     """fp32 log-probs (B, L) of each completion seqs[b][starts[b]:] given all before it, and the
-    mask (B, L) of its real tokens (L: the longest completion). Only completion positions are
-    projected onto the vocabulary. n_real_tokens normalises over the tokenizer's real tokens,
-    those the sampler draws (else lowering a sampled token would move mass onto rows never
-    sampled). return_hidden adds the (N, hidden) states of the N masked positions."""
+    mask (B, L) of its tokens (L: the longest completion); only those positions are projected onto
+    the vocabulary. n_real_tokens normalises over the tokens the sampler draws (else lowering one
+    would move mass onto rows never sampled). return_hidden adds the N masked positions' states."""
     # Right-pad the sequences into idx (B, width); start (B, 1) and n_new (B, 1) per row.
     device = model.device
     width = max(map(len, seqs))
@@ -499,11 +482,10 @@ def completion_logprobs(model, seqs: list, starts: list, temperature: float = 1.
 def in_row_chunks(fn, *rows):
     """fn over LOGPROB_CHUNK rows at a time, concatenated; under grad each chunk is recomputed in
     backward."""
-    chunks = [tuple(r[i:i + LOGPROB_CHUNK] for r in rows)
-              for i in range(0, len(rows[0]), LOGPROB_CHUNK)]
-    run = fn
-    if torch.is_grad_enabled():
-        run = lambda *chunk: checkpoint(fn, *chunk, use_reentrant=False)  # noqa: E731
+    offsets = range(0, len(rows[0]), LOGPROB_CHUNK)
+    chunks = [tuple(r[i:i + LOGPROB_CHUNK] for r in rows) for i in offsets]
+    recompute = torch.is_grad_enabled()
+    run = (lambda *c: checkpoint(fn, *c, use_reentrant=False)) if recompute else fn
     return torch.cat([run(*chunk) for chunk in chunks])
 
 
@@ -577,8 +559,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def add_lora(model: Qwen3, rank: int, alpha: float) -> list:
-    """Wrap each attention and MLP projection in a LoRA adapter, freeze the rest; return what
-    trains."""
+    """Wrap every attention and MLP projection in LoRA, freeze the rest; return what trains."""
     model.requires_grad_(False)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -594,8 +575,7 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name: Qwe
 
 
 def resolve_model_dir(name_or_path) -> Path:
-    """A local folder as is; otherwise a hub repo id, downloaded (config, safetensors,
-    tokenizer)."""
+    """A local folder as is; else a hub repo id, downloaded (config, safetensors, tokenizer)."""
     path = Path(name_or_path)
     name = str(name_or_path)
     if path.is_dir() and not (path / "config.json").exists():
@@ -611,15 +591,13 @@ def resolve_model_dir(name_or_path) -> Path:
         return Path(snapshot_download(name, allow_patterns=patterns))
     except Exception as e:  # offline, unknown repo, ...: one clear line, not a stack of HTTP errors
         unknown = type(e).__name__.startswith(("Repository", "Revision"))
-        why = "has no such repo" if unknown else "could not be reached"
+        why = f"{'has no such repo' if unknown else 'could not be reached'} ({type(e).__name__})"
         raise FileNotFoundError(f"{name}: no such model folder here, and the Hugging Face hub "
-                                f"{why} ({type(e).__name__}); pass a local model folder "
-                                "instead") from None
+                                f"{why}; pass a local model folder instead") from None
 
 
 def read_safetensors(folder: Path) -> dict:
-    """All tensors of a model folder: model.safetensors, or the shards its index names. Never
-    pickle."""
+    """All tensors of a model folder: model.safetensors or its index's shards; never pickles."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
         shards = sorted(set(read_json(index)["weight_map"].values()))

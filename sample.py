@@ -1,10 +1,12 @@
 """
-Sample completions from a Qwen3 model: a local folder (config.json, model.safetensors, tokenizer.json)
-or a Hugging Face hub id. Each completion is printed as soon as it is done.
+Sample completions from a Qwen3 model: a local folder (config.json, model.safetensors,
+tokenizer.json) or a Hugging Face hub id. Each completion is printed as soon as it is done.
 
-    python sample.py --model Qwen/Qwen3-0.6B-Base --prompt $'Question: 2+2?\\nAnswer:' --num_samples 3
+    python sample.py --model Qwen/Qwen3-0.6B-Base --prompt $'Question: 2+2?\\nAnswer:' \\
+        --num_samples 3
 
-($'...' is the shell's way to put a real newline where \\n stands; --prompt_file reads a prompt as written.)
+($'...' is the shell's way to put a real newline where \\n stands; --prompt_file reads a prompt as
+written.)
 """
 import argparse
 from pathlib import Path
@@ -16,16 +18,25 @@ from cli import (ArgumentParser, check_device, nonnegative_float, positive_int, 
 from model import Qwen3, Tokenizer, resolve_model_dir
 
 parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--model", default="Qwen/Qwen3-0.6B-Base", help="model folder or Hugging Face hub id")
-parser.add_argument("--prompt", default="Question: What is 12 * 7?\nAnswer:", help="the prompt text")
-parser.add_argument("--prompt_file", help="read the prompt from this file (its whole contents; overrides --prompt)")
-parser.add_argument("--num_samples", type=positive_int, default=3, help="how many completions of the prompt")
-parser.add_argument("--max_new_tokens", type=positive_int, default=256, help="at most this many new tokens each")
-parser.add_argument("--temperature", type=nonnegative_float, default=0.7, help="sampling temperature; 0 = greedy")
-parser.add_argument("--top_k", type=positive_int, default=None, help="keep only the k most likely tokens (default: all)")
-parser.add_argument("--top_p", type=probability, default=0.9, help="nucleus sampling: keep the smallest set of tokens "
-                    "whose probability reaches top_p, in (0, 1] (1.0 = off)")
-parser.add_argument("--seed", type=int, default=1337, help="random seed: the same seed gives the same samples")
+parser.add_argument("--model", default="Qwen/Qwen3-0.6B-Base",
+                    help="model folder or Hugging Face hub id")
+parser.add_argument("--prompt", default="Question: What is 12 * 7?\nAnswer:",
+                    help="the prompt text")
+parser.add_argument("--prompt_file",
+                    help="read the prompt from this file (its whole contents; overrides --prompt)")
+parser.add_argument("--num_samples", type=positive_int, default=3,
+                    help="how many completions of the prompt")
+parser.add_argument("--max_new_tokens", type=positive_int, default=256,
+                    help="at most this many new tokens each")
+parser.add_argument("--temperature", type=nonnegative_float, default=0.7,
+                    help="sampling temperature; 0 = greedy")
+parser.add_argument("--top_k", type=positive_int, default=None,
+                    help="keep only the k most likely tokens (default: all)")
+parser.add_argument("--top_p", type=probability, default=0.9,
+                    help="nucleus sampling: keep the smallest set of tokens "
+                         "whose probability reaches top_p, in (0, 1] (1.0 = off)")
+parser.add_argument("--seed", type=int, default=1337,
+                    help="random seed: the same seed gives the same samples")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="cuda, cpu, cuda:1, ... (default: cuda if available, else cpu)")
 parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
@@ -35,7 +46,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def main(argv=None) -> list:
-    """Print and return the completions (text, without the prompt and without a final stop token)."""
+    """Print and return the completions (text, without the prompt and without a final stop
+    token)."""
     args = parser.parse_args(argv)
     check_device(args.device)
     dtype = DTYPES[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
@@ -56,7 +68,8 @@ def main(argv=None) -> list:
     if not prompt:
         parser.error("--prompt: the prompt is empty")
     if len(prompt) + args.max_new_tokens > model.config.max_position_embeddings:
-        parser.error(f"--max_new_tokens {args.max_new_tokens}: with the prompt's {len(prompt)} tokens, more than "
+        parser.error(f"--max_new_tokens {args.max_new_tokens}: with the prompt's {len(prompt)} "
+                     f"tokens, more than "
                      f"the model's {model.config.max_position_embeddings} positions")
     print(args.prompt, flush=True)
     completions = []
@@ -66,9 +79,12 @@ def main(argv=None) -> list:
         def tick(rows):  # generate calls this every 16 tokens: move the bar, end nothing
             bar.update(16)
             return [False] * len(rows)
-        ids = model.generate([prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                             top_p=args.top_p, seed=args.seed + i, n_real_tokens=tokenizer.n_real_tokens,
-                             stop_token_ids=tokenizer.stop_ids, stop_fn=None if bar.disable else tick)[0]
+        ids = model.generate([prompt], args.max_new_tokens, temperature=args.temperature,
+                             top_k=args.top_k,
+                             top_p=args.top_p, seed=args.seed + i,
+                             n_real_tokens=tokenizer.n_real_tokens,
+                             stop_token_ids=tokenizer.stop_ids, stop_fn=None if bar.disable
+                             else tick)[0]
         bar.close()
         stopped = bool(ids) and ids[-1] in tokenizer.stop_ids
         completions.append(tokenizer.decode(ids[:-1] if stopped else ids))

@@ -142,7 +142,8 @@ def batch_at(items: list, step: int, n: int, seed: int) -> list:
     each epoch, so a step's batch is known without replaying the steps before it (which keeps
     --resume exact). Under torchrun each rank takes the next slice."""
     rank, world = rank_and_world()
-    orders, batch = {}, []
+    orders = {}  # epoch -> its shuffled order of the items
+    batch = []
     for k in range((step * world + rank) * n, (step * world + rank + 1) * n):
         epoch, i = divmod(k, len(items))
         if epoch not in orders:

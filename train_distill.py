@@ -89,23 +89,27 @@ def collect_states(student, teacher, tokenizer, questions, step, args, dtype):
     """Sample answers (from the student, or with --states teacher from the teacher) and turn them
     into training sequences: token ids, where the answer starts, where the signal starts."""
     seed = 2 * step_seed(args.seed, step)  # the answers draw with seed, the continuations seed + 1
+    # One answer per question, from the student (on-policy) or the teacher (off-policy)
     prompts = [tokenizer.encode(gsm8k_prompt(q["question"])) for q in questions]
     with autocast(student.device, dtype):
         answers = rollout(model=student if args.states == "student" else teacher,
-                          tokenizer=tokenizer, prompts=prompts,
-                          max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          seed=seed, stop_strings=GSM8K_STOP_STRINGS,
+                          tokenizer=tokenizer, prompts=prompts, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, seed=seed, stop_strings=GSM8K_STOP_STRINGS,
                           batch_size=args.gen_batch_size)
     answer_len = sum(map(len, answers)) / len(answers)
     if args.signal != "continuation":  # the KL signals act at every state of the answer
         return dict(seqs=[p + a for p, a in zip(prompts, answers)],
                     starts=[len(p) for p in prompts], signal_starts=[len(p) for p in prompts],
                     answer_len=answer_len)
-    rng, states = random.Random(seed), []
+    # --signal continuation: cut each answer at up to --states_per_rollout random points (sorted);
+    # each cut is a state, the prompt and the answer's first `cut` tokens
+    rng = random.Random(seed)
+    states = []
     for prompt, answer in zip(prompts, answers):  # a state: the prompt and `cut` answer tokens
         n_cuts = min(args.states_per_rollout, len(answer))
         cuts = sorted(rng.sample(range(len(answer)), n_cuts))
         states += [(prompt, answer[:cut]) for cut in cuts]
+    # The teacher continues every state for --continuation_tokens tokens: the targets
     with autocast(student.device, dtype):
         continuations = rollout(model=teacher, tokenizer=tokenizer,
                                 prompts=[p + s for p, s in states],
@@ -122,7 +126,7 @@ def token_kl_loss(logprobs, teacher_logprobs, mask, n_tokens):
     constant. Its gradient, -sg(A) ∇log π_θ, is in expectation the gradient of the per-token
     KL(π_θ || π_T) at the sampled states (held fixed: no reward-to-go). It needs the student's
     own samples (--states student)."""
-    advantage = -(logprobs.detach() - teacher_logprobs)
+    advantage = -(logprobs.detach() - teacher_logprobs)  # (B, L), no gradient through it
     return -(advantage * logprobs * mask).sum() / n_tokens
 
 
@@ -198,12 +202,14 @@ def apply_teacher(student, teacher, batch, args, dtype, n_real_tokens=None):
 
 
 def main(argv=None):
+    # Set-up: flags, the --out_dir guard, student + tokenizer + AdamW, the teacher, the questions
     args = get_args(argv)
     prepare_out_dir(args)  # before anything loads: an earlier run there is refused
     student, tokenizer, optimizer, device, dtype = setup(args)
     teacher = load_teacher(args, student, tokenizer, device, dtype)
     train = load_gsm8k("train", args.data_dir)
     questions_per_step = args.batch_size * args.grad_accum
+    # --resume continues after the checkpoint's step, bit for bit; a fresh run is evaluated first
     first_step = load_checkpoint(args.out_dir, student, optimizer) if args.resume else 0
     metrics = MetricsLog(args.out_dir, args.steps, first_step)
     print(f"{args.signal} signal on {args.states} states: {args.steps} steps of "
@@ -211,6 +217,7 @@ def main(argv=None):
     if first_step == 0:
         periodic_eval(0, student, tokenizer, metrics, args, dtype)
     for step in range(first_step, args.steps):
+        # This step's questions: its slice of a seeded shuffle of the train split
         questions = batch_at(train, step=step, n=questions_per_step, seed=args.seed)
         # The states: answers sampled now (the student's, or with --states teacher the
         # teacher's), and for --signal continuation the teacher's continuations of them
@@ -219,7 +226,9 @@ def main(argv=None):
         # The signal: the teacher's, at those states, backpropagated
         figures = apply_teacher(student=student, teacher=teacher, batch=batch, args=args,
                                 dtype=dtype, n_real_tokens=tokenizer.n_real_tokens)
+        # The update: gradients averaged over GPUs, clipped, AdamW at this step's learning rate
         lr, grad_norm = optimizer_step(optimizer, step, args, figures["loss"])
+        # Log the step, evaluate every --eval_every steps, checkpoint every --save_every
         metrics.log(step + 1, **figures, lr=lr, grad_norm=grad_norm,
                     tokens=sum(map(len, batch["seqs"])))
         periodic_eval(step + 1, student, tokenizer, metrics, args, dtype)

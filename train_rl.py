@@ -63,6 +63,7 @@ def get_args(argv=None):
 
 def collect_states(model, tokenizer, questions, step, args, dtype):
     """Sample --group_size answers per question from the current model and score them."""
+    # prompts: token ids of "Question: {q}\nAnswer:", each repeated --group_size times
     prompts = tokenizer.encode_batch([gsm8k_prompt(q["question"]) for q in questions])
     prompts = [p for p in prompts for _ in range(args.group_size)]  # each one group_size times
     with autocast(model.device, dtype):
@@ -70,6 +71,7 @@ def collect_states(model, tokenizer, questions, step, args, dtype):
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           seed=step_seed(args.seed, step), stop_strings=GSM8K_STOP_STRINGS,
                           batch_size=args.gen_batch_size)
+    # The reward: 1.0 for a right final answer (eval's flexible extraction), else 0.0
     golds = [q["gold"] for q in questions for _ in range(args.group_size)]
     rewards = [gsm8k_reward(tokenizer.decode(a), gold) for a, gold in zip(answers, golds)]
     return dict(seqs=[p + a for p, a in zip(prompts, answers)], starts=[len(p) for p in prompts],
@@ -166,6 +168,7 @@ def apply_reward(model, ref_model, batch, args, dtype, n_real_tokens=None):
 
 
 def main(argv=None):
+    # Set-up: flags, the --out_dir guard, model + tokenizer + AdamW, the training questions
     args = get_args(argv)
     prepare_out_dir(args)  # before anything loads: an earlier run there is refused
     model, tokenizer, optimizer, device, dtype = setup(args)
@@ -173,6 +176,7 @@ def main(argv=None):
     ref_model = starting_model(args, model.device, dtype) if args.kl_coef > 0 else None
     train = load_gsm8k("train", args.data_dir)
     questions_per_step = args.batch_size * args.grad_accum
+    # --resume continues after the checkpoint's step, bit for bit; a fresh run is evaluated first
     first_step = load_checkpoint(args.out_dir, model, optimizer) if args.resume else 0
     metrics = MetricsLog(args.out_dir, args.steps, first_step)
     print(f"{args.steps} steps of {questions_per_step} questions x {args.group_size} answers "
@@ -180,6 +184,7 @@ def main(argv=None):
     if first_step == 0:
         periodic_eval(0, model, tokenizer, metrics, args, dtype)
     for step in range(first_step, args.steps):
+        # This step's questions: its slice of a seeded shuffle of the train split
         questions = batch_at(train, step=step, n=questions_per_step, seed=args.seed)
         # The states: the learner's own answers, sampled now, with their rewards
         batch = collect_states(model=model, tokenizer=tokenizer, questions=questions, step=step,
@@ -189,7 +194,9 @@ def main(argv=None):
         for _ in range(args.ppo_epochs):
             figures = apply_reward(model=model, ref_model=ref_model, batch=batch, args=args,
                                    dtype=dtype, n_real_tokens=tokenizer.n_real_tokens)
+            # The update: gradients averaged over GPUs, clipped, AdamW at this step's rate
             lr, grad_norm = optimizer_step(optimizer, step, args, figures["loss"])
+        # Log the step, evaluate every --eval_every steps, checkpoint every --save_every
         metrics.log(step + 1, **figures, lr=lr, grad_norm=grad_norm,
                     tokens=sum(map(len, batch["seqs"])))
         periodic_eval(step + 1, model, tokenizer, metrics, args, dtype)

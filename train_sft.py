@@ -43,10 +43,8 @@ from train_common import (MetricsLog, autocast, batch_at, due, finish, optimizer
                           periodic_eval, rank_and_world, setup, step_seed, tokens_per_rank,
                           training_args)
 
-PRESETS = {
-    "mild": dict(epochs=1, lr=1e-4, lora_rank=64, lora_alpha=128),
-    "stress": dict(epochs=5, lr=5e-4, lora_rank=64, lora_alpha=128),
-}
+PRESETS = {"mild": dict(epochs=1, lr=1e-4, lora_rank=64, lora_alpha=128),
+           "stress": dict(epochs=5, lr=5e-4, lora_rank=64, lora_alpha=128),}
 
 
 def get_args(argv=None):
@@ -55,7 +53,8 @@ def get_args(argv=None):
     a = parser.add_argument
     a("--preset", default="mild", choices=PRESETS,
       help="defaults for --epochs, --lr, --lora_rank, --lora_alpha (explicit flags win)")
-    a("--epochs", type=positive_float, help="passes over GSM8K train; sets --steps unless it is given")
+    a("--epochs", type=positive_float,
+      help="passes over GSM8K train; sets --steps unless it is given")
     a("--states", default="dataset", choices=("dataset", "self"),
       help="dataset: gold solutions (SFT); self: the learner's own correct samples (RFT)")
     a("--samples_per_question", type=positive_int, default=4,
@@ -80,17 +79,20 @@ def get_args(argv=None):
 def collect_states(model, tokenizer, questions, step, args, dtype):
     """The states this step fits, as token sequences (prompt + answer) and where each answer
     starts."""
+    # prompts: token ids of "Question: {q}\nAnswer:", one list per question
     prompts = [tokenizer.encode(gsm8k_prompt(q["question"])) for q in questions]
     if args.states == "dataset":  # the gold solution after "Answer:", then EOS: it learns to stop
         answers = [tokenizer.encode(" " + q["answer"]) + [tokenizer.eos_id] for q in questions]
         return [p + a for p, a in zip(prompts, answers)], [len(p) for p in prompts]
-    # --states self: the learner's own answers, kept where they are right
+    # --states self: the learner's own answers, kept where they are right. Each prompt is repeated
+    # --samples_per_question times and sampled at this step's seed
     prompts = [p for p in prompts for _ in range(args.samples_per_question)]
     golds = [q["gold"] for q in questions for _ in range(args.samples_per_question)]
     with autocast(model.device, dtype):
         samples = rollout(model=model, tokenizer=tokenizer, prompts=prompts,
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           seed=step_seed(args.seed, step), stop_strings=GSM8K_STOP_STRINGS)
+    # eval's grader decides which samples are right; only those become states
     correct = [gsm8k_reward(tokenizer.decode(s), gold) == 1.0 for s, gold in zip(samples, golds)]
     prompts = [p for p, right in zip(prompts, correct) if right]
     answers = [s for s, right in zip(samples, correct) if right]
@@ -122,6 +124,7 @@ def fit_states(model, seqs, starts, args, dtype, n_real_tokens=None):
 
 
 def main(argv=None):
+    # Set-up: flags, the --out_dir guard, model + tokenizer + AdamW, the training questions
     args = get_args(argv)
     prepare_out_dir(args)  # before anything loads: an earlier run there is refused
     model, tokenizer, optimizer, device, dtype = setup(args)
@@ -131,6 +134,7 @@ def main(argv=None):
         questions_per_pass = questions_per_step * rank_and_world()[1]
         args.steps = math.ceil(args.epochs * len(train) / questions_per_pass)
         resolve_warmup(args, f"{args.steps} steps for --epochs {args.epochs}")
+    # --resume continues after the checkpoint's step, bit for bit; a fresh run is evaluated first
     first_step = load_checkpoint(args.out_dir, model, optimizer) if args.resume else 0
     metrics = MetricsLog(args.out_dir, args.steps, first_step)
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -139,6 +143,7 @@ def main(argv=None):
     if first_step == 0:
         periodic_eval(0, model, tokenizer, metrics, args, dtype)
     for step in range(first_step, args.steps):
+        # This step's questions: its slice of a seeded shuffle of the train split
         questions = batch_at(train, step=step, n=questions_per_step, seed=args.seed)
         # The states: gold solutions (or the learner's correct answers), as token sequences
         seqs, starts = collect_states(model=model, tokenizer=tokenizer, questions=questions,
@@ -146,7 +151,9 @@ def main(argv=None):
         # The signal: the next token's NLL at every state, backpropagated
         loss = fit_states(model=model, seqs=seqs, starts=starts, args=args, dtype=dtype,
                           n_real_tokens=tokenizer.n_real_tokens)
+        # The update: gradients averaged over GPUs, clipped, AdamW at this step's learning rate
         lr, grad_norm = optimizer_step(optimizer, step, args, loss)
+        # Log the step, evaluate every --eval_every steps, checkpoint every --save_every
         answer_tokens = sum(len(s) - st for s, st in zip(seqs, starts))
         figures = dict(loss=loss, state_nll=loss, lr=lr, grad_norm=grad_norm,
                        answer_len=answer_tokens / max(1, len(seqs)))

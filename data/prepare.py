@@ -1,21 +1,27 @@
-"""Download GSM8K, MMLU and TruthfulQA from their original releases and write them in one local format.
+"""Download GSM8K, MMLU and TruthfulQA from their original releases and write them in one local
+format.
 
-    python data/prepare.py                  # download (GSM8K ~5 MB, MMLU's data.tar ~166 MB, TruthfulQA ~1 MB)
-    python data/prepare.py --source DIR     # offline, from a local copy laid out like the releases:
-        DIR/gsm8k/{train,test}.jsonl                      openai/grade-school-math
-        DIR/mmlu/{dev,test}/SUBJECT_{dev,test}.csv        hendrycks' data.tar (no header: question, A, B, C, D, letter)
-        DIR/truthfulqa/mc_task.json                       sylinrl/TruthfulQA
+    python data/prepare.py               # download (GSM8K ~5 MB, MMLU ~166 MB, TruthfulQA ~1 MB)
+    python data/prepare.py --source DIR  # offline, from a local copy laid out like the releases:
+        DIR/gsm8k/{train,test}.jsonl                 openai/grade-school-math
+        DIR/mmlu/{dev,test}/SUBJECT_{dev,test}.csv   hendrycks' data.tar (no header: question, A,
+                                                     B, C, D, letter)
+        DIR/truthfulqa/mc_task.json                  sylinrl/TruthfulQA
 
-What it writes under --out (default: this folder), JSON lines, one example a line, in the releases' order:
-    gsm8k/train.jsonl, gsm8k/test.jsonl   {"question": str, "answer": str}  (answer: full solution ending "#### N")
-    mmlu/dev.jsonl, mmlu/test.jsonl       {"subject": str, "question": str, "choices": [4 str], "answer": 0-3}
-                                          subjects sorted by name, each subject's rows in file order
-    truthfulqa/mc.jsonl                   {"question": str, "mc1_targets": {"choices": [..], "labels": [..]},
-                                           "mc2_targets": {...}}  labels 1 = true, 0 = false, in the release's order
+What it writes under --out (default: this folder), JSON lines, one example a line, in the releases'
+order:
+    gsm8k/{train,test}.jsonl  {"question": str, "answer": str}  (answer: the full solution, ending
+                              "#### N")
+    mmlu/{dev,test}.jsonl     {"subject": str, "question": str, "choices": [4 str], "answer": 0-3}
+                              subjects sorted by name, each subject's rows in file order
+    truthfulqa/mc.jsonl       {"question": str, "mc1_targets": {"choices": [..], "labels": [..]},
+                               "mc2_targets": {...}}  labels 1 = true, 0 = false, in the release's
+                              order
 Everything it reads is checked: row counts (GSM8K 7,473 / 1,319; MMLU 285 dev / 14,042 test over 57
-subjects; TruthfulQA 817), a parseable "#### N" on every GSM8K answer, four choices and an A-D answer on
-every MMLU row, one true MC1 choice listed first. A malformed row stops everything with its file and line:
-nothing is ever dropped silently, so every score is over the same, complete data set.
+subjects; TruthfulQA 817), a parseable "#### N" on every GSM8K answer, four choices and an A-D
+answer on every MMLU row, one true MC1 choice listed first. A malformed row stops everything with
+its file and line: nothing is ever dropped silently, so every score is over the same, complete data
+set.
 """
 import argparse
 import contextlib
@@ -31,7 +37,8 @@ import urllib.request
 from pathlib import Path
 
 DATASETS = ("gsm8k", "mmlu", "truthfulqa")
-GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{split}.jsonl"
+GSM8K_URL = ("https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/"
+             "data/{split}.jsonl")
 MMLU_URL = "https://people.eecs.berkeley.edu/~hendrycks/data.tar"
 TRUTHFULQA_URL = "https://raw.githubusercontent.com/sylinrl/TruthfulQA/main/data/mc_task.json"
 EXPECTED_ROWS = {("gsm8k", "train"): 7473, ("gsm8k", "test"): 1319, ("mmlu", "dev"): 285,
@@ -41,19 +48,21 @@ GSM8K_GOLD = re.compile(r"-?[0-9][0-9,]*(\.[0-9]+)?")  # what follows "#### ": 7
 
 
 class DataError(Exception):
-    """Data that is missing, cannot be downloaded, or does not look like the release it claims to be."""
+    """Data that is missing, cannot be downloaded, or does not look like the release it claims to
+    be."""
 
 
 @contextlib.contextmanager
 def utf8(path: Path):
-    """Text that is not UTF-8 stops with the file's name, not a UnicodeDecodeError from somewhere inside."""
+    """Text that is not UTF-8 stops with the file's name, not a UnicodeDecodeError from somewhere
+    inside."""
     try:
         yield
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason}); is it the release's file?") from None
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Reading and checking the releases
 
 def read_gsm8k(path: Path) -> list:
@@ -65,7 +74,8 @@ def read_gsm8k(path: Path) -> list:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e})") from None
-            if problem := gsm8k_problem(row):
+            problem = gsm8k_problem(row)
+            if problem:
                 raise DataError(f"{where}: {problem}")
             rows.append({"question": row["question"], "answer": row["answer"]})
     return rows
@@ -73,17 +83,19 @@ def read_gsm8k(path: Path) -> list:
 
 def gsm8k_problem(row) -> str:
     """What is wrong with a GSM8K row (the release's and ours have one format), or ''."""
-    if not (isinstance(row, dict) and isinstance(row.get("question"), str) and isinstance(row.get("answer"), str)):
+    if not (isinstance(row, dict) and isinstance(row.get("question"), str)
+            and isinstance(row.get("answer"), str)):
         return "expected an object with string fields 'question' and 'answer'"
-    if "#### " not in row["answer"] or not GSM8K_GOLD.fullmatch(row["answer"].split("#### ")[-1].strip()):
+    final = row["answer"].split("#### ")[-1].strip()
+    if "#### " not in row["answer"] or not GSM8K_GOLD.fullmatch(final):
         return "the answer does not end in a parseable '#### N' final answer"
     return ""
 
 
 def mc_problem(mc1: list, mc2: list) -> str:
-    """What is wrong with a TruthfulQA row's labels, or ''. MC1 lists its one true choice first; MC2 counts
-    every choice labelled 1 (lm-eval 0.4.13), so its true choices may come anywhere, two rows list one after
-    a false one."""
+    """What is wrong with a TruthfulQA row's labels, or ''. MC1 lists its one true choice first; MC2
+    counts every choice labelled 1 (lm-eval 0.4.13), so its true choices may come anywhere, two rows
+    list one after a false one."""
     if any(label not in (0, 1) for label in mc1 + mc2):
         return "labels must be 0 or 1"
     if len(mc1) < 2 or mc1[0] != 1 or sum(mc1) != 1:
@@ -107,7 +119,8 @@ def read_mmlu(folder: Path, split: str) -> list:
                 where = f"{path}:{first_line}"
                 first_line = reader.line_num + 1
                 if len(record) != 6:
-                    raise DataError(f"{where}: expected 6 fields (question, A, B, C, D, answer), got {len(record)}")
+                    raise DataError(f"{where}: expected 6 fields (question, A, B, C, D, answer), "
+                                    f"got {len(record)}")
                 if record[5] not in ("A", "B", "C", "D"):
                     raise DataError(f"{where}: the answer is {record[5]!r}, not one of A, B, C, D")
                 rows.append({"subject": subject, "question": record[0], "choices": record[1:5],
@@ -116,8 +129,8 @@ def read_mmlu(folder: Path, split: str) -> list:
 
 
 def read_truthfulqa(path: Path) -> list:
-    """mc_task.json is one JSON list; its entries are decoded one at a time so that an error can name
-    the line an entry starts on."""
+    """mc_task.json is one JSON list; its entries are decoded one at a time so that an error can
+    name the line an entry starts on."""
     with utf8(path):
         text = path.read_text(encoding="utf-8")
     decoder, rows = json.JSONDecoder(), []
@@ -137,10 +150,12 @@ def read_truthfulqa(path: Path) -> list:
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: not valid JSON ({e.msg})") from None
         if not (isinstance(entry, dict) and isinstance(entry.get("question"), str)
-                and isinstance(entry.get("mc1_targets"), dict) and isinstance(entry.get("mc2_targets"), dict)):
+                and isinstance(entry.get("mc1_targets"), dict)
+                and isinstance(entry.get("mc2_targets"), dict)):
             raise DataError(f"{where}: expected 'question', 'mc1_targets' and 'mc2_targets'")
         mc1, mc2 = list(entry["mc1_targets"].values()), list(entry["mc2_targets"].values())
-        if problem := mc_problem(mc1, mc2):
+        problem = mc_problem(mc1, mc2)
+        if problem:
             raise DataError(f"{where}: {problem}")
         rows.append({"question": entry["question"],
                      "mc1_targets": {"choices": list(entry["mc1_targets"]), "labels": mc1},
@@ -149,7 +164,8 @@ def read_truthfulqa(path: Path) -> list:
 
 
 def mmlu_problem(row) -> str:
-    if not (isinstance(row, dict) and isinstance(row.get("question"), str) and isinstance(row.get("subject"), str)):
+    if not (isinstance(row, dict) and isinstance(row.get("question"), str)
+            and isinstance(row.get("subject"), str)):
         return "expected an object with string fields 'subject' and 'question'"
     if not (isinstance(row.get("choices"), list) and len(row["choices"]) == 4):
         return "expected 'choices': a list of 4 answers"
@@ -159,25 +175,31 @@ def mmlu_problem(row) -> str:
 
 
 def truthfulqa_problem(row) -> str:
-    targets = [row.get(key) if isinstance(row, dict) else None for key in ("mc1_targets", "mc2_targets")]
+    targets = [row.get(key) if isinstance(row, dict) else None
+               for key in ("mc1_targets", "mc2_targets")]
     if not (isinstance(row, dict) and isinstance(row.get("question"), str)
-            and all(isinstance(t, dict) and isinstance(t.get("choices"), list) and isinstance(t.get("labels"), list)
+            and all(isinstance(t, dict) and isinstance(t.get("choices"), list)
+                    and isinstance(t.get("labels"), list)
                     and len(t["choices"]) == len(t["labels"]) for t in targets)):
-        return "expected 'question', and 'mc1_targets' and 'mc2_targets' with as many 'choices' as 'labels'"
+        return ("expected 'question', and 'mc1_targets' and 'mc2_targets' with as many 'choices' "
+                "as 'labels'")
     return mc_problem(targets[0]["labels"], targets[1]["labels"])
 
 
 def read_prepared(path: Path, dataset: str) -> list:
-    """The rows of a file this script wrote, each checked as it is read: what the scripts load. A line that
-    is no JSON or no valid row, text that is not UTF-8, or an empty file stops with the file and line."""
-    check, rows = {"gsm8k": gsm8k_problem, "mmlu": mmlu_problem, "truthfulqa": truthfulqa_problem}[dataset], []
+    """The rows of a file this script wrote, each checked as it is read: what the scripts load. A
+    line that is no JSON or no valid row, text that is not UTF-8, or an empty file stops with the
+    file and line."""
+    check, rows = {"gsm8k": gsm8k_problem, "mmlu": mmlu_problem,
+                   "truthfulqa": truthfulqa_problem}[dataset], []
     with utf8(path), open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, 1):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{line_number}: not valid JSON ({e.msg})") from None
-            if problem := check(row):
+            problem = check(row)
+            if problem:
                 raise DataError(f"{path}:{line_number}: {problem}")
             rows.append(row)
     if not rows:
@@ -191,7 +213,7 @@ def check_count(rows: list, dataset: str, split: str, where: Path):
         raise DataError(f"{where}: {dataset} {split} has {len(rows)} rows, expected {expected}")
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Downloading
 
 def download(url: str, dest: Path):
@@ -199,13 +221,15 @@ def download(url: str, dest: Path):
     print(f"downloading {url}")
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as f, \
-                tqdm(total=int(response.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
-                     desc=dest.name, disable=None) as bar:  # a bar with rate and ETA, on a terminal only
-            while chunk := response.read(1 << 20):
+                tqdm(total=int(response.headers.get("Content-Length") or 0) or None, unit="B",
+                     unit_scale=True, desc=dest.name,
+                     disable=None) as bar:  # a bar with rate and ETA, on a terminal only
+            for chunk in iter(lambda: response.read(1 << 20), b""):
                 f.write(chunk)
                 bar.update(len(chunk))
     except OSError as e:  # URLError, timeouts and refused connections are all OSErrors
-        raise DataError(f"could not download {url} ({e}). Offline? Run `python data/prepare.py --source DIR` "
+        raise DataError(f"could not download {url} ({e}). Offline? Run `python data/prepare.py "
+                        f"--source DIR` "
                         "with a local copy of the releases (layout in data/prepare.py)") from None
 
 
@@ -218,26 +242,30 @@ def download_releases(datasets, into: Path):
     if "mmlu" in datasets:
         tar_path = into / "data.tar"
         download(MMLU_URL, tar_path)
-        with tarfile.open(tar_path) as tar:  # data/{dev,val,test,auxiliary_train}/*.csv: keep dev and test
+        # data/{dev,val,test,auxiliary_train}/*.csv: keep dev and test
+        with tarfile.open(tar_path) as tar:
             for member in tar.getmembers():
                 parts = Path(member.name).parts
-                if member.isfile() and len(parts) == 3 and parts[1] in ("dev", "test") and parts[2].endswith(".csv"):
+                wanted = len(parts) == 3 and parts[1] in ("dev", "test")
+                if member.isfile() and wanted and parts[2].endswith(".csv"):
                     (into / "mmlu" / parts[1]).mkdir(parents=True, exist_ok=True)
-                    (into / "mmlu" / parts[1] / parts[2]).write_bytes(tar.extractfile(member).read())
+                    csv_bytes = tar.extractfile(member).read()
+                    (into / "mmlu" / parts[1] / parts[2]).write_bytes(csv_bytes)
         tar_path.unlink()
     if "truthfulqa" in datasets:
         (into / "truthfulqa").mkdir(parents=True)
         download(TRUTHFULQA_URL, into / "truthfulqa" / "mc_task.json")
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Writing
 
 def write_jsonl(rows: list, path: Path):
-    """Write to a temporary name, then rename: an interrupted run never leaves a half-written file that
-    a later run would take for prepared data."""
+    """Write to a temporary name, then rename: an interrupted run never leaves a half-written file
+    that a later run would take for prepared data."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: torchrun ranks may race here
+    # one per process: torchrun ranks may race here
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -257,12 +285,13 @@ def convert(source: Path, out: Path, datasets):
         subjects = {}
         for split in ("dev", "test"):
             require(source / "mmlu" / split)
-            outputs[out / "mmlu" / f"{split}.jsonl"] = rows = read_mmlu(source / "mmlu" / split, split)
+            rows = read_mmlu(source / "mmlu" / split, split)
+            outputs[out / "mmlu" / f"{split}.jsonl"] = rows
             check_count(rows, "mmlu", split, source / "mmlu" / split)
             subjects[split] = sorted({row["subject"] for row in rows})
         if subjects["dev"] != subjects["test"] or len(subjects["test"]) != MMLU_SUBJECTS:
-            raise DataError(f"{source / 'mmlu'}: expected the same {MMLU_SUBJECTS} subjects in dev and test, "
-                            f"got {len(subjects['dev'])} and {len(subjects['test'])}")
+            raise DataError(f"{source / 'mmlu'}: expected the same {MMLU_SUBJECTS} subjects in dev "
+                            f"and test, got {len(subjects['dev'])} and {len(subjects['test'])}")
     if "truthfulqa" in datasets:
         path = source / "truthfulqa" / "mc_task.json"
         require(path)
@@ -279,7 +308,8 @@ def require(path: Path):
 
 
 def prepare(out_dir=Path(__file__).resolve().parent, source=None, datasets=DATASETS):
-    """Write `datasets` under out_dir from a local `source` folder, or download them when source is None."""
+    """Write `datasets` under out_dir from a local `source` folder, or download them when source is
+    None."""
     out_dir = Path(out_dir)
     unknown = set(datasets) - set(DATASETS)
     if unknown:
@@ -295,9 +325,11 @@ def prepare(out_dir=Path(__file__).resolve().parent, source=None, datasets=DATAS
 def main(argv=None):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: cli.py
     from cli import ArgumentParser, check_writable_dir  # a bad flag: one line, not the usage text
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default=None,
-                        help="local folder laid out like the releases (see above); default: download them")
+                        help="local folder laid out like the releases (see above); default: "
+                             "download them")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent),
                         help="where to write the prepared files (default: this data/ folder)")
     parser.add_argument("--datasets", default=",".join(DATASETS),
@@ -308,7 +340,8 @@ def main(argv=None):
     datasets = [d for d in args.datasets.split(",") if d]
     unknown = sorted(set(datasets) - set(DATASETS))
     if unknown or not datasets:
-        parser.error(f"--datasets {args.datasets!r}: unknown {unknown or 'none given'}; choose from {DATASETS}")
+        parser.error(f"--datasets {args.datasets!r}: unknown {unknown or 'none given'}; choose "
+                     f"from {DATASETS}")
     check_writable_dir(args.out, "--out")
     try:
         prepare(args.out, args.source, datasets)

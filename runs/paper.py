@@ -1,22 +1,23 @@
 """The paper's Table 2 from one command, on one GPU: base, mild and stress SFT, OPD from either SFT
 teacher, light RL, each evaluated on the paper's subsets with its state drift from the base.
 
-    python runs/paper.py                                    # Qwen/Qwen3-0.6B-Base, all under runs/out
-    python runs/paper.py --source ~/releases                # offline: data/prepare.py --source first
-    python runs/paper.py --smoke --source ../shared/data    # the same pipeline on a tiny random model (CPU)
-    python runs/paper.py --only base,sft_mild               # some rows; the table shows what exists
+    python runs/paper.py                                  # Qwen/Qwen3-0.6B-Base, under runs/out
+    python runs/paper.py --source ~/releases              # offline: data/prepare.py --source first
+    python runs/paper.py --smoke --source ../shared/data  # the pipeline on a tiny model (CPU)
+    python runs/paper.py --only base,sft_mild             # some rows; the table shows what exists
 
 The steps, in this order; each prints its command, then runs it with this Python (one process per
 step; with --in_process, its main() in this one), and the first failure stops the pipeline there:
 
-    data        data/prepare.py --out DATA_DIR [--source DIR], unless DATA_DIR holds the prepared files
-    base        eval.py --model MODEL --limit paper (500 GSM8K, 500 MMLU, 200 TruthfulQA; seeds fixed)
+    data        data/prepare.py --out DATA_DIR [--source DIR], unless DATA_DIR holds the files
+    base        eval.py --model MODEL --limit paper (500 GSM8K, 500 MMLU, 200 TruthfulQA, seeded)
     sft_mild    train_sft.py --preset mild, then eval.py ... --drift_reference MODEL
     sft_stress  train_sft.py --preset stress, then its eval
     opd_mild    train_distill.py --teacher OUT/sft_mild (student: MODEL), then its eval
     opd_stress  train_distill.py --teacher OUT/sft_stress, then its eval
     rl          train_rl.py, then its eval
-    table       eval.py --report OUT/results/base.json ... > OUT/table.md  (Forgetting, Retention, MMD²)
+    table       eval.py --report OUT/results/base.json ... > OUT/table.md  (Forgetting,
+                Retention, MMD²)
 
 Every trainer starts from MODEL with its own defaults (see its --help); --steps overrides them all.
 Re-running resumes: a run whose folder holds a final model (model.safetensors, config.json,
@@ -27,15 +28,15 @@ tokenizer.json) is not trained again, one with checkpoints but no final model co
 Layout: OUT/<run>/ (final model, checkpoints/, metrics.jsonl), OUT/results/<run>.json, OUT/table.md.
 
 --smoke runs every step the same way, with tiny settings, on a random 2-layer Qwen3 that reads bytes
-(a byte-level tokenizer.json, 258 tokens) built into OUT/smoke_base, on the real data: ~3 minutes on 2
-CPU cores, ~20 s with --in_process (most of the 3 minutes is each new Python importing torch). Its numbers
-mean nothing; it checks that the pipeline runs end to end.
+(a byte-level tokenizer.json, 258 tokens) built into OUT/smoke_base, on the real data: ~3 minutes on
+2 CPU cores, ~20 s with --in_process (most of the 3 minutes is each new Python importing torch). Its
+numbers mean nothing; it checks that the pipeline runs end to end.
 
 Time on one H200, computed from the measured step and eval times of `bench.py --suite gpu` (README):
 about 1.9 hours. RL 28 min (200 steps of 7.7 s: 128 sampled answers of up to 256 tokens), each OPD
-19 min (200 steps of 5.1 s), stress SFT 29 min (1,170 LoRA steps of 1.2 s), mild SFT 7 min, six final
-evals 10 min, the trainers' periodic GSM8K evals (--eval_every) included. On a 24 GB RTX 3090 (a fifth
-of the bandwidth, a fourteenth of the bf16 throughput) expect several times longer.
+19 min (200 steps of 5.1 s), stress SFT 29 min (1,170 LoRA steps of 1.2 s), mild SFT 7 min, six
+final evals 10 min, the trainers' periodic GSM8K evals (--eval_every) included. On a 24 GB RTX 3090
+(a fifth of the bandwidth, a fourteenth of the bf16 throughput) expect several times longer.
 """
 import argparse
 import contextlib
@@ -53,34 +54,39 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ("base", "sft_mild", "sft_stress", "opd_mild", "opd_stress", "rl")
 TASKS = "gsm8k,mmlu,truthfulqa_mc1,truthfulqa_mc2"
-DATA_FILES = ("gsm8k/train.jsonl", "gsm8k/test.jsonl", "mmlu/dev.jsonl", "mmlu/test.jsonl", "truthfulqa/mc.jsonl")
+DATA_FILES = ("gsm8k/train.jsonl", "gsm8k/test.jsonl", "mmlu/dev.jsonl", "mmlu/test.jsonl",
+              "truthfulqa/mc.jsonl")
 FINAL_MODEL = ("model.safetensors", "config.json", "tokenizer.json")
 
 # What each run trains: (script, its flags beyond --model/--out_dir/--data_dir/--device)
-TRAINING = {
-    "sft_mild": ("train_sft.py", ["--preset", "mild"]),
-    "sft_stress": ("train_sft.py", ["--preset", "stress"]),
-    "opd_mild": ("train_distill.py", ["--teacher", "{out}/sft_mild"]),
-    "opd_stress": ("train_distill.py", ["--teacher", "{out}/sft_stress"]),
-    "rl": ("train_rl.py", []),
-}
+TRAINING = {"sft_mild": ("train_sft.py", ["--preset", "mild"]),
+            "sft_stress": ("train_sft.py", ["--preset", "stress"]),
+            "opd_mild": ("train_distill.py", ["--teacher", "{out}/sft_mild"]),
+            "opd_stress": ("train_distill.py", ["--teacher", "{out}/sft_stress"]),
+            "rl": ("train_rl.py", []),}
 
-# --smoke: a 2-layer Qwen3 over bytes, and settings that make every step take about a second on a CPU
-SMOKE_CONFIG = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, head_dim=16, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
-                    max_position_embeddings=16384, bos_token_id=256, eos_token_id=256)
+# --smoke: a 2-layer Qwen3 over bytes, and settings that make every step take about a second on a
+# CPU
+SMOKE_CONFIG = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10000.0,
+                    rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=16384,
+                    bos_token_id=256, eos_token_id=256)
 SMOKE_STEPS = 2
-SMOKE_SHORT = ["--batch_size", "2", "--grad_accum", "1", "--warmup", "1", "--eval_every", "0", "--save_every", "1"]
+SMOKE_SHORT = ["--batch_size", "2", "--grad_accum", "1", "--warmup", "1", "--eval_every", "0",
+               "--save_every", "1"]
 SMOKE_ROLLOUT = ["--max_new_tokens", "8"]
-SMOKE_TRAINING = {  # on top of --steps; learning rates ~100x the real ones, so that 2 steps move the model visibly
+# on top of --steps; learning rates ~100x the real ones, so that 2 steps move the model visibly
+SMOKE_TRAINING = {
     "sft_mild": ["--lr", "1e-2"],
     "sft_stress": ["--lr", "5e-2"],
-    "opd_mild": ["--lr", "1e-2", *SMOKE_ROLLOUT, "--states_per_rollout", "2", "--continuation_tokens", "4"],
-    "opd_stress": ["--lr", "1e-2", *SMOKE_ROLLOUT, "--states_per_rollout", "2", "--continuation_tokens", "4"],
-    "rl": ["--lr", "1e-2", *SMOKE_ROLLOUT, "--group_size", "2"],  # a random model earns no reward: it stays put
+    "opd_mild": ["--lr", "1e-2", *SMOKE_ROLLOUT, "--states_per_rollout", "2",
+                 "--continuation_tokens", "4"],
+    "opd_stress": ["--lr", "1e-2", *SMOKE_ROLLOUT, "--states_per_rollout", "2",
+                   "--continuation_tokens", "4"],
+    "rl": ["--lr", "1e-2", *SMOKE_ROLLOUT, "--group_size", "2"],  # no reward: it stays put
 }
-# Short prompts (0-shot MMLU) and answers; 12 MMLU questions, so that the random base scores above 0 there
-# (Retention divides by it)
+# Short prompts (0-shot MMLU) and answers; 12 MMLU questions, so that the random base scores above 0
+# there (Retention divides by it)
 SMOKE_EVAL = ["--limit", "gsm8k=2,mmlu=12,truthfulqa=2", "--gsm8k_shots", "1", "--mmlu_shots", "0",
               "--max_new_tokens", "8", "--drift_prompts", "4", "--drift_max_new_tokens", "8"]
 
@@ -88,26 +94,38 @@ SMOKE_EVAL = ["--limit", "gsm8k=2,mmlu=12,truthfulqa=2", "--gsm8k_shots", "1", "
 def get_args(argv=None):
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from cli import ArgumentParser, check_device, check_writable_dir, positive_int  # one-line errors
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", help="where everything goes (default: the repo's runs/out; --smoke: runs/out/smoke)")
+    # one-line errors
+    from cli import ArgumentParser, check_device, check_writable_dir, positive_int
+    parser = ArgumentParser(description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out",
+                        help="where everything goes (default: the repo's runs/out; --smoke: "
+                             "runs/out/smoke)")
     parser.add_argument("--model", default="Qwen/Qwen3-0.6B-Base",
-                        help="the base model, folder or hub id (--smoke: ignored, a tiny random one is built)")
-    parser.add_argument("--device", help="passed to every step (default: theirs, cuda when there is one; "
-                                         "--smoke: cpu)")
+                        help="the base model, folder or hub id (--smoke: ignored, a tiny random "
+                             "one is built)")
+    parser.add_argument("--device",
+                        help="passed to every step (default: theirs, cuda when there is one; "
+                             "--smoke: cpu)")
     parser.add_argument("--data_dir", default=os.path.relpath(ROOT / "data"),
                         help="prepared data, shared by every step (default: the repo's data/)")
-    parser.add_argument("--source", help="prepare --data_dir from this local copy of the releases (offline), "
-                                         "if it is not prepared yet; without it, data/prepare.py downloads")
-    parser.add_argument("--smoke", action="store_true", help="the whole pipeline on a tiny random model, in minutes")
-    parser.add_argument("--steps", type=positive_int, help="training steps of every trainer (default: each trainer's own; "
-                                                  f"--smoke: {SMOKE_STEPS})")
-    parser.add_argument("--only", help=f"comma-separated runs to do, of {','.join(RUNS)} (default: all)")
+    parser.add_argument("--source",
+                        help="prepare --data_dir from this local copy of the releases (offline), "
+                             "if it is not prepared yet; without it, data/prepare.py downloads")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the whole pipeline on a tiny random model, in minutes")
+    parser.add_argument("--steps", type=positive_int,
+                        help="training steps of every trainer (default: each trainer's own; "
+                             f"--smoke: {SMOKE_STEPS})")
+    parser.add_argument("--only",
+                        help=f"comma-separated runs to do, of {','.join(RUNS)} (default: all)")
     parser.add_argument("--in_process", action="store_true",
-                        help="call each step's main() in this process instead of a new Python: no isolation, but no "
+                        help="call each step's main() in this process instead of a new Python: no "
+                             "isolation, but no "
                              "start-up cost per step (the tests use it for --smoke)")
     args = parser.parse_args(argv)
-    args.out = Path(args.out or os.path.relpath(ROOT / "runs" / "out" / ("smoke" if args.smoke else "")))
+    args.out = Path(args.out
+                    or os.path.relpath(ROOT / "runs" / "out" / ("smoke" if args.smoke else "")))
     args.data_dir = Path(args.data_dir)
     if args.smoke:
         args.model = str(args.out / "smoke_base")
@@ -116,7 +134,8 @@ def get_args(argv=None):
     args.only = [r for r in (args.only or ",".join(RUNS)).split(",") if r]
     unknown = sorted(set(args.only) - set(RUNS))
     if unknown or not args.only:
-        parser.error(f"--only: unknown run(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(RUNS)}")
+        parser.error(f"--only: unknown run(s) {', '.join(unknown) or '(none given)'}; choose from "
+                     f"{', '.join(RUNS)}")
     if args.source and not Path(args.source).is_dir():
         parser.error(f"--source {args.source}: no such folder")
     if args.device:
@@ -125,7 +144,7 @@ def get_args(argv=None):
     return args
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Running a step: print the command, run it, stop on failure
 
 
@@ -134,10 +153,11 @@ def say(text):
 
 
 def run_step(name, script, argv, args, stdout_to=None):
-    """Run ROOT/script with argv: a new Python, or main(argv) in this one with --in_process. stdout_to: a
-    file that gets its standard output (written whole, once the step succeeded)."""
+    """Run ROOT/script with argv: a new Python, or main(argv) in this one with --in_process.
+    stdout_to: a file that gets its standard output (written whole, once the step succeeded)."""
     command = [sys.executable, os.path.relpath(ROOT / script), *map(str, argv)]
-    shown = shlex.join(command) + (f" > {shlex.quote(os.path.relpath(stdout_to))}" if stdout_to else "")
+    shown = shlex.join(command) + (f" > {shlex.quote(os.path.relpath(stdout_to))}" if stdout_to
+                                   else "")
     say(f"{name}: {shown}")
     began, captured = time.time(), io.StringIO()
     if args.in_process:
@@ -147,8 +167,10 @@ def run_step(name, script, argv, args, stdout_to=None):
         code = done.returncode
         captured.write(done.stdout or "")
     if code:
-        raise SystemExit(f"[paper] {name} failed (exit status {code}):\n    {shown}\n[paper] fix the cause and "
-                         "run paper.py again: what finished is skipped, a trainer continues from its last checkpoint")
+        raise SystemExit(f"[paper] {name} failed (exit status {code}):\n    {shown}\n[paper] fix "
+                         f"the cause and "
+                         "run paper.py again: what finished is skipped, a trainer continues from "
+                         "its last checkpoint")
     if stdout_to:
         tmp = Path(str(stdout_to) + ".tmp")
         tmp.write_text(captured.getvalue())
@@ -181,7 +203,7 @@ def call_main(script, argv, stdout=None):
     return 0
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # What is done already
 
 
@@ -190,7 +212,8 @@ def has_final_model(folder: Path) -> bool:
 
 
 def has_results(path: Path, model) -> bool:
-    """A readable results file, written after the model it scores (a retrained model is evaluated again)."""
+    """A readable results file, written after the model it scores (a retrained model is evaluated
+    again)."""
     try:
         json.loads(path.read_text())
     except (OSError, ValueError):
@@ -200,17 +223,20 @@ def has_results(path: Path, model) -> bool:
 
 
 def check_settings(args):
-    """OUT/pipeline.json: the settings that decide what is in OUT. Refuse to mix in a run with others."""
-    settings = {"model": args.model if not args.smoke else "smoke", "smoke": args.smoke, "steps": args.steps}
+    """OUT/pipeline.json: the settings that decide what is in OUT. Refuse to mix in a run with
+    others."""
+    settings = {"model": args.model if not args.smoke else "smoke", "smoke": args.smoke,
+                "steps": args.steps}
     path = args.out / "pipeline.json"
-    if path.exists() and (old := json.loads(path.read_text())) != settings:
-        raise SystemExit(f"[paper] {args.out} holds a pipeline run with {old}, and this one asks for {settings}: "
-                         "use another --out (or delete that folder)")
+    old = json.loads(path.read_text()) if path.exists() else settings
+    if old != settings:
+        raise SystemExit(f"[paper] {args.out} holds a pipeline run with {old}, and this one asks "
+                         f"for {settings}: use another --out (or delete that folder)")
     args.out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(settings) + "\n")
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The steps
 
 
@@ -218,17 +244,18 @@ def prepare_data(args):
     if all((args.data_dir / f).exists() for f in DATA_FILES):
         say(f"skip data: {args.data_dir} is prepared")
         return
-    run_step("data", "data/prepare.py", ["--out", args.data_dir, *(["--source", args.source] if args.source else [])],
-             args)
+    run_step("data", "data/prepare.py",
+             ["--out", args.data_dir, *(["--source", args.source] if args.source else [])], args)
 
 
 def write_byte_tokenizer(path):
-    """A byte-level tokenizer.json: token i is byte i (GPT-2's byte alphabet), then <|endoftext|> (256)
-    and <|im_end|> (257). Any text encodes, one token a byte."""
+    """A byte-level tokenizer.json: token i is byte i (GPT-2's byte alphabet), then <|endoftext|>
+    (256) and <|im_end|> (257). Any text encodes, one token a byte."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(["<|endoftext|>", "<|im_end|>"])
     tok.save(str(path))
 
@@ -242,7 +269,8 @@ def build_smoke_base(args, seed=0):
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     from model import Qwen3, Qwen3Config
-    say(f"smoke_base: a random {SMOKE_CONFIG['num_hidden_layers']}-layer Qwen3 (hidden {SMOKE_CONFIG['hidden_size']}, "
+    say(f"smoke_base: a random {SMOKE_CONFIG['num_hidden_layers']}-layer Qwen3 (hidden "
+        f"{SMOKE_CONFIG['hidden_size']}, "
         f"vocab {SMOKE_CONFIG['vocab_size']}) with a byte-level tokenizer -> {folder}")
     torch.manual_seed(seed)
     model = Qwen3(Qwen3Config(**SMOKE_CONFIG))
@@ -251,7 +279,8 @@ def build_smoke_base(args, seed=0):
             if not name.endswith("norm.weight"):
                 p.normal_(0.0, 0.02)  # Hugging Face's initializer_range; norms stay 1
     folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:  # the tokenizer last: a whole model or none
+    # the tokenizer last: a whole model or none
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
         write_byte_tokenizer(Path(tmp) / "tokenizer.json")
         model.save_pretrained(folder)
         os.replace(Path(tmp) / "tokenizer.json", folder / "tokenizer.json")
@@ -268,9 +297,10 @@ def train(name, args):
         return
     script, flags = TRAINING[name]
     flags = [f.format(out=args.out) for f in flags]
-    if "--teacher" in flags and not has_final_model(Path(teacher := flags[flags.index("--teacher") + 1])):
-        raise SystemExit(f"[paper] {name} needs its teacher {teacher}: run {Path(teacher).name} first "
-                         f"(e.g. --only {Path(teacher).name},{name})")
+    teacher = flags[flags.index("--teacher") + 1] if "--teacher" in flags else None
+    if teacher and not has_final_model(Path(teacher)):
+        raise SystemExit(f"[paper] {name} needs its teacher {teacher}: run {Path(teacher).name} "
+                         f"first (e.g. --only {Path(teacher).name},{name})")
     argv = [*flags, "--model", args.model, "--out_dir", out_dir, *common_flags(args)]
     if args.steps:
         argv += ["--steps", args.steps]
@@ -278,7 +308,7 @@ def train(name, args):
         argv += SMOKE_SHORT + SMOKE_TRAINING[name]
     if list((out_dir / "checkpoints").glob("step_*")):
         argv.append("--resume")
-    elif out_dir.exists():  # this pipeline's own folder, left by a run stopped before its first checkpoint
+    elif out_dir.exists():  # this pipeline's own folder, from a run stopped before a checkpoint
         argv.append("--overwrite")
     run_step(f"{name} training", script, argv, args)
 
@@ -298,21 +328,25 @@ def evaluate(name, args):
 
 
 def table(args):
-    """OUT/table.md from the results there, base first; rewritten when a results file is newer than it."""
+    """OUT/table.md from the results there, base first; rewritten when a results file is newer than
+    it."""
     paths = [args.out / "results" / f"{name}.json" for name in RUNS]
     paths = [p for p in paths if p.exists()]
     out = args.out / "table.md"
     if not paths or paths[0].stem != "base":
         say("no table: the base model has no results yet")
         return
-    rows = [line.split("|")[1].strip() for line in out.read_text().splitlines()[2:] if line.startswith("| ")] \
+    rows = [line.split("|")[1].strip() for line in out.read_text().splitlines()[2:]
+            if line.startswith("| ")] \
         if out.exists() else []
-    if rows == [p.stem for p in paths] and all(out.stat().st_mtime >= p.stat().st_mtime for p in paths):
+    if rows == [p.stem for p in paths] and all(out.stat().st_mtime >= p.stat().st_mtime
+                                               for p in paths):
         say(f"skip table: {out} is up to date")
     else:
         run_step("table", "eval.py", ["--report", *paths], args, stdout_to=out)
     print("\n" + out.read_text(), flush=True)
-    if missing := [name for name in RUNS if name not in {p.stem for p in paths}]:
+    missing = [name for name in RUNS if name not in {p.stem for p in paths}]
+    if missing:
         say(f"the table lacks {', '.join(missing)}: run paper.py again to add them")
 
 

@@ -167,7 +167,8 @@ def byte_model_dir(tmp_path_factory) -> Path:
 
 
 class ByteTokenizer:
-    """Enough of a tokenizer for state_drift on a vocabulary-512 model: a token per byte; ids print as words."""
+    """Enough of a tokenizer for state_drift on a vocabulary-512 model: a token per byte; ids print
+    as words."""
     stop_ids, n_real_tokens = [2], 300
 
     def encode_batch(self, texts):

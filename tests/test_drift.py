@@ -16,7 +16,8 @@ def rbf(a, b, bandwidth):
 
 
 def mmd2_loops(x, y, bandwidth, unbiased, gx=None, gy=None):
-    """The textbook estimator, one pair at a time; pairs sharing a group label are skipped when unbiased."""
+    """The textbook estimator, one pair at a time; pairs sharing a group label are skipped when
+    unbiased."""
     gx = list(range(len(x))) if gx is None else gx
     gy = [len(x) + j for j in range(len(y))] if gy is None else gy
     def term(a, b, ga, gb):
@@ -30,10 +31,12 @@ def test_mmd2_matches_the_double_loop():
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(7, 3)), rng.normal(0.5, 1.0, size=(5, 3))
     pooled = np.concatenate([x, y])
-    median = np.median([np.linalg.norm(pooled[i] - pooled[j]) for i in range(12) for j in range(i + 1, 12)])
+    median = np.median([np.linalg.norm(pooled[i] - pooled[j]) for i in range(12)
+                        for j in range(i + 1, 12)])
     for unbiased in (True, False):
         got, bw = D.mmd2(x, y, bandwidth=0.7, unbiased=unbiased)
-        assert bw == 0.7 and got == pytest.approx(mmd2_loops(x, y, 0.7, unbiased), abs=1e-12)
+        assert bw == 0.7
+        assert got == pytest.approx(mmd2_loops(x, y, 0.7, unbiased), abs=1e-12)
         got, bw = D.mmd2(x, y, unbiased=unbiased)  # the median heuristic
         assert bw == pytest.approx(median, abs=1e-12)
         assert got == pytest.approx(mmd2_loops(x, y, median, unbiased), abs=1e-12)
@@ -50,25 +53,31 @@ def test_mmd2_is_zero_without_drift_and_grows_with_the_shift():
     assert D.mmd2(x, x.copy(), groups=(np.arange(200) // 4,) * 2)[0] == 0.0
     assert abs(D.mmd2(x, y)[0]) < 0.01  # two samples of one distribution
     shifted = [D.mmd2(x, y + shift, bandwidth=2.0)[0] for shift in (0.0, 0.25, 0.5, 1.0, 2.0)]
-    assert shifted == sorted(shifted) and shifted[-1] > 0.3 and shifted[1] > 0.01
+    assert shifted == sorted(shifted)
+    assert shifted[-1] > 0.3
+    assert shifted[1] > 0.01
 
 
 def test_centroid_and_sliced_wasserstein():
     rng = np.random.default_rng(2)
     x = rng.normal(size=(50, 6))
-    assert D.centroid_distance(x, x.copy()) == 0.0 and D.sliced_wasserstein(x, x.copy()) == 0.0
+    assert D.centroid_distance(x, x.copy()) == 0.0
+    assert D.sliced_wasserstein(x, x.copy()) == 0.0
     shift = np.zeros(6)
     shift[0] = 1.0
     assert D.centroid_distance(x, x + shift) == pytest.approx(1.0)
     assert D.sliced_wasserstein(x, x + shift) > 0.1
     # in 1-D every unit direction is +-1, and W1 is exact: equal sizes pair the sorted points
     a, b = rng.normal(size=(9, 1)), rng.normal(1.0, 2.0, size=(9, 1))
-    assert D.sliced_wasserstein(a, b) == pytest.approx(np.abs(np.sort(a[:, 0]) - np.sort(b[:, 0])).mean(), abs=1e-12)
+    paired = np.abs(np.sort(a[:, 0]) - np.sort(b[:, 0])).mean()
+    assert D.sliced_wasserstein(a, b) == pytest.approx(paired, abs=1e-12)
     # other sizes: W1 = integral of |CDF_a - CDF_b|
     a, b = rng.normal(size=(7, 1)), rng.normal(0.5, 1.0, size=(4, 1))
     points = np.sort(np.concatenate([a[:, 0], b[:, 0]]))
-    cdf = lambda s: np.searchsorted(np.sort(s[:, 0]), points[:-1], side="right") / len(s)  # noqa: E731
-    assert D.sliced_wasserstein(a, b) == pytest.approx(np.sum(np.abs(cdf(a) - cdf(b)) * np.diff(points)), abs=1e-12)
+    def cdf(s):
+        return np.searchsorted(np.sort(s[:, 0]), points[:-1], side="right") / len(s)
+    w1 = np.sum(np.abs(cdf(a) - cdf(b)) * np.diff(points))
+    assert D.sliced_wasserstein(a, b) == pytest.approx(w1, abs=1e-12)
 
 
 def test_lexical_features_hit_the_crc32_buckets():
@@ -78,54 +87,72 @@ def test_lexical_features_hit_the_crc32_buckets():
     for g in grams:
         expected[zlib.crc32(g.encode()) % D.FEATURE_DIM] += 1.0
     assert np.array_equal(feats[0], expected / np.linalg.norm(expected))
-    assert np.array_equal(feats[0], feats[2]) and not feats[1].any()  # lowercased; empty text: all zero
+    # lowercased; empty text: all zero
+    assert np.array_equal(feats[0], feats[2])
+    assert not feats[1].any()
     assert np.array_equal(D.lexical_features(["Ab cd"]), feats[:1])
 
 
 def test_prefix_lengths():
     assert D.prefix_lengths(128) == [32, 64, 96, 128]
-    assert D.prefix_lengths(5) == [2, 3, 4, 5] and D.prefix_lengths(1) == [1, 1, 1, 1]
+    assert D.prefix_lengths(5) == [2, 3, 4, 5]
+    assert D.prefix_lengths(1) == [1, 1, 1, 1]
 
 
 def test_hidden_features_pool_each_prefix_of_one_forward_pass():
     import torch
     model = tiny_model()
     prompts, rollouts = [[5, 6, 7], [8]], [[9, 10, 11, 12, 13], [14, 15]]
-    feats = D.hidden_features(model, prompts, rollouts, batch_size=2)  # padded batch: one row is shorter
+    # padded batch: one row is shorter
+    feats = D.hidden_features(model, prompts, rollouts, batch_size=2)
     assert feats.shape == (8, model.config.hidden_size)
     assert np.array_equal(feats, D.hidden_features(model, prompts, rollouts, batch_size=2))
     with torch.no_grad():
         hidden = model(torch.tensor([[8, 14, 15]]), return_hidden=True)[0].double().numpy()
-    assert np.allclose(feats[4:], [hidden[1:2].mean(0), hidden[1:2].mean(0), hidden[1:3].mean(0), hidden[1:3].mean(0)],
+    assert np.allclose(feats[4:],
+                       [hidden[1:2].mean(0), hidden[1:2].mean(0), hidden[1:3].mean(0),
+                        hidden[1:3].mean(0)],
                        atol=1e-5)
     assert np.allclose(D.hidden_features(model, prompts, rollouts, batch_size=1), feats, atol=1e-5)
 
 
 class Policy:
-    """Only a model's generate(), its tokens optionally mapped: state_drift featurises with the reference alone."""
+    """Only a model's generate(), its tokens optionally mapped: state_drift featurises with the
+    reference alone."""
     def __init__(self, model, token_map=lambda t: t):
         self.model, self.token_map = model, token_map
 
     def generate(self, prompts, *args, **kwargs):
-        return [[self.token_map(t) for t in row] for row in self.model.generate(prompts, *args, **kwargs)]
+        return [[self.token_map(t) for t in row]
+                for row in self.model.generate(prompts, *args, **kwargs)]
 
 
 def test_state_drift_of_a_model_against_itself_and_others():
-    prompts = [f"Question: what is {i} + {i}?\nAnswer:" for i in range(12)]  # enough to keep noise under the bounds
+    # enough to keep noise under the bounds
+    prompts = [f"Question: what is {i} + {i}?\nAnswer:" for i in range(12)]
     base, other, tok = tiny_model(seed=0), tiny_model(seed=1), ByteTokenizer()
     same = D.state_drift(Policy(base), base, tok, prompts, max_new_tokens=6, seed=3, batch_size=8)
-    assert (same["n_prompts"], same["n_states"], same["seed"], same["cuts"]) == (12, 48, 3, [0.25, 0.5, 0.75, 1.0])
+    assert (same["n_prompts"], same["n_states"], same["seed"],
+            same["cuts"]) == (12, 48, 3, [0.25, 0.5, 0.75, 1.0])
     for kind in ("lexical", "hidden"):
-        assert same[kind]["mmd2_biased"] == 0.0 and same[kind]["mmd2"] == 0.0 and same[kind]["centroid"] == 0.0
-        assert same[kind]["sliced_wasserstein"] == 0.0 and same[kind]["bandwidth"] > 0
+        assert same[kind]["mmd2_biased"] == 0.0
+        assert same[kind]["mmd2"] == 0.0
+        assert same[kind]["centroid"] == 0.0
+        assert same[kind]["sliced_wasserstein"] == 0.0
+        assert same[kind]["bandwidth"] > 0
     # another random model: other states (random text from both, so no drift common to all prompts)
-    drift = D.state_drift(other, base, tok, prompts, max_new_tokens=6, temperature=0.3, seed=3, batch_size=8)
+    drift = D.state_drift(other, base, tok, prompts, max_new_tokens=6, temperature=0.3, seed=3,
+                          batch_size=8)
     for kind in ("lexical", "hidden"):
-        assert drift[kind]["mmd2_biased"] > 0.05 and drift[kind]["centroid"] > 0.1
-        assert drift[kind]["sliced_wasserstein"] > 0 and abs(drift[kind]["mmd2"]) < 0.05
-    # a policy collapsed onto 4 tokens: drift in every prompt's states, which the unbiased (grouped) estimate sees
-    collapsed = D.state_drift(Policy(base, lambda t: 256 + t % 4), base, tok, prompts, max_new_tokens=6, seed=3,
-                               batch_size=8)
+        assert drift[kind]["mmd2_biased"] > 0.05
+        assert drift[kind]["centroid"] > 0.1
+        assert drift[kind]["sliced_wasserstein"] > 0
+        assert abs(drift[kind]["mmd2"]) < 0.05
+    # a policy collapsed onto 4 tokens: drift in every prompt's states, which the unbiased (grouped)
+    # estimate sees
+    collapsed = D.state_drift(Policy(base, lambda t: 256 + t % 4), base, tok, prompts,
+                              max_new_tokens=6, seed=3, batch_size=8)
     for kind in ("lexical", "hidden"):
-        assert collapsed[kind]["mmd2"] > 0.15 and collapsed[kind]["mmd2_biased"] > collapsed[kind]["mmd2"]
+        assert collapsed[kind]["mmd2"] > 0.15
+        assert collapsed[kind]["mmd2_biased"] > collapsed[kind]["mmd2"]
     assert json.loads(json.dumps(drift)) == drift  # goes into results.json as it is

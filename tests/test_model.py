@@ -15,7 +15,8 @@ from model import (Qwen3, Qwen3Config, Tokenizer, add_lora, completion_logprobs,
 SHAPES = {  # tied and untied heads, MHA and GQA, head_dim != hidden/heads, other rope theta
     "tied-gqa": {},
     "untied-mha": dict(tie_word_embeddings=False, num_key_value_heads=4, rope_theta=1e6),
-    "gqa4-hd16": dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16, num_hidden_layers=3),
+    "gqa4-hd16": dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+                      num_hidden_layers=3),
 }
 
 
@@ -58,7 +59,8 @@ def test_save_load_round_trip_is_exact(tmp_path):
     for (k, a), (_, b) in zip(model.hf_state_dict().items(), loaded.hf_state_dict().items()):
         assert torch.equal(a, b), k
     config = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert config["architectures"] == ["Qwen3ForCausalLM"] and config["model_type"] == "qwen3"
+    assert config["architectures"] == ["Qwen3ForCausalLM"]
+    assert config["model_type"] == "qwen3"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -76,7 +78,8 @@ def test_greedy_generation_matches_transformers(make_checkpoint, device):
 def test_kv_cached_decode_equals_full_forward():
     model = tiny_model(seed=5)
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
-    tokens, logprobs = model.generate([prompt], max_new_tokens=20, temperature=1.0, seed=0, return_logprobs=True)
+    tokens, logprobs = model.generate([prompt], max_new_tokens=20, temperature=1.0, seed=0,
+                                      return_logprobs=True)
     with torch.no_grad():
         expected = completion_logprobs(model, [prompt + tokens[0]], [len(prompt)])[0][0]
     assert torch.allclose(torch.tensor(logprobs[0]), expected, atol=1e-5)
@@ -89,7 +92,8 @@ def test_batched_different_lengths_equal_one_by_one():
     assert batched == [model.generate([p], max_new_tokens=15, temperature=0)[0] for p in prompts]
     batched_lp = model.generate(prompts, max_new_tokens=15, seed=1, return_logprobs=True)[1]
     single = model.generate([prompts[1]], max_new_tokens=15, seed=1, return_logprobs=True)[1]
-    assert len(batched_lp[1]) == 15 and all(math.isfinite(x) for row in batched_lp for x in row)
+    assert len(batched_lp[1]) == 15
+    assert all(math.isfinite(x) for row in batched_lp for x in row)
     assert len(single[0]) == 15
 
 
@@ -97,7 +101,8 @@ def test_stop_tokens_end_rows_and_are_kept():
     model = tiny_model(seed=7)
     free = model.generate([[1, 2, 3], [4, 5]], max_new_tokens=10, temperature=0)
     stop = free[0][3]  # a token the first row emits at its 4th step
-    out = model.generate([[1, 2, 3], [4, 5]], max_new_tokens=10, temperature=0, stop_token_ids=[stop])
+    out = model.generate([[1, 2, 3], [4, 5]], max_new_tokens=10, temperature=0,
+                         stop_token_ids=[stop])
     assert out[0] == free[0][:free[0].index(stop) + 1]
     assert out[1] == (free[1][:free[1].index(stop) + 1] if stop in free[1] else free[1])
 
@@ -110,7 +115,8 @@ def test_seeded_sampling_is_deterministic():
 
 
 def test_completion_logprobs_equal_log_softmax_with_gradients(monkeypatch):
-    monkeypatch.setattr(M, "LOGPROB_CHUNK", 4)  # several chunks, each recomputed in the backward pass
+    # several chunks, each recomputed in the backward pass
+    monkeypatch.setattr(M, "LOGPROB_CHUNK", 4)
     model = tiny_model(seed=9)
     seqs = [list(range(1, 11)), list(range(20, 27)), list(range(40, 52))]
     starts = [3, 5, 1]
@@ -121,13 +127,15 @@ def test_completion_logprobs_equal_log_softmax_with_gradients(monkeypatch):
     direct, direct_sum = [], 0
     for seq, start in zip(seqs, starts):
         logits = model(torch.tensor([seq[:-1]]))[0] / 0.7
-        row = logits.log_softmax(-1).gather(-1, torch.tensor(seq[1:])[:, None]).squeeze(-1)[start - 1:]
+        row = logits.log_softmax(-1).gather(-1,
+                                            torch.tensor(seq[1:])[:, None]).squeeze(-1)[start - 1:]
         direct.append(row)
         direct_sum = direct_sum + row.sum()
     direct_sum.backward()
     assert mask.sum(1).tolist() == [7, 2, 11]
     for b, row in enumerate(direct):
-        assert torch.allclose(lp[b, :len(row)], row, atol=1e-5) and not lp[b, len(row):].any()
+        assert torch.allclose(lp[b, :len(row)], row, atol=1e-5)
+        assert not lp[b, len(row):].any()
     assert torch.allclose(chunked_grad, model.layers[0].mlp.up_proj.weight.grad, atol=1e-5)
 
 
@@ -177,11 +185,13 @@ def test_sampler_masks_equal_their_definitions():
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 3.0]])
     probs = logits.softmax(-1)[0]
     def support(**kw):
-        draws = {sample_next(logits, 1.0, generator=torch.Generator().manual_seed(s), **kw)[0].item()
+        draws = {sample_next(logits, 1.0, generator=torch.Generator().manual_seed(s),
+                             **kw)[0].item()
                  for s in range(300)}
         return draws
     assert support(top_k=2) == {0, 5}
-    # top_p: the smallest set of most likely tokens whose mass reaches p, including the one crossing p
+    # top_p: the smallest set of most likely tokens whose mass reaches p, including the one crossing
+    # p
     order = probs.argsort(descending=True).tolist()
     p = probs[order[0]].item() + 0.01  # crosses p at the second token
     assert support(top_p=p) == set(order[:2])
@@ -233,7 +243,8 @@ def test_tokenizer_ids_equal_qwens(tokenizer_file):
     assert tok.encode("<|endoftext|><|im_start|><|im_end|><think></think>") == [
         151643, 151644, 151645, 151667, 151668]
     assert (tok.eos_id, tok.stop_ids, tok.n_real_tokens) == (151643, [151643, 151645], 151669)
-    text = "Question: Janet’s ducks lay 16 eggs per day.\nAnswer: 16 - 3 - 4 = <<16-3-4=9>>9\n#### 9"
+    text = ("Question: Janet’s ducks lay 16 eggs per day.\n"
+            "Answer: 16 - 3 - 4 = <<16-3-4=9>>9\n#### 9")
     assert tok.decode(tok.encode(text)) == text
 
 
@@ -248,7 +259,8 @@ def test_clear_errors(tmp_path, make_checkpoint):
     config = json.loads((folder / "config.json").read_text())
     config["intermediate_size"] = 96
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"mlp.gate_proj.weight has shape \(128, 64\), expected \(96, 64\)"):
+    with pytest.raises(ValueError,
+                       match=r"mlp.gate_proj.weight has shape \(128, 64\), expected \(96, 64\)"):
         Qwen3.from_pretrained(folder)
     with pytest.raises(ValueError, match="qwen3_moe"):
         Qwen3Config.from_dict({**tiny_config().to_dict(), "model_type": "qwen3_moe"})
@@ -271,8 +283,9 @@ def test_static_decode_step_for_cuda_graphs_gives_the_same_tokens(device):
 
 @pytest.mark.parametrize("top_p, candidates", [(0.6, 3), (0.95, 3), (0.95, 1024)])
 def test_top_p_draws_follow_the_truncated_distribution(monkeypatch, top_p, candidates):
-    # On CPU the nucleus is first looked for among the TOP_P_CANDIDATES most likely tokens; when their
-    # mass falls short of p (0.95 here with 3 candidates) the whole vocabulary is sorted. Both are exact.
+    # On CPU the nucleus is first looked for among the TOP_P_CANDIDATES most likely tokens; when
+    # their mass falls short of p (0.95 here with 3 candidates) the whole vocabulary is sorted. Both
+    # are exact.
     monkeypatch.setattr(M, "TOP_P_CANDIDATES", candidates)
     logits = torch.tensor([1.0, 0.2, -0.5, 2.0, 0.0, -2.0, 1.5, 0.7])
     probs = logits.softmax(-1)
@@ -281,7 +294,8 @@ def test_top_p_draws_follow_the_truncated_distribution(monkeypatch, top_p, candi
     target = torch.zeros(8, dtype=torch.float64)
     target[order[keep]] = probs[order[keep]].double() / probs[order[keep]].sum()
     n = 100_000
-    tokens, logprobs = sample_next(logits.expand(n, -1), 1.0, top_p=top_p, generator=torch.Generator().manual_seed(1))
+    tokens, logprobs = sample_next(logits.expand(n, -1), 1.0, top_p=top_p,
+                                   generator=torch.Generator().manual_seed(1))
     observed = torch.bincount(tokens, minlength=8).double()
     assert set(tokens.unique().tolist()) == set(order[keep].tolist())
     kept = target > 0
@@ -296,7 +310,8 @@ def test_stop_fn_ends_rows_at_the_next_check_with_the_same_tokens():
     full = model.generate(prompts, max_new_tokens=40, temperature=0)
     seen = []
 
-    def stop_fn(rows):  # called every 16 steps with every row's tokens so far; ends row 0 at the first call
+    # called every 16 steps with every row's tokens so far; ends row 0 at the first call
+    def stop_fn(rows):
         seen.append([len(r) for r in rows])
         return [True, len(rows[1]) >= 32]
     stopped = model.generate(prompts, max_new_tokens=40, temperature=0, stop_fn=stop_fn)

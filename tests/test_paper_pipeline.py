@@ -1,6 +1,7 @@
-"""runs/paper.py: --smoke runs the whole pipeline (data, base, two SFTs, two OPDs, RL, six evals) into a
-complete Table 2; a second invocation skips everything; a lost final model resumes from its checkpoint;
-and the pipeline's guards (other settings, a missing teacher, a failing step) stop it with a clear line."""
+"""runs/paper.py: --smoke runs the whole pipeline (data, base, two SFTs, two OPDs, RL, six evals)
+into a complete Table 2; a second invocation skips everything; a lost final model resumes from its
+checkpoint; and the pipeline's guards (other settings, a missing teacher, a failing step) stop it
+with a clear line."""
 import json
 import re
 import subprocess
@@ -21,7 +22,8 @@ NUMBER = re.compile(r"-?\d+\.\d+%?")
 def table_rows(out):
     """{run: its cells} from OUT/table.md, in the table's order."""
     lines = (out / "table.md").read_text().splitlines()
-    assert lines[0].startswith("| run | GSM8K (flex) |") and lines[0].endswith("| Retention ↑ | Drift (MMD²) |")
+    assert lines[0].startswith("| run | GSM8K (flex) |")
+    assert lines[0].endswith("| Retention ↑ | " "Drift (MMD²) |")
     return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")]
                                               for line in lines[2:] if line.startswith("| "))}
 
@@ -33,46 +35,58 @@ def test_smoke_pipeline_makes_the_table_then_skips_then_resumes(shared_data, tmp
     log = capsys.readouterr().out
 
     # every step printed its command with this Python before it ran
-    for step, script in [("data", "prepare.py"), ("base eval", "eval.py"), ("sft_mild training", "train_sft.py"),
-                         ("sft_stress training", "train_sft.py"), ("opd_mild training", "train_distill.py"),
-                         ("opd_stress training", "train_distill.py"), ("rl training", "train_rl.py"),
+    for step, script in [("data", "prepare.py"), ("base eval", "eval.py"),
+                         ("sft_mild training", "train_sft.py"),
+                         ("sft_stress training", "train_sft.py"),
+                         ("opd_mild training", "train_distill.py"),
+                         ("opd_stress training", "train_distill.py"),
+                         ("rl training", "train_rl.py"),
                          ("rl eval", "eval.py"), ("table", "eval.py")]:
         assert re.search(rf"\[paper\] {step}: {re.escape(sys.executable)} \S*{script} ", log), step
-    assert "--preset stress" in log and f"--teacher {out / 'sft_stress'}" in log
+    assert "--preset stress" in log
+    assert f"--teacher {out / 'sft_stress'}" in log
 
     rows = table_rows(out)
     assert list(rows) == ["base", "sft_mild", "sft_stress", "opd_mild", "opd_stress", "rl"]
     for name, cells in rows.items():
         assert len(cells) == 8
-        filled = cells[:5] if name == "base" else cells  # the base has no Forgetting, Retention or drift
+        # the base has no Forgetting, Retention or drift
+        filled = cells[:5] if name == "base" else cells
         assert all(NUMBER.fullmatch(c) for c in filled), (name, cells)
         assert name != "base" or cells[5:] == ["–", "–", "–"]
-    for name in rows:  # each row scores its own model, on the same seeded subsets, drift against the base
+    # each row scores its own model, on the same seeded subsets, drift against the base
+    for name in rows:
         results = json.loads((out / "results" / f"{name}.json").read_text())
         assert results["model"] == str(out / ("smoke_base" if name == "base" else name))
-        assert results["settings"]["limit"] == {"gsm8k": 2, "mmlu": 12, "truthfulqa_mc1": 2, "truthfulqa_mc2": 2}
+        assert results["settings"]["limit"] == {"gsm8k": 2, "mmlu": 12, "truthfulqa_mc1": 2,
+                                                "truthfulqa_mc2": 2}
         assert ("drift" in results) == (name != "base")
         assert name == "base" or results["drift"]["reference"] == str(out / "smoke_base")
 
     # again, through the command line: everything is done, so nothing runs
     began = time.time()
-    again = subprocess.run([sys.executable, str(ROOT / "runs" / "paper.py"), *argv], capture_output=True, text=True)
+    again = subprocess.run([sys.executable, str(ROOT / "runs" / "paper.py"), *argv],
+                           capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     assert time.time() - began < 15
     skipped = re.findall(r"\[paper\] skip (.+?):", again.stdout)
-    assert skipped == ["data", "smoke_base", "base eval"] + [f"{name} {what}" for name in list(rows)[1:]
-                                                             for what in ("training", "eval")] + ["table"]
+    runs = [f"{name} {what}" for name in list(rows)[1:] for what in ("training", "eval")]
+    assert skipped == ["data", "smoke_base", "base eval"] + runs + ["table"]
     assert "| opd_stress |" in again.stdout
 
-    # the RL run lost its final model: it is finished from its checkpoint, evaluated again, and the table rewritten
+    # the RL run lost its final model: it is finished from its checkpoint, evaluated again, and the
+    # table rewritten
     (out / "rl" / "model.safetensors").unlink()
     table_before = (out / "table.md").stat().st_mtime
     paper.main(argv + ["--in_process"])
     log = capsys.readouterr().out
     assert re.search(r"\[paper\] rl training: .*train_rl\.py .* --resume\n", log)
-    assert "[paper] rl eval: " in log and "[paper] table: " in log
-    assert "skip opd_stress training" in log and "skip opd_stress eval" in log
-    assert (out / "table.md").stat().st_mtime > table_before and list(table_rows(out)) == list(rows)
+    assert "[paper] rl eval: " in log
+    assert "[paper] table: " in log
+    assert "skip opd_stress training" in log
+    assert "skip opd_stress eval" in log
+    assert (out / "table.md").stat().st_mtime > table_before
+    assert list(table_rows(out)) == list(rows)
 
 
 def fake_data(tmp_path):
@@ -85,19 +99,24 @@ def fake_data(tmp_path):
 def test_an_out_dir_made_with_other_settings_is_refused(tmp_path):
     common = fake_data(tmp_path)
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "pipeline.json").write_text(json.dumps({"model": "smoke", "smoke": True, "steps": 2}))
+    settings = {"model": "smoke", "smoke": True, "steps": 2}
+    (tmp_path / "out" / "pipeline.json").write_text(json.dumps(settings))
     with pytest.raises(SystemExit, match="holds a pipeline run with .* use another --out"):
         paper.main(common + ["--model", "some/model", "--only", "base"])
 
 
 def test_opd_without_its_teacher_stops_before_training(tmp_path, capsys):
-    with pytest.raises(SystemExit, match=r"opd_stress needs its teacher .*sft_stress.*--only sft_stress,opd_stress"):
+    with pytest.raises(SystemExit,
+                       match=r"opd_stress needs its teacher .*sft_stress.*--only "
+                             r"sft_stress,opd_stress"):
         paper.main(fake_data(tmp_path) + ["--model", "some/model", "--only", "opd_stress"])
     assert "skip data" in capsys.readouterr().out
 
 
 def test_a_failing_step_stops_the_pipeline_with_its_command(tmp_path, capsys):
     missing = tmp_path / "no_such_model"
-    with pytest.raises(SystemExit, match=r"base eval failed \(exit status 1\):\n .*eval\.py --model .*no_such_model"):
+    with pytest.raises(SystemExit,
+                       match=r"base eval failed \(exit status 1\):\n .*eval\.py --model "
+                             r".*no_such_model"):
         paper.main(fake_data(tmp_path) + ["--model", str(missing), "--only", "base,rl"])
     assert "rl training" not in capsys.readouterr().out  # nothing after the failure ran

@@ -22,7 +22,8 @@ def test_sample_prints_every_completion_and_is_seeded(checkpoint, tmp_path, caps
     prompt.write_text("Question: what is 2 + 2?\nAnswer:")
     first = run_sample(checkpoint, "--prompt_file", str(prompt), "--seed", "7")
     printed = capsys.readouterr().out
-    assert len(first) == 3 and all(isinstance(c, str) and c for c in first)
+    assert len(first) == 3
+    assert all(isinstance(c, str) and c for c in first)
     assert printed.startswith("Question: what is 2 + 2?\nAnswer:")
     assert all(f"sample {i}/3" in printed for i in (1, 2, 3))
     assert all(c in printed for c in first)
@@ -32,7 +33,8 @@ def test_sample_prints_every_completion_and_is_seeded(checkpoint, tmp_path, caps
 
 def test_sample_greedy(checkpoint):
     greedy = run_sample(checkpoint, "--prompt", "Hello", "--temperature", "0", "--top_k", "5")
-    assert len(greedy) == 3 and greedy[0] == greedy[1] == greedy[2]
+    assert len(greedy) == 3
+    assert greedy[0] == greedy[1] == greedy[2]
 
 
 def test_sample_clear_errors(checkpoint, tmp_path, capsys):
@@ -42,7 +44,8 @@ def test_sample_clear_errors(checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit):
         sample.main(["--model", str(tmp_path / "no_model"), "--device", "cpu"])
     assert "no_model: no such model folder" in capsys.readouterr().err
-    for bad, message in ((["--top_p", "0"], "--top_p: must be > 0 and <= 1"), (["--top_k", "0"], "--top_k: must be >= 1")):
+    for bad, message in ((["--top_p", "0"], "--top_p: must be > 0 and <= 1"),
+                         (["--top_k", "0"], "--top_k: must be >= 1")):
         with pytest.raises(SystemExit):
             run_sample(checkpoint, *bad)
         assert message in capsys.readouterr().err
@@ -52,8 +55,9 @@ def test_sample_clear_errors(checkpoint, tmp_path, capsys):
 def test_bench_micro_runs_both(tmp_path, skip_hf):
     if not skip_hf:
         pytest.importorskip("transformers")
-    argv = ["--preset", "micro", "--device", "cpu", "--batch_size", "1,2", "--prompt_len", "4", "--new_tokens", "4",
-            "--repeats", "1", "--train_batch_size", "2", "--train_len", "8", "--json", str(tmp_path / "b.json")]
+    argv = ["--preset", "micro", "--device", "cpu", "--batch_size", "1,2", "--prompt_len", "4",
+            "--new_tokens", "4", "--repeats", "1", "--train_batch_size", "2", "--train_len", "8",
+            "--json", str(tmp_path / "b.json")]
     result = bench.main(argv + ["--skip_hf"] * skip_hf)
     names = ["ours"] if skip_hf else ["ours", "transformers"]
     assert [row["batch_size"] for row in result["generation"]] == [1, 2]
@@ -62,7 +66,8 @@ def test_bench_micro_runs_both(tmp_path, skip_hf):
         assert ("ratio" in row) == (not skip_hf)
     assert result["generation"][0]["ours"]["decode_tokens_per_s"] > 0
     assert result["training"]["tokens_per_s"] > 0
-    assert "| batch |" in result["markdown"] and (tmp_path / "b.json").exists()
+    assert "| batch |" in result["markdown"]
+    assert (tmp_path / "b.json").exists()
 
 
 @pytest.mark.slow  # ~40 s: four trainers and eval
@@ -77,9 +82,12 @@ def test_bench_gpu_suite_runs_the_trainers_and_eval_on_cpu(tmp_path, tokenizer_f
     assert result["config"]["vocab_size"] == 151936  # the real vocabulary, whatever the preset
     for name in ("rl", "rl_eager_decode", "opd", "sft_stress"):
         run = result["trainers"][name]
-        assert run["steps"] == 2 and len(run["step_s"]) == 2 and run["seconds_per_step"] > 0
+        assert run["steps"] == 2
+        assert len(run["step_s"]) == 2
+        assert run["seconds_per_step"] > 0
     assert result["trainers"]["rl"]["last_step"]["response_len"] == 8  # no early stop: full length
-    assert result["eval"]["gsm8k"]["limit"] == 4 and result["eval"]["mmlu"]["seconds"] > 0
+    assert result["eval"]["gsm8k"]["limit"] == 4
+    assert result["eval"]["mmlu"]["seconds"] > 0
     assert result["eval"]["gsm8k_graph_equals_eager"] is True
     assert result["pipeline_hours"]["total"] > 0
     assert read_json(tmp_path / "gpu.json")["pipeline_hours"] == result["pipeline_hours"]

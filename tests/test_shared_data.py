@@ -1,4 +1,5 @@
-"""The reference data the tests rely on is where ../shared/data/README.md says, with its stated sizes."""
+"""The reference data the tests rely on is where ../shared/data/README.md says, with its stated
+sizes."""
 import json
 
 

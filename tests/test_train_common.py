@@ -66,8 +66,11 @@ def test_metrics_log_writes_null_for_a_non_finite_figure(tmp_path):
     log = T.MetricsLog(tmp_path, steps=2)
     log.log(1, loss=1.5, kl_to_start=float("inf"), tokens=10)
     row = json.loads((tmp_path / "metrics.jsonl").read_text())
-    assert row["loss"] == 1.5 and row["kl_to_start"] is None and row["not_finite"] == ["kl_to_start"]
-    T.MetricsLog(tmp_path, steps=2)  # a fresh start (not --resume) keeps none of an earlier run's lines
+    assert row["loss"] == 1.5
+    assert row["kl_to_start"] is None
+    assert row["not_finite"] == ["kl_to_start"]
+    # a fresh start (not --resume) keeps none of an earlier run's lines
+    T.MetricsLog(tmp_path, steps=2)
     assert (tmp_path / "metrics.jsonl").read_text() == ""
 
 
@@ -190,8 +193,7 @@ def test_a_bad_model_flag_is_one_line_naming_the_flag(tmp_path, make_checkpoint)
     ("train_rl.py", ["--group_size", "4", "--max_new_tokens", "8", "--kl_coef", "0.1"]),
     ("train_sft.py", ["--lora_rank", "4"]),
 ])
-def test_ddp_with_torchrun_on_two_cpu_processes(script, extra, prepared_data, byte_model,
-                                                tmp_path):
+def test_ddp_with_torchrun_on_two_cpu_processes(script, extra, prepared_data, byte_model, tmp_path):
     """The same script under torchrun (gloo on CPU): ranks train on disjoint data, gradients and
     token counts are reduced, only rank 0 writes, and the run ends with a loadable model."""
     import subprocess
