@@ -71,10 +71,11 @@ from pathlib import Path
 import torch
 
 import model as model_module
+from cli import ArgumentParser, check_device, check_writable_file
 from model import Qwen3, Qwen3Config, Tokenizer, autocast, completion_logprobs
 
-parser = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = ArgumentParser(description=__doc__,  # one-line errors
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
 a = parser.add_argument
 a("--suite", choices=["generation", "gpu"], default="generation",
   help="generation: generation + one training step; gpu: also the trainers and eval (see above)")
@@ -605,17 +606,37 @@ def resolve_defaults(args, device):
         args.peak_tflops = args.peak_tflops or datasheet(PEAK_BF16_TFLOPS, gpu_name)
 
 
-def main(argv=None) -> dict:
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda: this machine has no CUDA device")
+def check_args(args):
+    """Every flag before the bench starts: one line naming a bad one."""
+    check_device(args.device)
+    counts = ("prompt_len", "new_tokens", "repeats", "train_batch_size", "train_len", "threads",
+              "train_steps", "eval_limit")
+    for flag in counts:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag}: must be >= 1, got {getattr(args, flag)}")
+    sizes = (args.batch_size or "1").split(",")
+    if not all(size.isdigit() and int(size) > 0 for size in sizes):
+        parser.error(f"--batch_size {args.batch_size!r}: expected comma-separated positive "
+                     "integers, e.g. 1,16")
+    if not (args.temperature >= 0 and 0 < args.top_p <= 1 and args.logit_std >= 0):
+        parser.error("--temperature must be >= 0, --top_p in (0, 1] and --logit_std >= 0")
+    for flag in ("peak_bw_gbs", "peak_tflops"):
+        if getattr(args, flag) is not None and not getattr(args, flag) > 0:
+            parser.error(f"--{flag}: must be > 0, got {getattr(args, flag)}")
+    if args.json:
+        check_writable_file(args.json, "--json")
     if args.suite == "gpu":
         if not (args.tokenizer and Path(args.tokenizer).is_file()):
             parser.error(f"--tokenizer: {args.tokenizer}: no such file (--suite gpu needs one)")
         if not (args.data_dir and (Path(args.data_dir) / "gsm8k" / "train.jsonl").is_file()):
             parser.error(f"--data_dir: {args.data_dir}: no prepared data (data/prepare.py --out)")
+
+
+def main(argv=None) -> dict:
+    args = parser.parse_args(argv)
+    check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     resolve_defaults(args, device)
     dtype = DTYPES[args.dtype_name]

@@ -2,12 +2,15 @@
 
     python eval.py --model Qwen/Qwen3-0.6B-Base --limit paper --out base.json
     python eval.py --report base.json rl.json sft.json      # the paper's Table 2, as markdown
-    python eval.py --model out --drift_reference Qwen/Qwen3-0.6B-Base --out rl.json  # + state drift from base
+    python eval.py --model out/rl --drift_reference Qwen/Qwen3-0.6B-Base --out rl.json  # + drift from base
 
 The protocol is lm-eval's (0.4.13's task yamls gsm8k, mmlu, truthfulqa_mc1/mc2), so that numbers can be
 compared with lm-eval's: the same prompts, the same few-shot examples, the same answer extraction and
 normalisation, and log-likelihoods tokenised the same way. --limit draws a fixed seeded subset (the paper
 used 500 GSM8K, 500 MMLU and 200 TruthfulQA questions: --limit paper); without it, the full test sets.
+To compare with lm-eval, give it the same shots: its `mmlu` task runs 0-shot unless given --num_fewshot 5
+(we default to 5, the paper's setting; --mmlu_shots 0 matches lm-eval's default), and gsm8k is 5-shot in both.
+MC2 sums the probability of every choice labelled true, wherever it is listed (0.4.13's rule).
 
 Where we differ from lm-eval, on purpose: --limit samples (lm-eval takes the first N); log-softmax runs in
 fp32 (lm-eval: the model's dtype); MC2 subtracts the max log-likelihood before exp() (lm-eval's 0/0 is a
@@ -20,6 +23,7 @@ import functools
 import importlib.util
 import json
 import math
+import os
 import random
 import re
 import sys
@@ -30,7 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import Qwen3, Tokenizer, autocast, completion_logprobs, rank_and_world, save_checkpoint
+from cli import (ArgumentParser, check_device, check_writable_file, fail, finite_or_null, nonnegative_float,
+                 nonnegative_int, positive_int, progress)
+from model import Qwen3, Tokenizer, autocast, completion_logprobs, rank_and_world
+from train_common import save_checkpoint
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 TASKS = ("gsm8k", "mmlu", "truthfulqa_mc1", "truthfulqa_mc2")
@@ -41,21 +48,25 @@ PAPER_LIMITS = {"gsm8k": 500, "mmlu": 500, "truthfulqa_mc1": 200, "truthfulqa_mc
 
 
 def read_data(data_dir, dataset: str, filename: str) -> list:
-    """Rows of data_dir/dataset/filename; a missing file is prepared (downloaded) on first use."""
-    path = Path(data_dir) / dataset / filename
-    if not path.exists():
-        print(f"{path} not found: preparing {dataset} with data/prepare.py", file=sys.stderr)
-        # data/ is not a package: load prepare.py by path, so no other module named `data` can shadow it
-        prepare_py = Path(__file__).resolve().parent / "data" / "prepare.py"
-        spec = importlib.util.spec_from_file_location("prepare", prepare_py)
-        prepare = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(prepare)
-        try:
+    """Rows of data_dir/dataset/filename, each checked (a bad line stops with its file and line); a missing
+    file is prepared (downloaded) on first use."""
+    path, prepare = Path(data_dir) / dataset / filename, prepare_module()
+    try:
+        if not path.exists():
+            print(f"{path} not found: preparing {dataset} with data/prepare.py", file=sys.stderr)
             prepare.prepare(out_dir=data_dir, datasets=[dataset])
-        except prepare.DataError as e:  # e.g. offline: one clear line for whichever script asked
-            raise SystemExit(f"error: {e}")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+        return prepare.read_prepared(path, dataset)
+    except prepare.DataError as e:  # e.g. offline, or a damaged file: one clear line for whichever script asked
+        raise SystemExit(f"error: {e}")
+
+
+@functools.lru_cache(maxsize=1)
+def prepare_module():
+    """data/prepare.py, loaded by path: data/ is not a package, and no other module named `data` can shadow it."""
+    spec = importlib.util.spec_from_file_location("prepare", Path(__file__).resolve().parent / "data" / "prepare.py")
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    return prepare
 
 
 def load_gsm8k(split: str, data_dir=DATA_DIR) -> list:
@@ -206,12 +217,11 @@ def gsm8k_reward(completion_text: str, gold: str) -> float:
 
 
 def mc2_score(logliks: list, labels: list) -> float:
-    """Probability mass of the true choices, normalised over all choices. As lm-eval does, the choices
-    before the first 0 label count as true (two TruthfulQA questions list a true one after a false one)."""
-    n_true = labels.index(0)
+    """Probability mass of the true choices (every choice labelled 1, wherever it is listed: lm-eval 0.4.13;
+    up to 0.4.8 only those before the first 0 counted), normalised over all choices."""
     top = max(logliks)  # subtracted for stability; it cancels in the ratio
     probs = [math.exp(ll - top) for ll in logliks]
-    return sum(probs[:n_true]) / sum(probs)
+    return sum(p for p, label in zip(probs, labels) if label == 1) / sum(probs)
 
 
 def argmax(values: list) -> int:
@@ -233,25 +243,27 @@ def encode_pair(tokenizer, context: str, continuation: str):
 
 
 @torch.no_grad()
-def loglikelihoods(model, tokenizer, requests: list, batch_size: int = 16) -> list:
+def loglikelihoods(model, tokenizer, requests: list, batch_size: int = 16, desc: str = "scoring") -> list:
     """Summed log-probability of each (context, continuation) request's continuation tokens, in batches
     of similar lengths. model.py's completion_logprobs projects only the continuation positions onto the
     vocabulary: for MMLU that is one position in ~600."""
     pairs = [encode_pair(tokenizer, context, continuation) for context, continuation in requests]
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
-    results = [0.0] * len(pairs)
+    results, bar = [0.0] * len(pairs), progress(total=len(pairs), desc=desc, unit="req", leave=False)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         logprobs, mask = completion_logprobs(model, [pairs[i][0] + pairs[i][1] for i in batch],
                                              [len(pairs[i][0]) for i in batch])
         for i, total in zip(batch, (logprobs * mask).sum(-1).tolist()):
             results[i] = total
+        bar.update(len(batch))  # the longest come first: the rate rises as the bar goes
+    bar.close()
     return results
 
 
 @torch.no_grad()
 def rollout(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
-            stop_strings=(), batch_size: int = 128) -> list:
+            stop_strings=(), batch_size: int = 128, desc: str = "sampling") -> list:
     """One completion (token ids) per prompt: the sampler every script shares. Prompts go through
     model.generate batch_size at a time, longest first (less padding); batch b draws with seed*1000+b.
     A completion ends with a stop token, with the token that completes one of stop_strings (text, such
@@ -259,15 +271,22 @@ def rollout(model, tokenizer, prompts: list, max_new_tokens: int, temperature: f
     ends when all its rows have), or at max_new_tokens. Autocast is the caller's."""
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     completions = [None] * len(prompts)
+    # the bar counts decoding steps x rows, up to max_new_tokens a row: the ETA is an upper bound
+    bar = progress(total=len(prompts) * max_new_tokens, desc=desc, unit="tok", unit_scale=True, leave=False)
 
     def has_stop(tokens):  # does their text hold a stop string?
         return any(stop in tokenizer.decode(tokens) for stop in stop_strings)
+
+    def every_16_steps(rows):  # generate's hook: move the bar on, and end the rows that wrote a stop string
+        bar.update(16 * len(rows))
+        return list(map(has_stop, rows))
     for b, start in enumerate(range(0, len(order), batch_size)):
         batch = order[start:start + batch_size]
         new_tokens = model.generate([prompts[i] for i in batch], max_new_tokens, temperature=temperature,
                                     stop_token_ids=tokenizer.stop_ids, seed=seed * 1000 + b,
                                     vocab_limit=tokenizer.n_real_tokens,  # never the embedding's padding rows
-                                    stop_fn=(lambda rows: list(map(has_stop, rows))) if stop_strings else None)
+                                    stop_fn=every_16_steps if stop_strings or not bar.disable else None)
+        bar.update((start + len(batch)) * max_new_tokens - bar.n)  # rows that stopped early: their budget too
         for i, tokens in zip(batch, new_tokens):
             if has_stop(tokens):
                 lo, hi = 1, len(tokens)  # binary search for the shortest prefix that holds one
@@ -276,13 +295,14 @@ def rollout(model, tokenizer, prompts: list, max_new_tokens: int, temperature: f
                     lo, hi = (lo, mid) if has_stop(tokens[:mid]) else (mid + 1, hi)
                 tokens = tokens[:hi]
             completions[i] = tokens
+    bar.close()
     return completions
 
 
 def greedy_completions(model, tokenizer, prompts: list, max_new_tokens: int, batch_size: int = 16) -> list:
     """Greedy completion text of each prompt, cut before the first stop token or stop string."""
     completions = rollout(model, tokenizer, tokenizer.encode_batch(prompts), max_new_tokens,
-                          stop_strings=GSM8K_STOP_STRINGS, batch_size=batch_size)
+                          stop_strings=GSM8K_STOP_STRINGS, batch_size=batch_size, desc="gsm8k")
     return [truncate_at_stop(tokenizer.decode(tokens)) for tokens in completions]
 
 
@@ -312,7 +332,7 @@ def eval_mmlu(model, tokenizer, settings, data_dir) -> dict:
     for i in indices:
         context = mmlu_prompt(test[i], shots[test[i]["subject"]][:settings["mmlu_shots"]])
         requests += [(context, f" {letter}") for letter in "ABCD"]
-    logliks = loglikelihoods(model, tokenizer, requests, settings["batch_size"])
+    logliks = loglikelihoods(model, tokenizer, requests, settings["batch_size"], desc="mmlu")
     samples, by_subject = [], {}
     for k, i in enumerate(indices):
         scores = logliks[4 * k:4 * k + 4]
@@ -329,7 +349,8 @@ def eval_truthfulqa(model, tokenizer, settings, data_dir, which: str) -> dict:
     indices = subset(len(rows), settings["limit"].get(f"truthfulqa_{which}"), settings["seed"])  # MC1, MC2: same
     requests = [(truthfulqa_prompt(rows[i]["question"]), f" {choice}") for i in indices
                 for choice in rows[i][targets]["choices"]]
-    logliks, samples, start = loglikelihoods(model, tokenizer, requests, settings["batch_size"]), [], 0
+    logliks = loglikelihoods(model, tokenizer, requests, settings["batch_size"], desc=f"truthfulqa_{which}")
+    samples, start = [], 0
     for i in indices:
         labels = rows[i][targets]["labels"]
         scores, start = logliks[start:start + len(labels)], start + len(labels)
@@ -396,7 +417,8 @@ def kl_to_start(model, start, tokenizer, prompts: list, max_new_tokens: int, see
     """Per-token KL(learner || starting model) on the learner's own states: the learner answers the
     prompts at temperature 1, and log π(y_t|s_t) - log π_start(y_t|s_t) is averaged over the sampled
     tokens (a Monte Carlo estimate: exact in expectation, 0 for the starting model itself)."""
-    answers = rollout(model, tokenizer, prompts, max_new_tokens, 1.0, seed, GSM8K_STOP_STRINGS, batch_size)
+    answers = rollout(model, tokenizer, prompts, max_new_tokens, 1.0, seed, GSM8K_STOP_STRINGS, batch_size,
+                      desc="kl_to_start")
     total = count = 0.0
     for i in range(0, len(prompts), batch_size):
         seqs = [p + a for p, a in zip(prompts[i:i + batch_size], answers[i:i + batch_size])]
@@ -418,15 +440,17 @@ def state_nll(logprobs, mask) -> float:
 
 
 class MetricsLog:
-    """metrics.jsonl, one JSON line per step (and one per eval), and a progress line with an ETA (rank 0).
-    "step" is the number of steps done: the eval at step N scores the model a checkpoint at N holds."""
+    """metrics.jsonl, one JSON line per step (and one per eval), a progress line per step and a progress bar
+    with rate and ETA (rank 0). "step" is the number of steps done: the eval at step N scores the model a
+    checkpoint at N holds. A figure that is NaN or infinite is written null, its name listed in not_finite."""
 
     def __init__(self, out_dir, steps: int, start_step: int = 0):
         self.path, self.steps, self.on = Path(out_dir) / "metrics.jsonl", steps, rank_and_world()[0] == 0
         if self.on:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            kept = self.path.read_text().splitlines() if self.path.exists() else []  # after --resume: up to it
+            kept = self.path.read_text().splitlines() if self.path.exists() and start_step else []  # --resume
             self.path.write_text("".join(line + "\n" for line in kept if json.loads(line)["step"] <= start_step))
+        self.bar = progress(total=steps, initial=start_step, desc="training", unit="step", disable=not self.on or None)
         self.t_last, self.step_times = time.time(), []
 
     def log(self, step: int, **figures):
@@ -436,13 +460,17 @@ class MetricsLog:
             self.step_times.append(now - self.t_last)
             figures["tokens_per_s"] = figures.pop("tokens") / self.step_times[-1]
             figures["step_s"] = self.step_times[-1]
+            self.bar.update(1)
         self.t_last = now  # so an eval's time never counts as a step's
         if self.on:
+            clean, n = finite_or_null(figures)
+            not_finite = {"not_finite": [k for k in figures if clean[k] is None and figures[k] is not None]} if n else {}
             with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **figures}) + "\n")
+                f.write(json.dumps({"step": step, **clean, **not_finite}, allow_nan=False) + "\n")
             eta = (self.steps - step) * sum(self.step_times[-20:]) / max(1, len(self.step_times[-20:]))
             shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items())
-            print(f"step {step}/{self.steps} | {shown} | eta {eta // 3600:.0f}h{eta % 3600 // 60:02.0f}m", flush=True)
+            self.bar.write(f"step {step}/{self.steps} | {shown} | eta {eta // 3600:.0f}h{eta % 3600 // 60:02.0f}m")
+            sys.stdout.flush()
 
 
 KL_PROMPTS = 32  # fixed GSM8K test prompts the learner answers to measure its KL to the starting model
@@ -566,7 +594,8 @@ def state_drift(model, reference, tokenizer, prompts: list, max_new_tokens=128, 
     its lexical-only features a limitation). tokenizer: encode_batch, decode, stop_ids, n_real_tokens."""
     encoded, states, lengths = tokenizer.encode_batch(prompts), {}, {}
     for name, sampler in (("model", model), ("reference", reference)):
-        rollouts = rollout(sampler, tokenizer, encoded, max_new_tokens, temperature, seed, batch_size=batch_size)
+        rollouts = rollout(sampler, tokenizer, encoded, max_new_tokens, temperature, seed, batch_size=batch_size,
+                           desc=f"drift: {name}")
         texts = [tokenizer.decode(r[:k]) for r in rollouts for k in prefix_lengths(len(r), cuts)]
         states[name] = (lexical_features(texts), hidden_features(reference, encoded, rollouts, cuts, batch_size))
         lengths[name] = mean(len(r) for r in rollouts)
@@ -585,19 +614,25 @@ def headline(results: dict) -> dict:
     """One number per task, in percent: GSM8K flexible and strict, MMLU, TruthfulQA MC1 and MC2."""
     tasks, scores = results["tasks"], {}
     if "gsm8k" in tasks:
-        scores["gsm8k_flexible"] = 100 * tasks["gsm8k"]["metrics"]["exact_match_flexible"]
-        scores["gsm8k_strict"] = 100 * tasks["gsm8k"]["metrics"]["exact_match_strict"]
+        scores["gsm8k_flexible"] = tasks["gsm8k"]["metrics"]["exact_match_flexible"]
+        scores["gsm8k_strict"] = tasks["gsm8k"]["metrics"]["exact_match_strict"]
     for task, metric in (("mmlu", "acc"), ("truthfulqa_mc1", "acc"), ("truthfulqa_mc2", "mc2")):
         if task in tasks:
-            scores[task] = 100 * tasks[task]["metrics"][metric]
-    return scores
+            scores[task] = tasks[task]["metrics"][metric]
+    return {name: 100 * score for name, score in scores.items() if score is not None}  # null: not finite
 
 
 def report(paths: list, truthfulqa: str = "mc2") -> str:
     """Markdown table: the first file is the base model. Forgetting (base - post, in points) and
     Retention (post / base) are averaged over TruthfulQA (MC1 or MC2) and MMLU, the paper's definition.
     Drift is the lexical state MMD² against the file's --drift_reference, where it has one."""
-    runs = [(Path(p).stem, json.loads(Path(p).read_text())) for p in paths]
+    runs = []
+    for path in paths:
+        try:
+            runs.append((Path(path).stem, json.loads(Path(path).read_text(encoding="utf-8"))))
+            runs[-1][1]["tasks"].items()
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            fail(f"--report {path}: not a results file of eval.py ({type(e).__name__}: {e})")
     base_name, base = runs[0]
     kept = ("mmlu", f"truthfulqa_{truthfulqa}")
     columns = ["gsm8k_flexible", "gsm8k_strict", "mmlu", "truthfulqa_mc1", "truthfulqa_mc2"]
@@ -634,22 +669,22 @@ def report(paths: list, truthfulqa: str = "mc2") -> str:
 def parse_limit(text):
     """'500' -> 500; 'paper' -> PAPER_LIMITS; 'gsm8k=500,mmlu=500,truthfulqa=200' -> a dict
     ('truthfulqa' sets both MC1 and MC2, which then score the same questions)."""
-    if text is None or text.isdigit():
-        return None if text is None else int(text)
-    if text == "paper":
-        return dict(PAPER_LIMITS)
+    if text is None or text == "paper":
+        return None if text is None else dict(PAPER_LIMITS)
+    if text.isdigit() and int(text) > 0:
+        return int(text)
     limits = {}
     for item in text.split(","):
         name, _, value = item.partition("=")
         matched = [task for task in TASKS if task == name or task.startswith(name + "_")]
-        if not matched or not value.isdigit():
-            raise argparse.ArgumentTypeError(f"bad --limit item {item!r}")
+        if not matched or not value.isdigit() or int(value) == 0:  # 0 would score nothing: a mean of nothing
+            raise argparse.ArgumentTypeError(f"bad item {item!r}: expected N, 'paper' or TASK=N, with N >= 1")
         limits.update({task: int(value) for task in matched})
     return limits
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model folder or Hugging Face hub id (with its tokenizer.json)")
     parser.add_argument("--tasks", default=",".join(TASKS),
                         help=f"comma-separated subset of {','.join(TASKS)}; '' or none: no task (drift only)")
@@ -659,11 +694,13 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=1234, help="seed of the --limit subsets (recorded in the output)")
     parser.add_argument("--fewshot_seed", type=int, default=1234,
                         help="seed of GSM8K's few-shot draws (lm-eval's default)")
-    parser.add_argument("--gsm8k_shots", type=int, default=5, help="GSM8K few-shot examples, from the train split")
-    parser.add_argument("--mmlu_shots", type=int, default=5,
-                        help="MMLU few-shot examples: each subject's first k dev rows")
-    parser.add_argument("--max_new_tokens", type=int, default=256, help="GSM8K generation length (lm-eval's default)")
-    parser.add_argument("--batch_size", type=int, default=16, help="sequences per forward pass")
+    parser.add_argument("--gsm8k_shots", type=nonnegative_int, default=5,
+                        help="GSM8K few-shot examples, from the train split")
+    parser.add_argument("--mmlu_shots", type=nonnegative_int, default=5,
+                        help="MMLU few-shot examples: each subject's first k dev rows (at most 5)")
+    parser.add_argument("--max_new_tokens", type=positive_int, default=256,
+                        help="GSM8K generation length (lm-eval's default)")
+    parser.add_argument("--batch_size", type=positive_int, default=16, help="sequences per forward pass")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="weights dtype; auto: bfloat16 on GPU, float32 on CPU")
@@ -671,9 +708,11 @@ def main(argv=None):
     parser.add_argument("--out", default="results.json", help="where to write the results")
     parser.add_argument("--drift_reference", metavar="BASE",
                         help="also measure state drift from BASE (folder or hub id)")
-    parser.add_argument("--drift_prompts", type=int, default=100, help="GSM8K test questions to roll out (seeded)")
-    parser.add_argument("--drift_max_new_tokens", type=int, default=128, help="rollout length for drift")
-    parser.add_argument("--drift_temperature", type=float, default=1.0, help="rollout sampling temperature")
+    parser.add_argument("--drift_prompts", type=positive_int, default=100,
+                        help="GSM8K test questions to roll out (seeded; at least 2)")
+    parser.add_argument("--drift_max_new_tokens", type=positive_int, default=128, help="rollout length for drift")
+    parser.add_argument("--drift_temperature", type=nonnegative_float, default=1.0,
+                        help="rollout sampling temperature")
     parser.add_argument("--drift_seed", type=int, default=0, help="seed of the drift prompts and rollouts")
     parser.add_argument("--report", nargs="+", metavar="RESULTS_JSON",
                         help="print Table 2 from results files instead of evaluating; the first is the base model")
@@ -683,26 +722,22 @@ def main(argv=None):
     if args.report:
         print(report(args.report, args.truthfulqa_metric))
         return
-    if not args.model:
-        parser.error("--model is required (or --report)")
-    if args.drift_reference and args.drift_prompts < 2:
-        parser.error("--drift_prompts must be at least 2 (MMD² compares states of different prompts)")
+    tasks = check_args(parser, args)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
         args.dtype, torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
-    try:
-        model = Qwen3.from_pretrained(args.model, device=args.device, dtype=dtype).eval()
-        tokenizer = Tokenizer.from_pretrained(args.model)
-    except (FileNotFoundError, ValueError) as e:  # bad input: one line naming the flag, no traceback
-        raise SystemExit(f"--model: {e}")
-    tasks = "" if args.tasks == "none" else args.tasks
+    model, tokenizer = load_for_eval(args.model, args.device, dtype, "--model")
+    reference = None
+    if args.drift_reference:  # loaded before any scoring: a bad reference must not cost the evaluation
+        reference, reference_tokenizer = load_for_eval(args.drift_reference, args.device, dtype, "--drift_reference")
+        if reference_tokenizer.tok.to_str() != tokenizer.tok.to_str():
+            fail(f"--drift_reference {args.drift_reference}: its tokenizer differs from --model {args.model}'s; "
+                 "drift compares the two models' states token by token")
+    check_data(parser, args, tasks)
     results = evaluate(model, tokenizer, tasks, args.limit, args.seed, args.batch_size, args.data_dir,
                        args.gsm8k_shots, args.mmlu_shots, args.fewshot_seed, args.max_new_tokens, verbose=True)
     settings = {**results["settings"], "device": args.device, "dtype": str(dtype).replace("torch.", "")}
     results = {"model": args.model, "settings": settings, "tasks": results["tasks"]}
-    if args.drift_reference:
-        if Tokenizer.from_pretrained(args.drift_reference).tok.to_str() != tokenizer.tok.to_str():
-            raise SystemExit(f"error: {args.drift_reference} has another tokenizer than {args.model}")
-        reference = Qwen3.from_pretrained(args.drift_reference, device=args.device, dtype=dtype).eval()
+    if reference is not None:
         test = load_gsm8k("test", args.data_dir)
         prompts = [gsm8k_prompt(test[i]["question"]) for i in subset(len(test), args.drift_prompts, args.drift_seed)]
         drift = state_drift(model, reference, tokenizer, prompts, args.drift_max_new_tokens, args.drift_temperature,
@@ -712,9 +747,70 @@ def main(argv=None):
         torch.cuda.empty_cache()  # a no-op where CUDA was never used
         print(f"drift: MMD² lexical {drift['lexical']['mmd2']:.4f} hidden {drift['hidden']['mmd2']:.4f}",
               file=sys.stderr)
-    Path(args.out).write_text(json.dumps(results, indent=1))
+    tmp = Path(f"{args.out}.tmp")  # written whole, then renamed: an older results file survives a failure
+    tmp.write_text(json.dumps(no_nan(results), indent=1, allow_nan=False))
+    os.replace(tmp, args.out)
     print(" ".join(f"{name}={score:.1f}" for name, score in headline(results).items()), f"-> {args.out}")
 
+
+def check_args(parser, args) -> list:
+    """Every flag, the output file and the data, before a model loads: a bad one is one line. Returns the tasks."""
+    if not args.model:
+        parser.error("--model is required (or --report)")
+    tasks = [t for t in ("" if args.tasks == "none" else args.tasks).split(",") if t]
+    if unknown := sorted(set(tasks) - set(TASKS)):
+        parser.error(f"--tasks: unknown task(s) {', '.join(unknown)}; choose from {','.join(TASKS)}")
+    if not tasks and not args.drift_reference:
+        parser.error("--tasks: none given, and no --drift_reference: nothing to do")
+    if args.drift_reference and args.drift_prompts < 2:
+        parser.error("--drift_prompts must be at least 2 (MMD² compares states of different prompts)")
+    check_device(args.device)
+    check_writable_file(args.out, "--out")
+    return tasks
+
+
+def check_data(parser, args, tasks):
+    """Every file the tasks read, checked row by row (and downloaded if missing), and the shots they have."""
+    if "gsm8k" in tasks and args.gsm8k_shots > len(load_gsm8k("train", args.data_dir)):
+        parser.error(f"--gsm8k_shots {args.gsm8k_shots}: more than the train split's "
+                     f"{len(load_gsm8k('train', args.data_dir))} examples")
+    if "mmlu" in tasks:
+        dev_rows = {}
+        for row in load_mmlu("dev", args.data_dir):
+            dev_rows[row["subject"]] = dev_rows.get(row["subject"], 0) + 1
+        if args.mmlu_shots > min(dev_rows.values()):
+            parser.error(f"--mmlu_shots {args.mmlu_shots}: more than the {min(dev_rows.values())} dev examples "
+                         "some subjects have")
+        load_mmlu("test", args.data_dir)  # read (and checked) now rather than after GSM8K is scored
+    if any(t.startswith("truthfulqa") for t in tasks):
+        load_truthfulqa(args.data_dir)
+    if args.drift_reference and args.drift_prompts > len(load_gsm8k("test", args.data_dir)):
+        parser.error(f"--drift_prompts {args.drift_prompts}: more than the GSM8K test split's questions")
+
+
+def load_for_eval(name, device, dtype, flag):
+    """Model and tokenizer, with anything wrong, NaN weights included, one line naming the flag."""
+    try:
+        tokenizer = Tokenizer.from_pretrained(name)
+        model = Qwen3.from_pretrained(name, device=device, dtype=dtype).eval()
+    except (FileNotFoundError, ValueError) as e:  # bad input: one line naming the flag, no traceback
+        raise SystemExit(f"{flag}: {e}")
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        fail(f"{flag} {name}: its weights hold NaN or infinite values, so every score would be meaningless")
+    return model, tokenizer
+
+
+def no_nan(results: dict) -> dict:
+    """JSON has no NaN: a task with any non-finite number (a model whose log-likelihoods overflow) gets null
+    metrics and the reason, never a score computed from NaN (MMLU's argmax would read 25%, not 'broken')."""
+    for name, task in results["tasks"].items():
+        task, n = finite_or_null(task)
+        results["tasks"][name] = task
+        if n:
+            task["metrics"] = {k: None for k in task["metrics"]}
+            task["invalid"] = f"{n} numbers are NaN or infinite: the model's outputs are not finite"
+            print(f"warning: {name}: {task['invalid']}; its metrics are null", file=sys.stderr)
+    return finite_or_null(results)[0]
 
 if __name__ == "__main__":
     main()

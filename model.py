@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, fields
@@ -23,6 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
+
+from cli import (ArgumentParser, nonnegative_float, nonnegative_int, positive_float,
+                 positive_int)
 
 # Config -------------------------------------------------------------------------------------------
 
@@ -298,7 +302,7 @@ class Qwen3(nn.Module):
     def from_pretrained(cls, name_or_path, device="cpu", dtype=torch.float32) -> "Qwen3":
         """A dense Qwen3 from a folder or hub repo id (safetensors only); names any bad or missing weight."""
         folder = resolve_model_dir(name_or_path)
-        config = Qwen3Config.from_dict(json.loads((folder / "config.json").read_text()), str(folder / "config.json"))
+        config = Qwen3Config.from_dict(read_json(folder / "config.json"), str(folder / "config.json"))
         with torch.device("meta"):  # no memory until the weights arrive, and then only in `dtype`
             model = cls(config).to(dtype)
         model = model.to_empty(device=device)
@@ -336,14 +340,21 @@ class Qwen3(nn.Module):
         """Write config.json + model.safetensors (+ tokenizer.json) in the Hugging Face layout, LoRA
         merged, atomically: a crash mid-save leaves any previous model in out_dir intact."""
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tmp-") as tmp:  # a trainer cleans up stale ones
             tensors = {k: v.detach().cpu().contiguous() for k, v in self.hf_state_dict(merged=True).items()}
             save_file(tensors, Path(tmp, "model.safetensors"), metadata={"format": "pt"})
             Path(tmp, "config.json").write_text(json.dumps(self.config.to_dict(self.dtype), indent=2))
             if tokenizer is not None:
                 shutil.copy(tokenizer.path, Path(tmp, "tokenizer.json"))
             for name in os.listdir(tmp):
+                make_readable(Path(tmp, name))
                 os.replace(Path(tmp, name), Path(out_dir, name))
+
+
+def make_readable(path: Path):
+    """rw-r--r-- (folders rwxr-xr-x) under the umask, as any saved file: safetensors writes its own rw-------."""
+    os.umask(umask := os.umask(0))
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 # Log-probabilities of given tokens, for the trainers and eval -------------------------------------
@@ -457,6 +468,9 @@ def add_lora(model: Qwen3, rank: int, alpha: float) -> list:
 # Files: hub downloads, safetensors, the tokenizer -------------------------------------------------
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name, e.g. Qwen/Qwen3-0.6B-Base
+
+
 def resolve_model_dir(name_or_path) -> Path:
     """A local folder as is; otherwise a hub repo id, downloaded (config, safetensors, tokenizer)."""
     path, name = Path(name_or_path), str(name_or_path)
@@ -464,22 +478,30 @@ def resolve_model_dir(name_or_path) -> Path:
         raise FileNotFoundError(f"{path}: no config.json in this model folder")
     if path.is_dir():
         return path
-    if path.suffix or name.startswith((".", "/")) or name.count("/") != 1:
+    if path.exists() or not HUB_ID.fullmatch(name):  # a file, or a path no hub repo can be named
         raise FileNotFoundError(f"{name}: no such model folder (nor a hub id like Qwen/Qwen3-0.6B-Base)")
     from huggingface_hub import snapshot_download
     try:
         patterns = ["config.json", "*.safetensors", "*.index.json", "tokenizer.json"]
         return Path(snapshot_download(name, allow_patterns=patterns))
     except Exception as e:  # offline, unknown repo, ...: one clear line, not a stack of HTTP errors
-        raise FileNotFoundError(f"{name}: could not download from the Hugging Face hub ({type(e).__name__}); "
-                                "pass a local model folder instead") from None
+        why = "has no such repo" if type(e).__name__.startswith(("Repository", "Revision")) else "could not be reached"
+        raise FileNotFoundError(f"{name}: no such model folder here, and the Hugging Face hub {why} "
+                                f"({type(e).__name__}); pass a local model folder instead") from None
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a valid JSON file ({e})") from None
 
 
 def read_safetensors(folder: Path) -> dict:
     """All tensors of a model folder: model.safetensors, or the shards its index names. Never pickle."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(read_json(index)["weight_map"].values()))
     elif (folder / "model.safetensors").exists():
         shards = ["model.safetensors"]
     else:
@@ -487,7 +509,15 @@ def read_safetensors(folder: Path) -> dict:
                                 "(only safetensors weights are loaded, never .bin/.pt pickles)")
     if missing := [shard for shard in shards if not (folder / shard).exists()]:
         raise FileNotFoundError(f"{folder / missing[0]}: shard named in the index is missing")
-    return {name: t for shard in shards for name, t in load_file(folder / shard).items()}
+    return {name: t for shard in shards for name, t in load_safetensors(folder / shard).items()}
+
+
+def load_safetensors(path: Path) -> dict:
+    """load_file, with a file that is truncated or no safetensors at all named in one line."""
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors' own error type, OSError, ...
+        raise ValueError(f"{path}: not a readable safetensors file, truncated or damaged? ({e})") from None
 
 
 class Tokenizer:
@@ -495,7 +525,10 @@ class Tokenizer:
     Qwen models are trained without one."""
 
     def __init__(self, path):
-        self.path, self.tok = str(path), tokenizers.Tokenizer.from_file(str(path))
+        try:
+            self.path, self.tok = str(path), tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library's own error: name the file, in one line
+            raise ValueError(f"{path}: not a readable tokenizer.json ({str(e).splitlines()[0]})") from None
         vocab = self.tok.get_vocab(with_added_tokens=True)
         self.eos_id = self.pad_id = vocab.get("<|endoftext|>", 0)  # Qwen pads with its end-of-text token
         self.stop_ids = [vocab[t] for t in ("<|endoftext|>", "<|im_end|>") if t in vocab]
@@ -523,28 +556,31 @@ class Tokenizer:
 
 
 def training_args(description: str, **defaults) -> argparse.ArgumentParser:
-    """The flags every trainer shares; a trainer adds its own and overrides these defaults."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The flags every trainer shares; a trainer adds its own and overrides these defaults. Each is checked
+    as it is parsed (train_common.check_training_args checks them together) and a bad one is one line."""
+    p = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--model", default="Qwen/Qwen3-0.6B-Base", help="model to start from: Hugging Face hub id or local folder")
     a("--out_dir", default="out", help="final model (Hugging Face layout), checkpoints/ and metrics.jsonl")
     a("--data_dir", default=str(Path(__file__).resolve().parent / "data"), help="prepared data (eval.py's)")
-    a("--steps", type=int, default=200, help="training steps: one batch of examples and one optimizer update each")
-    a("--batch_size", type=int, default=8, help="examples (questions) per micro-batch, per GPU")
-    a("--grad_accum", type=int, default=4, help="micro-batches per step: batch_size x grad_accum examples per GPU")
-    a("--lr", type=float, default=1e-5, help="peak learning rate (AdamW)")
-    a("--warmup", type=int, default=10, help="steps of linear warmup")
-    a("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    a("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
-    a("--lora_rank", type=int, default=0, help="LoRA rank on every projection; 0 = full fine-tuning")
-    a("--lora_alpha", type=float, default=None, help="LoRA alpha (updates scaled by alpha/rank); default 2 x rank")
+    a("--steps", type=positive_int, default=200, help="training steps: one batch and one optimizer update each")
+    a("--batch_size", type=positive_int, default=8, help="examples (questions) per micro-batch, per GPU")
+    a("--grad_accum", type=positive_int, default=4, help="micro-batches per step: batch_size x grad_accum per GPU")
+    a("--lr", type=positive_float, default=1e-5, help="peak learning rate (AdamW)")
+    a("--warmup", type=nonnegative_int, help="steps of linear warmup, at most --steps (default: 10 or --steps)")
+    a("--weight_decay", type=nonnegative_float, default=0.0, help="AdamW weight decay")
+    a("--grad_clip", type=nonnegative_float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
+    a("--lora_rank", type=nonnegative_int, default=0, help="LoRA rank on every projection; 0 = full fine-tuning")
+    a("--lora_alpha", type=positive_float, help="LoRA alpha (updates scaled by alpha/rank); default 2 x rank")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     a("--dtype", choices=("bf16", "fp32"), help="autocast dtype; weights, AdamW stay fp32 (default: bf16 on GPU)")
     a("--seed", type=int, default=1337, help="seeds the data order, the sampling and LoRA's initialisation")
-    a("--eval_every", type=int, default=50, help="held-out GSM8K accuracy every N steps (0: never)")
-    a("--eval_limit", type=int, default=200, help="GSM8K test questions per periodic eval (a fixed subset)")
-    a("--save_every", type=int, default=50, help="checkpoint (weights + AdamW state, for --resume) every N steps")
+    a("--eval_every", type=nonnegative_int, default=50, help="held-out GSM8K accuracy every N steps (0: never)")
+    a("--eval_limit", type=positive_int, default=200, help="GSM8K test questions per periodic eval (fixed subset)")
+    a("--save_every", type=nonnegative_int, default=50, help="checkpoint (for --resume) every N steps (0: never)")
     a("--resume", action="store_true", help="continue from the latest checkpoint in --out_dir")
+    a("--overwrite", action="store_true", help="start afresh in an --out_dir that holds an earlier run, "
+      "replacing it (without this, or --resume, such an --out_dir is refused)")
     p.set_defaults(**defaults)
     return p
 
@@ -565,8 +601,8 @@ def setup(args):
     dtype = torch.bfloat16 if (args.dtype or ("bf16" if device.type == "cuda" else "fp32")) == "bf16" else torch.float32
     torch.manual_seed(args.seed)  # LoRA's initialisation; every sampling call passes its own seed
     try:
+        tokenizer = Tokenizer.from_pretrained(args.model)  # first: it is quick to find broken
         model = Qwen3.from_pretrained(args.model, device=device, dtype=dtype if args.lora_rank else torch.float32)
-        tokenizer = Tokenizer.from_pretrained(args.model)
     except (FileNotFoundError, ValueError) as e:  # bad input: one line naming the flag, no traceback
         raise SystemExit(f"--model: {e}")
     if args.lora_rank:  # the adapters are created in fp32
@@ -598,51 +634,15 @@ def optimizer_step(optimizer, step: int, args, loss: float):
         p.grad /= world
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
     if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
-        raise SystemExit(f"step {step + 1}: loss {loss}, gradient norm {grad_norm.item()}: not finite, stopping. The "
-                         f"last good checkpoint is in {args.out_dir}/checkpoints (--resume, perhaps with a lower --lr)")
+        saved = sorted(Path(args.out_dir, "checkpoints").glob("step_*"))
+        kept = f"the last good checkpoint is {saved[-1]} (--resume" if saved else "no checkpoint was saved yet (rerun"
+        raise SystemExit(f"step {step + 1}: loss {loss}, gradient norm {grad_norm.item()}: not finite, stopping; "
+                         f"{kept}, perhaps with a lower --lr)")
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, args)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return lr_at(step, args), grad_norm.item()
-
-
-def save_checkpoint(out_dir, model, optimizer, step: int):
-    """out_dir/checkpoints/step_N (N steps done, rank 0): trained weights, AdamW state and the torch RNG in
-    safetensors (nothing pickled), renamed into place before older ones go: a crash leaves a whole one."""
-    if rank_and_world()[0] != 0:
-        return
-    root, names = Path(out_dir) / "checkpoints", {p: name for name, p in model.named_parameters()}
-    root.mkdir(parents=True, exist_ok=True)
-    tensors = {"rng.torch": torch.get_rng_state()}
-    for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"]):
-        tensors[f"param.{names[p]}"] = p.detach().cpu().contiguous()
-        tensors.update({f"adam.{i}.{k}": v.detach().cpu().contiguous() for k, v in optimizer.state.get(p, {}).items()})
-    tmp, final = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-")), root / f"step_{step:07d}"
-    save_file(tensors, tmp / "state.safetensors")
-    (tmp / "meta.json").write_text(json.dumps({"step": step}))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in set(root.glob("step_*")) - {final}:
-        shutil.rmtree(old)
-
-
-def load_checkpoint(out_dir, model, optimizer) -> int:
-    """Restore the latest checkpoint in out_dir/checkpoints; returns how many steps it had done."""
-    found = sorted((Path(out_dir) / "checkpoints").glob("step_*"))
-    if not found:
-        raise SystemExit(f"--resume: no checkpoint in {out_dir}/checkpoints")
-    tensors, meta = load_file(found[-1] / "state.safetensors"), json.loads((found[-1] / "meta.json").read_text())
-    names, state = {p: name for name, p in model.named_parameters()}, {}
-    with torch.no_grad():
-        for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"]):
-            p.copy_(tensors[f"param.{names[p]}"])
-            state[i] = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"adam.{i}.")}
-    optimizer.load_state_dict({"state": {i: s for i, s in state.items() if s},
-                               "param_groups": optimizer.state_dict()["param_groups"]})
-    torch.set_rng_state(tensors["rng.torch"])
-    print(f"resumed from {found[-1]}")
-    return meta["step"]
 
 
 def finish(model, tokenizer, out_dir):

@@ -28,8 +28,10 @@ import torch
 
 from eval import (GSM8K_STOP_STRINGS, MetricsLog, batch_at, eval_and_checkpoint, gsm8k_prompt, load_gsm8k, rollout,
                   state_nll, tokens_per_rank)
-from model import (Qwen3, Tokenizer, autocast, completion_logprobs, finish, in_row_chunks, load_checkpoint,
-                   optimizer_step, setup, training_args)
+from cli import positive_float, positive_int
+from model import (Qwen3, Tokenizer, autocast, completion_logprobs, finish, in_row_chunks, optimizer_step, setup,
+                   training_args)
+from train_common import check_training_args, load_checkpoint, prepare_out_dir
 
 
 def get_args(argv=None):
@@ -42,12 +44,13 @@ def get_args(argv=None):
       help="whose sampled answers give the states: student (on-policy) or teacher (off-policy)")
     a("--kl_direction", default="reverse", choices=("reverse", "forward"),
       help="--signal full_kl: reverse KL(student || teacher) or forward KL(teacher || student)")
-    a("--max_new_tokens", type=int, default=256, help="longest sampled answer")
-    a("--states_per_rollout", type=int, default=4, help="--signal continuation: prefix states cut from each answer")
-    a("--continuation_tokens", type=int, default=32, help="--signal continuation: tokens the teacher writes per state")
-    a("--temperature", type=float, default=1.0, help="sampling temperature, also of the distributions compared")
-    a("--gen_batch_size", type=int, default=128, help="sequences sampled at once (memory: the KV cache)")
+    a("--max_new_tokens", type=positive_int, default=256, help="longest sampled answer")
+    a("--states_per_rollout", type=positive_int, default=4, help="--signal continuation: prefix states cut from each answer")
+    a("--continuation_tokens", type=positive_int, default=32, help="--signal continuation: tokens the teacher writes per state")
+    a("--temperature", type=positive_float, default=1.0, help="sampling temperature, also of the distributions compared")
+    a("--gen_batch_size", type=positive_int, default=128, help="sequences sampled at once (memory: the KV cache)")
     args = parser.parse_args(argv)
+    check_training_args(parser, args)
     if args.signal == "token_kl" and args.states == "teacher":  # a policy gradient needs the student's samples
         parser.error("--signal token_kl needs --states student; use full_kl or continuation on teacher states")
     return args
@@ -155,6 +158,7 @@ def apply_teacher(student, teacher, optimizer, batch, step, args, dtype, vocab_l
 
 def main(argv=None):
     args = get_args(argv)
+    prepare_out_dir(args)  # before anything loads: an earlier run there is refused, the folder is writable
     student, tokenizer, optimizer, device, dtype = setup(args)
     teacher = load_teacher(args, student, tokenizer, device, dtype)
     train = load_gsm8k("train", args.data_dir)

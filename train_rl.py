@@ -25,22 +25,29 @@ import torch
 
 from eval import (GSM8K_STOP_STRINGS, MetricsLog, batch_at, eval_and_checkpoint, gsm8k_prompt, gsm8k_reward,
                   load_gsm8k, rollout, starting_model, state_nll, tokens_per_rank)
-from model import autocast, completion_logprobs, finish, load_checkpoint, optimizer_step, setup, training_args
+from cli import nonnegative_float, positive_float, positive_int
+from model import autocast, completion_logprobs, finish, optimizer_step, setup, training_args
+from train_common import check_training_args, load_checkpoint, prepare_out_dir
 
 
 def get_args(argv=None):
     parser = training_args(__doc__.strip().split("\n")[0], steps=200, batch_size=1, grad_accum=16, lr=2e-6,
                            eval_every=50, save_every=50)
     a = parser.add_argument
-    a("--group_size", type=int, default=8, help="answers sampled per question (--batch_size counts questions)")
-    a("--max_new_tokens", type=int, default=256, help="longest sampled answer")
-    a("--temperature", type=float, default=1.0, help="sampling temperature; log-probs are taken at it too")
+    a("--group_size", type=positive_int, default=8, help="answers sampled per question (at least 2)")
+    a("--max_new_tokens", type=positive_int, default=256, help="longest sampled answer")
+    a("--temperature", type=positive_float, default=1.0, help="sampling temperature; log-probs are taken at it too")
     a("--std_adv", action="store_true", help="divide each advantage by its group's reward std (GRPO's z-score)")
-    a("--kl_coef", type=float, default=0.0, help="weight of a k3 KL penalty to the frozen starting model (0: none)")
-    a("--ppo_epochs", type=int, default=1, help="updates per batch of rollouts; above 1, PPO's clipped ratio")
-    a("--clip_eps", type=float, default=0.2, help="PPO clip range for --ppo_epochs > 1")
-    a("--gen_batch_size", type=int, default=128, help="sequences sampled at once (memory: the KV cache)")
-    return parser.parse_args(argv)
+    a("--kl_coef", type=nonnegative_float, default=0.0, help="weight of a k3 KL penalty to the frozen start (0: none)")
+    a("--ppo_epochs", type=positive_int, default=1, help="updates per batch of rollouts; above 1, PPO's clipped ratio")
+    a("--clip_eps", type=positive_float, default=0.2, help="PPO clip range for --ppo_epochs > 1")
+    a("--gen_batch_size", type=positive_int, default=128, help="sequences sampled at once (memory: the KV cache)")
+    args = parser.parse_args(argv)
+    check_training_args(parser, args)
+    if args.group_size < 2:  # the baseline is the group's mean: a lone answer's advantage is always 0
+        parser.error(f"--group_size {args.group_size}: must be at least 2 (the baseline is the group's mean "
+                     "reward, so a group of one never learns)")
+    return args
 
 
 def collect_states(model, tokenizer, questions, step, args, dtype):
@@ -123,6 +130,7 @@ def apply_reward(model, ref_model, optimizer, batch, step, args, dtype, vocab_li
 
 def main(argv=None):
     args = get_args(argv)
+    prepare_out_dir(args)  # before anything loads: an earlier run there is refused, the folder is writable
     model, tokenizer, optimizer, device, dtype = setup(args)
     # the frozen starting model: one copy, shared with the periodic kl_to_start
     ref_model = starting_model(args, model.device, dtype) if args.kl_coef > 0 else None

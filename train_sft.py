@@ -33,8 +33,9 @@ import math
 
 from eval import (GSM8K_STOP_STRINGS, MetricsLog, batch_at, eval_and_checkpoint, gsm8k_prompt, gsm8k_reward,
                   load_gsm8k, rollout, tokens_per_rank)
-from model import (autocast, completion_logprobs, finish, load_checkpoint, optimizer_step, rank_and_world, setup,
-                   training_args)
+from cli import nonnegative_float, positive_float, positive_int
+from model import autocast, completion_logprobs, finish, optimizer_step, rank_and_world, setup, training_args
+from train_common import check_training_args, load_checkpoint, prepare_out_dir, resolve_warmup
 
 PRESETS = {
     "mild": dict(epochs=1, lr=1e-4, lora_rank=64, lora_alpha=128),
@@ -46,18 +47,23 @@ def get_args(argv=None):
     parser = training_args(__doc__.strip().split("\n")[0], steps=None, eval_every=100, save_every=100)
     parser.add_argument("--preset", default="mild", choices=PRESETS,
                         help="defaults for --epochs, --lr, --lora_rank, --lora_alpha (flags given explicitly win)")
-    parser.add_argument("--epochs", type=float, help="passes over GSM8K train; sets --steps unless --steps is given")
+    parser.add_argument("--epochs", type=positive_float, help="passes over GSM8K train; sets --steps unless --steps is given")
     parser.add_argument("--states", default="dataset", choices=("dataset", "self"),
                         help="dataset: gold solutions (SFT); self: the learner's own correct samples (RFT)")
-    parser.add_argument("--samples_per_question", type=int, default=4,
+    parser.add_argument("--samples_per_question", type=positive_int, default=4,
                         help="--states self: answers sampled per question")
-    parser.add_argument("--max_new_tokens", type=int, default=256, help="--states self: longest sampled answer")
-    parser.add_argument("--temperature", type=float, default=1.0, help="--states self: sampling temperature")
+    parser.add_argument("--max_new_tokens", type=positive_int, default=256, help="--states self: longest sampled answer")
+    parser.add_argument("--temperature", type=nonnegative_float, default=1.0, help="--states self: sampling temperature")
     # The preset sets the defaults, so that --help shows them and any explicit flag still overrides them
     preset = argparse.ArgumentParser(add_help=False)
     preset.add_argument("--preset", default="mild")
     parser.set_defaults(**PRESETS.get(preset.parse_known_args(argv)[0].preset, {}))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_training_args(parser, args)
+    if args.states == "self" and args.samples_per_question > 1 and args.temperature == 0:
+        parser.error("--temperature 0 with --samples_per_question above 1: greedy samples of one question are "
+                     "all the same; sample at a temperature above 0")
+    return args
 
 
 def collect_states(model, tokenizer, questions, step, args, dtype):
@@ -94,11 +100,13 @@ def fit_states(model, seqs, starts, args, dtype, vocab_limit=None):
 
 def main(argv=None):
     args = get_args(argv)
+    prepare_out_dir(args)  # before anything loads: an earlier run there is refused, the folder is writable
     model, tokenizer, optimizer, device, dtype = setup(args)
     train = load_gsm8k("train", args.data_dir)
     questions_per_step = args.batch_size * args.grad_accum
     if args.steps is None:
         args.steps = math.ceil(args.epochs * len(train) / (questions_per_step * rank_and_world()[1]))
+        resolve_warmup(args, f"{args.steps} steps for --epochs {args.epochs}")
     start = load_checkpoint(args.out_dir, model, optimizer) if args.resume else 0
     metrics = MetricsLog(args.out_dir, args.steps, start)
     print(f"{args.states} states, {args.steps} steps of {questions_per_step} questions per GPU, "

@@ -18,11 +18,13 @@ every MMLU row, one true MC1 choice listed first. A malformed row stops everythi
 nothing is ever dropped silently, so every score is over the same, complete data set.
 """
 import argparse
+import contextlib
 import csv
 import json
 import os
 import re
 import shutil
+import sys
 import tarfile
 import tempfile
 import urllib.request
@@ -42,25 +44,53 @@ class DataError(Exception):
     """Data that is missing, cannot be downloaded, or does not look like the release it claims to be."""
 
 
+@contextlib.contextmanager
+def utf8(path: Path):
+    """Text that is not UTF-8 stops with the file's name, not a UnicodeDecodeError from somewhere inside."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason}); is it the release's file?") from None
+
+
 # ---------------------------------------------------------------------------------------------------
 # Reading and checking the releases
 
 def read_gsm8k(path: Path) -> list:
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with utf8(path), open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, 1):
             where = f"{path}:{line_number}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e})") from None
-            if not (isinstance(row, dict) and isinstance(row.get("question"), str)
-                    and isinstance(row.get("answer"), str)):
-                raise DataError(f"{where}: expected an object with string fields 'question' and 'answer'")
-            if "#### " not in row["answer"] or not GSM8K_GOLD.fullmatch(row["answer"].split("#### ")[-1].strip()):
-                raise DataError(f"{where}: the answer does not end in a parseable '#### N' final answer")
+            if problem := gsm8k_problem(row):
+                raise DataError(f"{where}: {problem}")
             rows.append({"question": row["question"], "answer": row["answer"]})
     return rows
+
+
+def gsm8k_problem(row) -> str:
+    """What is wrong with a GSM8K row (the release's and ours have one format), or ''."""
+    if not (isinstance(row, dict) and isinstance(row.get("question"), str) and isinstance(row.get("answer"), str)):
+        return "expected an object with string fields 'question' and 'answer'"
+    if "#### " not in row["answer"] or not GSM8K_GOLD.fullmatch(row["answer"].split("#### ")[-1].strip()):
+        return "the answer does not end in a parseable '#### N' final answer"
+    return ""
+
+
+def mc_problem(mc1: list, mc2: list) -> str:
+    """What is wrong with a TruthfulQA row's labels, or ''. MC1 lists its one true choice first; MC2 counts
+    every choice labelled 1 (lm-eval 0.4.13), so its true choices may come anywhere, two rows list one after
+    a false one."""
+    if any(label not in (0, 1) for label in mc1 + mc2):
+        return "labels must be 0 or 1"
+    if len(mc1) < 2 or mc1[0] != 1 or sum(mc1) != 1:
+        return "mc1_targets needs exactly one true choice, listed first"
+    if 1 not in mc2 or 0 not in mc2:
+        return "mc2_targets needs at least one true and one false choice"
+    return ""
 
 
 def read_mmlu(folder: Path, split: str) -> list:
@@ -70,7 +100,7 @@ def read_mmlu(folder: Path, split: str) -> list:
     rows = []
     for path in files:
         subject = path.name[: -len(f"_{split}.csv")]
-        with open(path, encoding="utf-8", newline="") as f:
+        with utf8(path), open(path, encoding="utf-8", newline="") as f:
             reader = csv.reader(f)
             first_line = 1  # a quoted field may span lines: report the line the row starts on
             for record in reader:
@@ -88,7 +118,8 @@ def read_mmlu(folder: Path, split: str) -> list:
 def read_truthfulqa(path: Path) -> list:
     """mc_task.json is one JSON list; its entries are decoded one at a time so that an error can name
     the line an entry starts on."""
-    text = path.read_text(encoding="utf-8")
+    with utf8(path):
+        text = path.read_text(encoding="utf-8")
     decoder, rows = json.JSONDecoder(), []
     if not text.lstrip().startswith("["):
         raise DataError(f"{path}:1: expected a JSON list")
@@ -109,15 +140,48 @@ def read_truthfulqa(path: Path) -> list:
                 and isinstance(entry.get("mc1_targets"), dict) and isinstance(entry.get("mc2_targets"), dict)):
             raise DataError(f"{where}: expected 'question', 'mc1_targets' and 'mc2_targets'")
         mc1, mc2 = list(entry["mc1_targets"].values()), list(entry["mc2_targets"].values())
-        if any(label not in (0, 1) for label in mc1 + mc2):
-            raise DataError(f"{where}: labels must be 0 or 1")
-        if len(mc1) < 2 or mc1[0] != 1 or sum(mc1) != 1:
-            raise DataError(f"{where}: mc1_targets needs exactly one true choice, listed first")
-        if mc2[0] != 1 or 0 not in mc2:  # lm-eval's MC2 splits at the first 0: trues must come first
-            raise DataError(f"{where}: mc2_targets needs a true choice first and at least one false one")
+        if problem := mc_problem(mc1, mc2):
+            raise DataError(f"{where}: {problem}")
         rows.append({"question": entry["question"],
                      "mc1_targets": {"choices": list(entry["mc1_targets"]), "labels": mc1},
                      "mc2_targets": {"choices": list(entry["mc2_targets"]), "labels": mc2}})
+    return rows
+
+
+def mmlu_problem(row) -> str:
+    if not (isinstance(row, dict) and isinstance(row.get("question"), str) and isinstance(row.get("subject"), str)):
+        return "expected an object with string fields 'subject' and 'question'"
+    if not (isinstance(row.get("choices"), list) and len(row["choices"]) == 4):
+        return "expected 'choices': a list of 4 answers"
+    if row.get("answer") not in (0, 1, 2, 3):
+        return f"the answer is {row.get('answer')!r}, not 0-3 (A-D)"
+    return ""
+
+
+def truthfulqa_problem(row) -> str:
+    targets = [row.get(key) if isinstance(row, dict) else None for key in ("mc1_targets", "mc2_targets")]
+    if not (isinstance(row, dict) and isinstance(row.get("question"), str)
+            and all(isinstance(t, dict) and isinstance(t.get("choices"), list) and isinstance(t.get("labels"), list)
+                    and len(t["choices"]) == len(t["labels"]) for t in targets)):
+        return "expected 'question', and 'mc1_targets' and 'mc2_targets' with as many 'choices' as 'labels'"
+    return mc_problem(targets[0]["labels"], targets[1]["labels"])
+
+
+def read_prepared(path: Path, dataset: str) -> list:
+    """The rows of a file this script wrote, each checked as it is read: what the scripts load. A line that
+    is no JSON or no valid row, text that is not UTF-8, or an empty file stops with the file and line."""
+    check, rows = {"gsm8k": gsm8k_problem, "mmlu": mmlu_problem, "truthfulqa": truthfulqa_problem}[dataset], []
+    with utf8(path), open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{line_number}: not valid JSON ({e.msg})") from None
+            if problem := check(row):
+                raise DataError(f"{path}:{line_number}: {problem}")
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no rows; prepare it again (python data/prepare.py)")
     return rows
 
 
@@ -131,10 +195,15 @@ def check_count(rows: list, dataset: str, split: str, where: Path):
 # Downloading
 
 def download(url: str, dest: Path):
+    from tqdm import tqdm
     print(f"downloading {url}")
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as f:
-            shutil.copyfileobj(response, f)
+        with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as f, \
+                tqdm(total=int(response.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
+                     desc=dest.name, disable=None) as bar:  # a bar with rate and ETA, on a terminal only
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))
     except OSError as e:  # URLError, timeouts and refused connections are all OSErrors
         raise DataError(f"could not download {url} ({e}). Offline? Run `python data/prepare.py --source DIR` "
                         "with a local copy of the releases (layout in data/prepare.py)") from None
@@ -224,7 +293,9 @@ def prepare(out_dir=Path(__file__).resolve().parent, source=None, datasets=DATAS
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: cli.py
+    from cli import ArgumentParser, check_writable_dir  # a bad flag: one line, not the usage text
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default=None,
                         help="local folder laid out like the releases (see above); default: download them")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent),
@@ -232,8 +303,15 @@ def main(argv=None):
     parser.add_argument("--datasets", default=",".join(DATASETS),
                         help=f"comma-separated subset of {','.join(DATASETS)}")
     args = parser.parse_args(argv)
+    if args.source is not None and not Path(args.source).is_dir():
+        parser.error(f"--source {args.source}: no such folder")
+    datasets = [d for d in args.datasets.split(",") if d]
+    unknown = sorted(set(datasets) - set(DATASETS))
+    if unknown or not datasets:
+        parser.error(f"--datasets {args.datasets!r}: unknown {unknown or 'none given'}; choose from {DATASETS}")
+    check_writable_dir(args.out, "--out")
     try:
-        prepare(args.out, args.source, [d for d in args.datasets.split(",") if d])
+        prepare(args.out, args.source, datasets)
     except DataError as e:
         raise SystemExit(f"error: {e}")
 

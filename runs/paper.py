@@ -86,7 +86,10 @@ SMOKE_EVAL = ["--limit", "gsm8k=2,mmlu=12,truthfulqa=2", "--gsm8k_shots", "1", "
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from cli import ArgumentParser, check_device, check_writable_dir, positive_int  # one-line errors
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="where everything goes (default: the repo's runs/out; --smoke: runs/out/smoke)")
     parser.add_argument("--model", default="Qwen/Qwen3-0.6B-Base",
                         help="the base model, folder or hub id (--smoke: ignored, a tiny random one is built)")
@@ -97,7 +100,7 @@ def get_args(argv=None):
     parser.add_argument("--source", help="prepare --data_dir from this local copy of the releases (offline), "
                                          "if it is not prepared yet; without it, data/prepare.py downloads")
     parser.add_argument("--smoke", action="store_true", help="the whole pipeline on a tiny random model, in minutes")
-    parser.add_argument("--steps", type=int, help="training steps of every trainer (default: each trainer's own; "
+    parser.add_argument("--steps", type=positive_int, help="training steps of every trainer (default: each trainer's own; "
                                                   f"--smoke: {SMOKE_STEPS})")
     parser.add_argument("--only", help=f"comma-separated runs to do, of {','.join(RUNS)} (default: all)")
     parser.add_argument("--in_process", action="store_true",
@@ -111,8 +114,14 @@ def get_args(argv=None):
         args.device = args.device or "cpu"
         args.steps = args.steps or SMOKE_STEPS
     args.only = [r for r in (args.only or ",".join(RUNS)).split(",") if r]
-    if unknown := sorted(set(args.only) - set(RUNS)):
-        parser.error(f"--only: unknown run(s) {', '.join(unknown)}; choose from {', '.join(RUNS)}")
+    unknown = sorted(set(args.only) - set(RUNS))
+    if unknown or not args.only:
+        parser.error(f"--only: unknown run(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(RUNS)}")
+    if args.source and not Path(args.source).is_dir():
+        parser.error(f"--source {args.source}: no such folder")
+    if args.device:
+        check_device(args.device)
+    check_writable_dir(args.out, "--out")
     return args
 
 
@@ -269,6 +278,8 @@ def train(name, args):
         argv += SMOKE_SHORT + SMOKE_TRAINING[name]
     if list((out_dir / "checkpoints").glob("step_*")):
         argv.append("--resume")
+    elif out_dir.exists():  # this pipeline's own folder, left by a run stopped before its first checkpoint
+        argv.append("--overwrite")
     run_step(f"{name} training", script, argv, args)
 
 

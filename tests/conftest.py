@@ -96,3 +96,13 @@ def make_checkpoint(tmp_path):
 
 def read_json(path):
     return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(scope="session")
+def byte_model_dir(tmp_path_factory) -> Path:
+    """One tiny random model (vocab 512) with runs/paper.py's byte-level tokenizer, shared by the session:
+    for tests that only need some loadable model folder. Do not write into it."""
+    out = tmp_path_factory.mktemp("byte_model") / "model"
+    tiny_model(seed=0).save_pretrained(out)
+    load_script("runs/paper.py").write_byte_tokenizer(out / "tokenizer.json")
+    return out

@@ -132,10 +132,48 @@ def test_mc1_and_mc2_arithmetic():
     logs = [math.log(p) for p in (0.2, 0.1, 0.3, 0.4)]
     assert ev.mc2_score(logs, [1, 1, 0, 0]) == pytest.approx(0.3)
     assert ev.mc2_score([-1.0, -2.0, -3.0], [1, 0, 0]) == pytest.approx(1 / (1 + math.exp(-1) + math.exp(-2)))
-    # lm-eval splits at the first 0: a true choice listed after a false one counts as false
-    assert ev.mc2_score([math.log(0.5), math.log(0.25), math.log(0.25)], [1, 0, 1]) == pytest.approx(0.5)
+    # lm-eval 0.4.13: a true choice listed after a false one counts as true (up to 0.4.8 it did not)
+    assert ev.mc2_score([math.log(0.5), math.log(0.25), math.log(0.25)], [1, 0, 1]) == pytest.approx(0.75)
     # very unlikely choices: the ratio is still exact (lm-eval's exp() would underflow to 0/0 here)
     assert ev.mc2_score([-1000.0, -1001.0], [1, 0]) == pytest.approx(1 / (1 + math.exp(-1)))
+
+
+def test_mc2_counts_a_true_choice_after_a_false_one_on_the_two_rows_that_have_one(shared_data):
+    """Rows 164 and 607 of mc_task.json list a true choice after a false one. lm-eval 0.4.13 sums the
+    probability of every choice labelled 1; up to 0.4.8 it split at the first 0, which differs here."""
+    from conftest import load_script
+    rows = load_script("data/prepare.py").read_truthfulqa(shared_data / "truthfulqa" / "mc_task.json")
+    for index, labels in ((164, [1, 1, 1, 0, 1, 0, 0, 0, 0]), (607, [1, 1, 0, 1, 0, 0, 0])):
+        assert rows[index]["mc2_targets"]["labels"] == labels
+        logliks = [-1.0 - 0.5 * k for k in range(len(labels))]
+        probs = [math.exp(ll) for ll in logliks]
+        lm_eval_0413 = sum(p for p, label in zip(probs, labels) if label == 1) / sum(probs)
+        before_first_false = sum(probs[:labels.index(0)]) / sum(probs)
+        assert ev.mc2_score(logliks, labels) == pytest.approx(lm_eval_0413, rel=1e-12)
+        assert abs(lm_eval_0413 - before_first_false) > 0.01  # the two rules differ on these rows
+
+
+def test_non_finite_numbers_are_null_with_the_reason_never_nan_in_json():
+    """A model whose log-likelihoods are NaN is reported as such: MMLU's argmax over NaNs would read as an
+    accuracy, JSON has no NaN, so the task's metrics are null and it says why."""
+    nan = float("nan")
+    results = {"model": "m", "tasks": {
+        "mmlu": {"metrics": {"acc": 0.25}, "n": 1, "samples": [{"index": 0, "logliks": [nan, nan, nan, nan]}]},
+        "gsm8k": {"metrics": {"exact_match_strict": 0.5, "exact_match_flexible": 0.5}, "n": 1, "samples": []}}}
+    clean = ev.no_nan(results)
+    text = json.dumps(clean, allow_nan=False)  # would raise on a NaN left anywhere
+    assert clean["tasks"]["mmlu"]["metrics"] == {"acc": None} and "not finite" in clean["tasks"]["mmlu"]["invalid"]
+    assert clean["tasks"]["gsm8k"]["metrics"]["exact_match_strict"] == 0.5 and "NaN," not in text
+    assert ev.headline(clean) == {"gsm8k_flexible": 50.0, "gsm8k_strict": 50.0}  # no MMLU score, not 25%
+
+
+def test_metrics_log_writes_null_for_a_non_finite_figure(tmp_path):
+    log = ev.MetricsLog(tmp_path, steps=2)
+    log.log(1, loss=1.5, kl_to_start=float("inf"), tokens=10)
+    row = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert row["loss"] == 1.5 and row["kl_to_start"] is None and row["not_finite"] == ["kl_to_start"]
+    ev.MetricsLog(tmp_path, steps=2)  # a fresh start (not --resume) keeps none of an earlier run's lines
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
 
 
 def test_subset_is_seeded_sorted_and_full_without_limit():
@@ -149,8 +187,9 @@ def test_parse_limit():
     assert ev.parse_limit(None) is None and ev.parse_limit("50") == 50
     assert ev.parse_limit("paper") == {"gsm8k": 500, "mmlu": 500, "truthfulqa_mc1": 200, "truthfulqa_mc2": 200}
     assert ev.parse_limit("mmlu=3,truthfulqa=2") == {"mmlu": 3, "truthfulqa_mc1": 2, "truthfulqa_mc2": 2}
-    with pytest.raises(Exception):
-        ev.parse_limit("bogus=3")
+    for bad in ("bogus=3", "0", "gsm8k=0", "-1", "mmlu=x"):
+        with pytest.raises(Exception, match="bad item"):
+            ev.parse_limit(bad)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -173,7 +173,23 @@ def test_resume_is_bit_identical(prepared_data, byte_model, tmp_path, monkeypatc
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     losses = [[row["loss"] for row in train_lines(tmp_path / run)] for run in ("straight", "resumed")]
     assert losses[0] == losses[1]
-    assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["step_0000004"]
+    kept = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir())
+    assert kept == ["step_0000002", "step_0000004"]  # the newest and the one before it
+
+
+def test_overwrite_replaces_an_earlier_run_and_stale_temporary_folders_go(prepared_data, byte_model, tmp_path):
+    """--overwrite starts afresh (the earlier run's checkpoints would pass for this one's); a folder that an
+    interrupted save left behind is removed; the earlier final model stays until the new one replaces it."""
+    model_dir, out = byte_model(), tmp_path / "run"
+    run_sft(prepared_data, model_dir, out)  # 4 steps, checkpoints at 2 and 4
+    (out / ".tmp-interrupted").mkdir()
+    (out / "checkpoints" / ".tmp-interrupted").mkdir()
+    with pytest.raises(SystemExit, match="holds a finished model"):
+        run_sft(prepared_data, model_dir, out, "--steps", "2")
+    run_sft(prepared_data, model_dir, out, "--steps", "2", "--overwrite")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002"]
+    assert not list(out.glob(".tmp-*"))
+    assert [row["step"] for row in train_lines(out)] == [1, 2]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(prepared_data, byte_model, tmp_path, monkeypatch):
@@ -185,10 +201,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(prepared_data,
         loss = fit_states(*args, **kwargs)
         return float("nan") if len(calls) == 3 else loss
     monkeypatch.setattr(train_sft, "fit_states", nan_in_step_3)
-    with pytest.raises(SystemExit, match="step 3: loss nan.*not finite.*checkpoints"):
+    with pytest.raises(SystemExit, match="step 3: loss nan.*not finite.*last good checkpoint is .*step_0000002"):
         run_sft(prepared_data, byte_model(), tmp_path / "run")
     checkpoint = tmp_path / "run" / "checkpoints" / "step_0000002"
     assert (checkpoint / "meta.json").exists() and not (tmp_path / "run" / "model.safetensors").exists()
+    calls.clear()  # in step 1, before any checkpoint: the message must not point to one
+    monkeypatch.setattr(train_sft, "fit_states", lambda *args, **kwargs: float("nan"))
+    with pytest.raises(SystemExit, match="step 1: .*not finite, stopping; no checkpoint was saved yet"):
+        run_sft(prepared_data, byte_model(name="other"), tmp_path / "run2")
     weights = load_file(checkpoint / "state.safetensors")
     assert all(torch.isfinite(t).all() for k, t in weights.items() if t.is_floating_point())
 

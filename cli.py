@@ -1,0 +1,125 @@
+"""
+What every entry point shares for bad input: check it all before any work starts, and end a bad
+flag or file with one line that names it, never a traceback.
+
+    parser = ArgumentParser(description=...)
+    parser.add_argument("--steps", type=positive_int)   # "--steps: must be >= 1, got 0"
+    args = parser.parse_args()
+    check_device(args.device)      # "error: --device cuda: CUDA is not available on this machine"
+"""
+import argparse
+import math
+import os
+import tempfile
+from pathlib import Path
+
+
+def fail(message: str):
+    """End the program with one line on stderr and exit status 1."""
+    raise SystemExit(f"error: {message}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, except that a bad flag ends with one line (the script, the flag, what is wrong)
+    instead of the usage text: who mistyped one flag should see that flag, not forty others."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+
+# Argument types: argparse names the flag, e.g. "argument --lr: must be > 0, got 'nan'"
+
+
+def _number(kind, text, low, low_open, high=None, high_open=False):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                         f"got {text!r}") from None
+    too_low = value <= low if low_open else value < low
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if not math.isfinite(value) or too_low or too_high:
+        bound = f"{'>' if low_open else '>='} {low}"
+        if high is not None:
+            bound += f" and {'<' if high_open else '<='} {high}"
+        raise argparse.ArgumentTypeError(f"must be {bound}, got {text!r}")
+    return value
+
+
+def positive_int(text):
+    return _number(int, text, 1, low_open=False)
+
+
+def nonnegative_int(text):
+    return _number(int, text, 0, low_open=False)
+
+
+def positive_float(text):
+    return _number(float, text, 0, low_open=True)
+
+
+def nonnegative_float(text):
+    return _number(float, text, 0, low_open=False)
+
+
+def probability(text):
+    """A top-p: in (0, 1]."""
+    return _number(float, text, 0, low_open=True, high=1)
+
+
+# Checks that need more than one flag, or the machine
+
+
+def check_device(device: str, flag: str = "--device"):
+    """A device torch knows, and CUDA only where there is CUDA."""
+    import torch
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        fail(f"{flag}: {device!r} is not a device (cpu, cuda, cuda:1, ...)")
+    if kind == "cuda" and not torch.cuda.is_available():
+        fail(f"{flag} {device}: CUDA is not available on this machine (use --device cpu)")
+    if kind not in ("cpu", "cuda", "mps"):
+        fail(f"{flag} {device}: only cpu and cuda are supported")
+
+
+def check_writable_dir(folder, flag: str):
+    """Create `folder` if needed and prove that a file can be written there, before any work."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        fail(f"{flag} {folder}: cannot write there ({e.strerror or e})")
+
+
+def check_writable_file(path, flag: str):
+    """The file can be (re)written: its folder is writable, and it is not a folder itself."""
+    path = Path(path)
+    if path.is_dir():
+        fail(f"{flag} {path}: is a folder, expected a file name")
+    check_writable_dir(path.parent if str(path.parent) else Path("."), flag)
+    if path.exists() and not os.access(path, os.W_OK):
+        fail(f"{flag} {path}: the file exists and cannot be written")
+
+
+def finite_or_null(x):
+    """(x with every NaN or infinite float in its dicts and lists replaced by None, how many were).
+    JSON has no NaN: a results or metrics file holds null there, and whoever writes it says why."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None, 1
+    if isinstance(x, (dict, list)):
+        items = x.items() if isinstance(x, dict) else enumerate(x)
+        cleaned = {k: finite_or_null(v) for k, v in items}
+        found = sum(n for _, n in cleaned.values())
+        values = {k: v for k, (v, _) in cleaned.items()}
+        return (values if isinstance(x, dict) else list(values.values())), found
+    return x, 0
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm bar with rate and ETA on stderr, shown only on a terminal (never in logs or tests)."""
+    from tqdm import tqdm
+    return tqdm(iterable, **{"disable": None, "dynamic_ncols": True, **kwargs})
