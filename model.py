@@ -487,8 +487,7 @@ def read_safetensors(folder: Path) -> dict:
 
 
 class Tokenizer:
-    """Qwen's byte-level BPE (tokenizer.json) through the `tokenizers` library. No BOS is added:
-    Qwen models are trained without one."""
+    """A tokenizer.json (Qwen's byte-level BPE) through the `tokenizers` library; no BOS, as Qwen's."""
 
     def __init__(self, path):
         self.path, self.tok = str(path), tokenizers.Tokenizer.from_file(str(path))
@@ -539,6 +538,7 @@ def training_args(description: str, **defaults) -> argparse.ArgumentParser:
     a("--seed", type=int, default=1337, help="seeds the data order, the sampling and LoRA's initialisation")
     a("--eval_every", type=int, default=50, help="held-out GSM8K accuracy every N steps (0: never)")
     a("--eval_limit", type=int, default=200, help="GSM8K test questions per periodic eval (a fixed subset)")
+    a("--eval_shots", type=int, default=5, help="GSM8K few-shot examples in the periodic eval (eval.py's)")
     a("--save_every", type=int, default=50, help="checkpoint (weights + AdamW state, for --resume) every N steps")
     a("--resume", action="store_true", help="continue from the latest checkpoint in --out_dir")
     p.set_defaults(**defaults)
