@@ -62,7 +62,7 @@ COMMON = ["--device", "cpu", "--grad_accum", "1", "--eval_shots", "0", "--eval_l
 LAB_TRAINING = {
     "sft_mild": ("train_sft.py", ["--steps", "30", "--batch_size", "16", "--lr", "3e-4", "--warmup", "3",
                                   "--max_new_tokens", "64", "--eval_every", "10", "--save_every", "10"]),
-    "sft_stress": ("train_sft.py", ["--steps", "200", "--batch_size", "16", "--lr", "3e-3", "--warmup", "10",
+    "sft_stress": ("train_sft.py", ["--steps", "200", "--batch_size", "16", "--lr", "1e-3", "--warmup", "10",
                                     "--max_new_tokens", "64", "--eval_every", "40", "--save_every", "40"]),
     "opd_mild": ("train_distill.py", ["--teacher", "{out}/sft_mild", "--steps", "40", "--batch_size", "16",
                                       "--lr", "3e-4", "--warmup", "4", "--max_new_tokens", "64",
@@ -72,7 +72,7 @@ LAB_TRAINING = {
                                         "--lr", "3e-4", "--warmup", "4", "--max_new_tokens", "64",
                                         "--states_per_rollout", "2", "--continuation_tokens", "64",
                                         "--eval_every", "10", "--save_every", "10"]),
-    "rl": ("train_rl.py", ["--steps", "40", "--batch_size", "16", "--group_size", "8", "--lr", "1e-4",
+    "rl": ("train_rl.py", ["--steps", "40", "--batch_size", "16", "--group_size", "8", "--lr", "2e-4",
                            "--warmup", "4", "--max_new_tokens", "64", "--eval_every", "10", "--save_every", "10"]),
 }
 LAB_EVAL = ["--limit", "gsm8k=400,mmlu=192,truthfulqa=60", "--gsm8k_shots", "0", "--mmlu_shots", "0",
