@@ -485,7 +485,8 @@ def eval_and_checkpoint(done: int, model, tokenizer, optimizer, metrics, args, d
             questions = load_gsm8k("test", args.data_dir)[:KL_PROMPTS]
             prompts = tokenizer.encode_batch([gsm8k_prompt(q["question"]) for q in questions])
             with autocast(model.device, dtype):
-                scores = evaluate(model, tokenizer, ("gsm8k",), limit=args.eval_limit, data_dir=args.data_dir)
+                scores = evaluate(model, tokenizer, ("gsm8k",), limit=args.eval_limit, data_dir=args.data_dir,
+                                  gsm8k_shots=args.eval_shots)
                 kl = kl_to_start(model, starting_model(args, model.device, dtype), tokenizer, prompts,
                                  args.max_new_tokens, args.seed)
             accuracy = scores["tasks"]["gsm8k"]["metrics"]  # exact_match_flexible, exact_match_strict

@@ -521,8 +521,7 @@ def load_safetensors(path: Path) -> dict:
 
 
 class Tokenizer:
-    """Qwen's byte-level BPE (tokenizer.json) through the `tokenizers` library. No BOS is added:
-    Qwen models are trained without one."""
+    """A tokenizer.json (Qwen's byte-level BPE) through the `tokenizers` library; no BOS, as Qwen's."""
 
     def __init__(self, path):
         try:
@@ -577,6 +576,7 @@ def training_args(description: str, **defaults) -> argparse.ArgumentParser:
     a("--seed", type=int, default=1337, help="seeds the data order, the sampling and LoRA's initialisation")
     a("--eval_every", type=nonnegative_int, default=50, help="held-out GSM8K accuracy every N steps (0: never)")
     a("--eval_limit", type=positive_int, default=200, help="GSM8K test questions per periodic eval (fixed subset)")
+    a("--eval_shots", type=nonnegative_int, default=5, help="GSM8K few-shot examples in the periodic eval")
     a("--save_every", type=nonnegative_int, default=50, help="checkpoint (for --resume) every N steps (0: never)")
     a("--resume", action="store_true", help="continue from the latest checkpoint in --out_dir")
     a("--overwrite", action="store_true", help="start afresh in an --out_dir that holds an earlier run, "
