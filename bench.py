@@ -85,7 +85,7 @@ a("--preset", choices=["micro", "tiny", "0.6b"], default=None,
 a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
 a("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
   help="weights dtype for generation, autocast dtype for training "
-       "(default: bf16 on cuda, fp32 on cpu)")
+  "(default: bf16 on cuda, fp32 on cpu)")
 a("--batch_size", default=None, help="comma-separated generation batch sizes "
   "(default: 1,16 on cpu, 1,16,64 on cuda, 1,16,64,128 for --suite gpu)")
 a("--prompt_len", type=int, default=None, help="prompt tokens per row (default 32 cpu, 128 cuda)")
@@ -108,7 +108,7 @@ a("--peak_tflops", type=float, default=None,
 a("--logit_std", type=float, default=3.0, help="spread of the random model's logits "
   "(sets the final norm weight; 0 = plain init, near-uniform next-token distributions)")
 a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice); "
-                                            "1 makes CPU numbers steadier on a shared machine")
+  "1 makes CPU numbers steadier on a shared machine")
 a("--seed", type=int, default=0, help="seed for the weights, prompts and sampling")
 a("--json", default=None, help="also write the results to this JSON file")
 a("--tokenizer", help="--suite gpu: a Qwen3 tokenizer.json (the real one: 151,669 tokens)")
@@ -371,9 +371,12 @@ def bench_training(args, folder, device, dtype, result):
 
 
 # name: (module, flags beyond the shared ones); everything else is the trainer's default
-TRAINER_RUNS = {"rl": ("train_rl", []), "rl_eager_decode": ("train_rl", []),
-                "opd": ("train_distill", ["--teacher", "{model}"]),
-                "sft_stress": ("train_sft", ["--preset", "stress"]),}
+TRAINER_RUNS = {
+    "rl": ("train_rl", []),
+    "rl_eager_decode": ("train_rl", []),
+    "opd": ("train_distill", ["--teacher", "{model}"]),
+    "sft_stress": ("train_sft", ["--preset", "stress"]),
+}
 SMALL_TRAINER_FLAGS = {  # --small: seconds on a CPU
     "train_rl": ["--batch_size", "1", "--grad_accum", "2", "--group_size", "2",
                  "--max_new_tokens", "8"],
@@ -607,21 +610,27 @@ def resolve_defaults(args, device):
 def check_args(args):
     """Every flag before the bench starts: one line naming a bad one."""
     check_device(args.device)
-    for flag in ("prompt_len", "new_tokens", "repeats", "train_batch_size", "train_len",
-                 "threads", "train_steps", "eval_limit"):
+    counts = ("prompt_len", "new_tokens", "repeats", "train_batch_size", "train_len", "threads",
+              "train_steps", "eval_limit")
+    for flag in counts:
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag}: must be >= 1, got {getattr(args, flag)}")
     sizes = (args.batch_size or "1").split(",")
     if not all(size.isdigit() and int(size) > 0 for size in sizes):
         parser.error(f"--batch_size {args.batch_size!r}: expected comma-separated positive "
                      "integers, e.g. 1,16")
-    peaks_positive = all(peak is None or peak > 0 for peak in (args.peak_bw_gbs, args.peak_tflops))
-    if not (args.temperature >= 0 and 0 < args.top_p <= 1 and peaks_positive
-            and args.logit_std >= 0):
-        parser.error("--temperature must be >= 0, --top_p in (0, 1], --peak_bw_gbs and "
-                     "--peak_tflops > 0 and --logit_std >= 0")
+    if not (args.temperature >= 0 and 0 < args.top_p <= 1 and args.logit_std >= 0):
+        parser.error("--temperature must be >= 0, --top_p in (0, 1] and --logit_std >= 0")
+    for flag in ("peak_bw_gbs", "peak_tflops"):
+        if getattr(args, flag) is not None and not getattr(args, flag) > 0:
+            parser.error(f"--{flag}: must be > 0, got {getattr(args, flag)}")
     if args.json:
         check_writable_file(args.json, "--json")
+    if args.suite == "gpu":
+        if not (args.tokenizer and Path(args.tokenizer).is_file()):
+            parser.error(f"--tokenizer: {args.tokenizer}: no such file (--suite gpu needs one)")
+        if not (args.data_dir and (Path(args.data_dir) / "gsm8k" / "train.jsonl").is_file()):
+            parser.error(f"--data_dir: {args.data_dir}: no prepared data (data/prepare.py --out)")
 
 
 def main(argv=None) -> dict:
@@ -629,13 +638,6 @@ def main(argv=None) -> dict:
     check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda: this machine has no CUDA device")
-    if args.suite == "gpu":
-        if not (args.tokenizer and Path(args.tokenizer).is_file()):
-            parser.error(f"--tokenizer: {args.tokenizer}: no such file (--suite gpu needs one)")
-        if not (args.data_dir and (Path(args.data_dir) / "gsm8k" / "train.jsonl").is_file()):
-            parser.error(f"--data_dir: {args.data_dir}: no prepared data (data/prepare.py --out)")
     device = torch.device(args.device)
     resolve_defaults(args, device)
     dtype = DTYPES[args.dtype_name]
@@ -655,8 +657,9 @@ def main(argv=None) -> dict:
     result = {"suite": args.suite, "preset": args.preset, "config": config.to_dict(dtype),
               "device": str(device), "hardware": hardware(device), "versions": versions,
               "dtype": args.dtype_name, "prompt_len": args.prompt_len,
-              "new_tokens": args.new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-              "peak_bw_gbs": args.peak_bw_gbs, "peak_tflops": args.peak_tflops, "generation": []}
+              "new_tokens": args.new_tokens, "temperature": args.temperature,
+              "top_p": args.top_p, "peak_bw_gbs": args.peak_bw_gbs,
+              "peak_tflops": args.peak_tflops, "generation": []}
 
     def save():
         if args.json:

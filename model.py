@@ -613,8 +613,8 @@ def read_safetensors(folder: Path) -> dict:
 
 
 class Tokenizer:
-    """Qwen's byte-level BPE (tokenizer.json) through the `tokenizers` library. No BOS is added:
-    Qwen models are trained without one."""
+    """A tokenizer.json (Qwen's byte-level BPE) through the `tokenizers` library; no BOS, as
+    Qwen's."""
 
     def __init__(self, path):
         self.path = str(path)

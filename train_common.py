@@ -70,6 +70,8 @@ def training_args(description: str, **defaults) -> argparse.ArgumentParser:
       help="held-out GSM8K accuracy every N steps (0: never)")
     a("--eval_limit", type=positive_int, default=200,
       help="GSM8K test questions per periodic eval (fixed subset)")
+    a("--eval_shots", type=nonnegative_int, default=5,
+      help="GSM8K few-shot examples in the periodic eval")
     a("--save_every", type=nonnegative_int, default=50,
       help="checkpoint (for --resume) every N steps (0: never)")
     a("--resume", action="store_true", help="continue from the latest checkpoint in --out_dir")
@@ -269,7 +271,7 @@ def periodic_eval(steps_done: int, model, tokenizer, metrics, args, dtype):
         prompts = tokenizer.encode_batch([gsm8k_prompt(q["question"]) for q in questions])
         with autocast(model.device, dtype):
             scores = evaluate(model, tokenizer, ("gsm8k",), limit=args.eval_limit,
-                              data_dir=args.data_dir)
+                              data_dir=args.data_dir, gsm8k_shots=args.eval_shots)
             kl = kl_to_start(model=model, start_model=starting_model(args, model.device, dtype),
                              tokenizer=tokenizer, prompts=prompts,
                              max_new_tokens=args.max_new_tokens, seed=args.seed)
