@@ -7,6 +7,10 @@ first step, and a checkpoint is verified before the one before it goes and check
     prepare_out_dir   before any work: refuse or clear an earlier run, prove the folder writable
     save_checkpoint   trained weights, AdamW state and RNG in safetensors, renamed in whole
     load_checkpoint   --resume: the newest readable checkpoint of this run, bit-identical
+
+Under --fsdp each GPU holds a shard of the weights and AdamW state, and writes it: the checkpoint
+is torch.distributed.checkpoint's, in its Hugging Face safetensors format (one file per GPU, the
+layout in their headers), and --resume loads it on the same number of GPUs.
 """
 import json
 import os
@@ -16,12 +20,17 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.fsdp import FSDPModule
 
 from cli import check_writable_dir, fail
 from model import load_safetensors, make_readable
-from train_common import rank_and_world
+from train_common import rank_and_world, unwrap
 
 KEEP_CHECKPOINTS = 2  # the newest and the one before it, in case the newest turns out unreadable
 
@@ -55,6 +64,9 @@ def save_checkpoint(out_dir, model, optimizer, step: int):
     """out_dir/checkpoints/step_N (N steps done, rank 0): trained weights, AdamW state and the
     torch RNG in safetensors (nothing pickled). Written to a temporary folder, flushed to disk and
     read back, then renamed into place; only then does the oldest go: the newest two are whole."""
+    if isinstance(model, FSDPModule):
+        return save_sharded(out_dir, model, optimizer, step)
+    model = unwrap(model)  # DDP: the model's own parameter names
     if rank_and_world()[0] != 0:
         return
     root = Path(out_dir) / "checkpoints"
@@ -114,6 +126,9 @@ def load_checkpoint(out_dir, model, optimizer) -> int:
     found = sorted((Path(out_dir) / "checkpoints").glob("step_*"), reverse=True)
     if not found:
         fail(f"--resume: no checkpoint in {out_dir}/checkpoints")
+    if isinstance(model, FSDPModule):
+        return load_sharded(found[0], model, optimizer)
+    model = unwrap(model)
     problems = []
     for folder in found:
         try:
@@ -162,3 +177,58 @@ def restore(folder, tensors, model, optimizer):
     optimizer.load_state_dict({"state": {i: s for i, s in state.items() if s},
                                "param_groups": optimizer.state_dict()["param_groups"]})
     torch.set_rng_state(tensors["rng.torch"])
+
+
+# Sharded checkpoints (--fsdp) ---------------------------------------------------------------------
+
+
+def sharded_state(model, optimizer) -> dict:
+    """The trained weights and AdamW state, flat: this GPU's shards (DTensors), FQN-named."""
+    weights, adam = get_state_dict(model, optimizer)
+    state = {f"param.{name}": tensor for name, tensor in weights.items()
+             if not (name == "lm_head.weight" and model.config.tie_word_embeddings)}
+    for name, moments in adam["state"].items():
+        state.update({f"adam.{name}.{key}": value for key, value in moments.items()})
+    return state
+
+
+def save_sharded(out_dir, model, optimizer, step: int):
+    """Every GPU writes its shards into one temporary folder, then rank 0 renames it in."""
+    root = Path(out_dir) / "checkpoints"
+    tmp = [str(root / f".tmp-step_{step:07d}")]
+    dist.broadcast_object_list(tmp)  # one folder for all, rank 0's name
+    tmp = Path(tmp[0])
+    writer = dcp.HuggingFaceStorageWriter(str(tmp), save_distributed=True)
+    dcp.save(sharded_state(model, optimizer), storage_writer=writer)
+    dist.barrier()  # every shard is written
+    if rank_and_world()[0] == 0:
+        meta = {"step": step, "world_size": rank_and_world()[1]}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        final = root / f"step_{step:07d}"
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(root.glob("step_*"))[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old)
+    dist.barrier()
+
+
+def load_sharded(folder: Path, model, optimizer) -> int:
+    """--resume under --fsdp: the newest sharded checkpoint, on the same number of GPUs."""
+    meta_file = folder / "meta.json"
+    if not meta_file.exists():
+        fail(f"--resume {folder}: no meta.json (an incomplete save?)")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("world_size") != rank_and_world()[1]:
+        fail(f"--resume {folder}: written by {meta.get('world_size')} --fsdp processes (or "
+             f"without --fsdp), this run has {rank_and_world()[1]}")
+    optimizer.zero_grad(set_to_none=True)
+    state = sharded_state(model, optimizer)  # the shapes to load into (AdamW's after one step)
+    dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(folder)))
+    weights = {k.removeprefix("param."): v for k, v in state.items() if k.startswith("param.")}
+    _, adam = get_state_dict(model, optimizer)
+    for name, moments in adam["state"].items():
+        adam["state"][name] = {key: state[f"adam.{name}.{key}"] for key in moments}
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=adam,
+                   options=StateDictOptions(strict=False))  # a tied head is the embedding
+    print(f"resumed from {folder}")
+    return meta["step"]

@@ -117,6 +117,9 @@ def check_training_args(parser, args):
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite: choose one (continue the run in --out_dir, "
                      "or replace it)")
+    if args.fsdp and "WORLD_SIZE" not in os.environ:
+        parser.error("--fsdp: shards over torchrun's processes; run under torchrun "
+                     "(torchrun --nproc_per_node=N SCRIPT --fsdp ...)")
     if args.steps is not None:  # else (SFT's --epochs) once the data is read: resolve_warmup
         resolve_warmup(args, f"--steps {args.steps}")
 

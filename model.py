@@ -287,14 +287,15 @@ class Qwen3(nn.Module):
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens: int, temperature: float = 1.0, top_k=None,
                  top_p=None, stop_token_ids=None, seed=None, return_logprobs: bool = False,
-                 n_real_tokens=None, cuda_graph=None, stop_fn=None):
+                 n_real_tokens=None, cuda_graph=None, stop_fn=None, uniforms=None):
         """The new tokens of each prompt (lists of token ids, any lengths); a row that samples a
         stop token keeps it as its last and ends. temperature=0 is greedy. return_logprobs adds
         each token's log-probability under the distribution it was drawn from (after temperature,
         top-k, top-p). n_real_tokens: never sample the embedding's padding rows past the
         tokenizer's tokens. Finished rows ride along until all are done, so the batch never
         reshapes and the host waits only every 16 steps, when stop_fn(rows' tokens so far) may
-        end rows too (on a stop string, say). cuda_graph: see _decoder; None: CUDA_GRAPHS."""
+        end rows too (on a stop string, say). cuda_graph: see _decoder; None: CUDA_GRAPHS.
+        uniforms (B, max_new_tokens): the numbers each row's draws invert (default: from seed)."""
         if not prompts or min(map(len, prompts)) == 0 or max_new_tokens < 1:
             raise ValueError("generate: needs prompts of one token or more, max_new_tokens >= 1")
         device = self.device
@@ -315,7 +316,12 @@ class Qwen3(nn.Module):
         cache = KVCache(self.config, B, max_len, device, dtype)
         slot = torch.arange(max_len, device=device)
         key_is_real = slot[None, :] >= pad[:, None]  # (B, max_len): False on each row's padding
-        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        # One uniform number per row and step, drawn on the CPU (the same on every device): a
+        # row's samples depend on its own numbers, not on the rest of the batch
+        if uniforms is None:
+            stream = torch.Generator().manual_seed(seed) if seed is not None else None
+            uniforms = torch.rand(B, max_new_tokens, generator=stream)
+        uniforms = uniforms.to(device)
         stop_ids = set(stop_token_ids or [])
         stop = torch.tensor(sorted(stop_ids), device=device, dtype=torch.long)  # (n_stop,)
         # The one-token decode step; built before the prefill, as its warm-up writes slot 0
@@ -341,7 +347,7 @@ class Qwen3(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=device)
         for t in range(max_new_tokens):
             tokens[:, t], logprobs[:, t] = sample_next(logits, temperature, top_k, top_p,
-                                                       n_real_tokens, generator)
+                                                       n_real_tokens, uniforms[:, t:t + 1])
             done |= torch.isin(tokens[:, t], stop)
             # Every 16 steps the host looks (one sync): stop strings, and whether all rows ended
             if t % 16 == 15 and stop_fn is not None:
@@ -403,12 +409,19 @@ class Qwen3(nn.Module):
 
 @torch.no_grad()
 def rollout(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float = 0.0,
-            seed: int = 0, stop_strings=(), batch_size: int = 128, desc: str = "sampling") -> list:
+            seed: int = 0, stop_strings=(), batch_size: int = 128, desc: str = "sampling",
+            rows=None) -> list:
     """One completion (token ids) per prompt: the sampler every script shares. Prompts go through
-    model.generate batch_size at a time, longest first (less padding); batch b draws with seed
-    seed * 1000 + b. A completion ends with a stop token, with the token that completes one of
-    stop_strings (text such as "Question:"; checked every 16 steps), or at max_new_tokens. A
-    progress bar (`desc`) counts rows x tokens on a terminal. Autocast is the caller's."""
+    model.generate batch_size at a time, longest first (less padding). Prompt i draws with row
+    rows[i] (default i) of seed's uniform numbers (its index among every GPU's prompts, say), so
+    a sample depends neither on its batch nor on how many GPUs share the work. A completion ends
+    with a stop token, with the token that completes one of stop_strings (text such as
+    "Question:"; checked every 16 steps), or at max_new_tokens. A progress bar (`desc`) counts
+    rows x tokens on a terminal. Autocast is the caller's."""
+    model = getattr(model, "module", model)  # under DDP, generate on the model itself: no sync
+    rows = list(range(len(prompts))) if rows is None else list(rows)
+    stream = torch.Generator().manual_seed(seed)
+    uniforms = torch.rand(max(rows) + 1, max_new_tokens, generator=stream)[rows]  # (n, steps)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     completions = [None] * len(prompts)
     total = len(prompts) * max_new_tokens  # rows x steps, at most: the ETA is an upper bound
@@ -420,11 +433,11 @@ def rollout(model, tokenizer, prompts: list, max_new_tokens: int, temperature: f
     def every_16_steps(rows):  # generate's stop_fn: move the bar, end the rows with a stop string
         bar.update(16 * len(rows))
         return list(map(has_stop, rows))
-    for b, first in enumerate(range(0, len(order), batch_size)):
+    for first in range(0, len(order), batch_size):
         batch = order[first:first + batch_size]
         new_tokens = model.generate([prompts[i] for i in batch], max_new_tokens,
                                     temperature=temperature, stop_token_ids=tokenizer.stop_ids,
-                                    seed=seed * 1000 + b, n_real_tokens=tokenizer.n_real_tokens,
+                                    uniforms=uniforms[batch], n_real_tokens=tokenizer.n_real_tokens,
                                     stop_fn=every_16_steps if stop_strings or not bar.disable
                                     else None)
         bar.update((first + len(batch)) * max_new_tokens - bar.n)  # early stops: their budget
@@ -496,12 +509,12 @@ TOP_P_CANDIDATES = 1024  # on CPU, top-p first looks for the nucleus among this 
 
 
 def sample_next(logits, temperature: float, top_k=None, top_p=None, n_real_tokens=None,
-                generator=None):
+                u=None):
     """One sampling step for a batch of next-token logits (B, vocab) -> (tokens (B,), logprobs
     (B,)). Drops rows past the tokenizer (n_real_tokens), applies temperature, keeps the top_k
     tokens, then the fewest most likely tokens whose probability reaches top_p (the one crossing p
-    is kept), and draws by inverting the kept CDF at one uniform number per row (no host sync);
-    log-probs are under that distribution."""
+    is kept), and draws by inverting the kept CDF at one uniform number per row (u (B, 1), else
+    torch's; no host sync); log-probs are under that distribution."""
     logits = logits[:, :n_real_tokens].float()  # a prefix of the vocabulary: ids are unchanged
     if temperature == 0:
         tokens = logits.argmax(-1)
@@ -524,7 +537,7 @@ def sample_next(logits, temperature: float, top_k=None, top_p=None, n_real_token
         # drop the tokens whose more likely tokens already hold p of the mass
         probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
     cdf = probs.cumsum(-1)
-    u = torch.rand(len(cdf), 1, device=cdf.device, generator=generator) * cdf[:, -1:]
+    u = (torch.rand(len(cdf), 1, device=cdf.device) if u is None else u) * cdf[:, -1:]
     pick = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)  # never p = 0
     logprobs = (probs.gather(-1, pick) / cdf[:, -1:]).log().squeeze(-1)
     return (pick if ids is None else ids.gather(-1, pick)).squeeze(-1), logprobs

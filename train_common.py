@@ -5,12 +5,13 @@ them holds only its method (where its states come from, and the signal it applie
     training_args, setup   the shared flags; torchrun, device, dtype, seed, model (LoRA), AdamW
     batch_at, step_seed    the questions and the sampling seed of any step, without replaying
     tokens_per_rank        what a loss divides by: a mean over every GPU's tokens
-    optimizer_step         DDP averaging, the non-finite stop, clipping, lr_at's schedule, AdamW
+    optimizer_step         the non-finite stop, clipping, lr_at's schedule, AdamW
     MetricsLog             metrics.jsonl, a progress line and bar; periodic_eval: GSM8K, kl_to_start
     due, finish            when --eval_every / --save_every act; the final model
 
-Checkpoints are checkpoint.py's. Imports go one way: model.py <- eval.py <- train_common.py <-
-checkpoint.py <- the trainers (cli.py, which checks bad input, imports none of them).
+Checkpoints are checkpoint.py's; DDP and FSDP (torchrun, --fsdp) parallel.py's. Imports go one
+way: model.py <- eval.py, parallel.py <- train_common.py <- checkpoint.py <- the trainers (cli.py,
+which checks bad input, imports none of them).
 """
 import argparse
 import functools
@@ -28,6 +29,7 @@ from cli import (ArgumentParser, finite_or_null, nonnegative_float, nonnegative_
                  positive_float, positive_int, progress)
 from eval import evaluate, gsm8k_prompt, kl_to_start, load_gsm8k
 from model import Qwen3, Tokenizer, add_lora
+from parallel import gathered, rank_and_world, unwrap, wrap
 
 # Flags and set-up ---------------------------------------------------------------------------------
 
@@ -77,19 +79,18 @@ def training_args(description: str, **defaults) -> argparse.ArgumentParser:
     a("--resume", action="store_true", help="continue from the latest checkpoint in --out_dir")
     a("--overwrite", action="store_true", help="start afresh in an --out_dir that holds an "
       "earlier run, replacing it (without this, or --resume, such an --out_dir is refused)")
+    a("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and AdamW "
+      "state over the GPUs (FSDP2) instead of copying them to each (DDP)")
     p.set_defaults(**defaults)
     return p
 
 
-def rank_and_world():
-    """(this process's rank, the number of processes): (0, 1) without torchrun."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 def setup(args):
-    """Join torchrun's process group if any, seed, load model and tokenizer, add LoRA, make AdamW.
-    Trained weights are fp32 (AdamW's master weights, under autocast); a LoRA's frozen base is in
-    the compute dtype (half the memory). Returns model, tokenizer, optimizer, device, dtype."""
+    """Join torchrun's process group if any, seed, load model and tokenizer, add LoRA, wrap the
+    learner for DDP or FSDP (parallel.wrap), make AdamW. Trained weights are fp32 (AdamW's master
+    weights, under autocast); a LoRA's frozen base is in the compute dtype (half the memory; fp32
+    under FSDP, which casts every weight it gathers). Returns model, tokenizer, optimizer, device,
+    dtype."""
     device = torch.device(args.device)
     if rank_and_world()[1] > 1:
         if device.type == "cuda":
@@ -99,7 +100,7 @@ def setup(args):
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     torch.manual_seed(args.seed)  # LoRA's initialisation; every sampling call passes its own seed
-    weights_dtype = dtype if args.lora_rank else torch.float32
+    weights_dtype = dtype if args.lora_rank and not args.fsdp else torch.float32
     try:
         tokenizer = Tokenizer.from_pretrained(args.model)  # first: it is quick to find broken
         model = Qwen3.from_pretrained(args.model, device=device, dtype=weights_dtype)
@@ -107,6 +108,7 @@ def setup(args):
         raise SystemExit(f"--model: {e}")
     if args.lora_rank:  # the adapters are created in fp32
         add_lora(model, args.lora_rank, args.lora_alpha or 2 * args.lora_rank)
+    model = wrap(model, fsdp=args.fsdp, device=device, dtype=dtype)
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay)
     return model, tokenizer, optimizer, device, dtype
@@ -118,11 +120,12 @@ def autocast(device, dtype):
 
 
 def starting_model(args, device, dtype):
-    """The model a run started from, frozen, loaded once per run, held as the learner's weights
-    are (fp32 master weights, or a LoRA's base in the compute dtype): under the same autocast it
-    computes exactly what the learner did at step 0, so kl_to_start reads 0 there and a KL
-    penalty starts at 0."""
-    return load_frozen(args.model, device, dtype if args.lora_rank else torch.float32)
+    """The model a run started from, frozen, loaded once per run, held as the learner computes
+    with its weights (fp32 master weights, a LoRA's base in the compute dtype, FSDP's gathered
+    weights in the compute dtype; whole on each GPU): under the same autocast it computes exactly
+    what the learner did at step 0, so kl_to_start reads 0 there and a KL penalty starts at 0."""
+    held_in_compute_dtype = args.lora_rank or args.fsdp
+    return load_frozen(args.model, device, dtype if held_in_compute_dtype else torch.float32)
 
 
 @functools.lru_cache(maxsize=1)
@@ -180,16 +183,13 @@ def lr_at(step: int, args) -> float:
 
 
 def optimizer_step(optimizer, step: int, args, loss: float):
-    """Average gradients over GPUs, stop on a non-finite loss or gradient before anything changes
-    (so the last checkpoint is the last good one), clip, set this step's lr, update. Returns
-    (lr, gradient norm)."""
+    """Stop on a non-finite loss or gradient before anything changes (so the last checkpoint is
+    the last good one), clip, set this step's lr, update. The gradients are already averaged over
+    GPUs (DDP or FSDP, in the last micro-batch's backward). Returns (lr, gradient norm)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    world = rank_and_world()[1]
-    for p in params if world > 1 else []:  # DDP by hand: one all-reduce per step, any method
-        p.grad = p.grad if p.grad is not None else torch.zeros_like(p)
-        torch.distributed.all_reduce(p.grad)
-        p.grad /= world
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a norm over every GPU's shards
+        grad_norm = grad_norm.full_tensor()
     if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
         saved = sorted(Path(args.out_dir, "checkpoints").glob("step_*"))
         kept = "no checkpoint was saved yet (rerun"
@@ -266,20 +266,25 @@ def periodic_eval(steps_done: int, model, tokenizer, metrics, args, dtype):
     at_the_end = steps_done == args.steps
     if not args.eval_every or (steps_done % args.eval_every != 0 and not at_the_end):
         return
-    if rank_and_world()[0] == 0:
-        questions = load_gsm8k("test", args.data_dir)[:KL_PROMPTS]
-        prompts = tokenizer.encode_batch([gsm8k_prompt(q["question"]) for q in questions])
-        with autocast(model.device, dtype):
-            scores = evaluate(model, tokenizer, ("gsm8k",), limit=args.eval_limit,
-                              data_dir=args.data_dir, gsm8k_shots=args.eval_shots)
-            kl = kl_to_start(model=model, start_model=starting_model(args, model.device, dtype),
-                             tokenizer=tokenizer, prompts=prompts,
-                             max_new_tokens=args.max_new_tokens, seed=args.seed)
-        accuracy = scores["tasks"]["gsm8k"]["metrics"]  # exact_match_flexible, exact_match_strict
-        metrics.log(steps_done, kl_to_start=kl,
-                    **{f"gsm8k_{name.split('_')[-1]}": value for name, value in accuracy.items()})
+    with gathered(model):  # FSDP: every GPU gathers the weights, then rank 0 evaluates alone
+        if rank_and_world()[0] == 0:
+            evaluate_and_log(steps_done, unwrap(model), tokenizer, metrics, args, dtype)
     if rank_and_world()[1] > 1:
         torch.distributed.barrier()
+
+
+def evaluate_and_log(steps_done: int, model, tokenizer, metrics, args, dtype):
+    questions = load_gsm8k("test", args.data_dir)[:KL_PROMPTS]
+    prompts = tokenizer.encode_batch([gsm8k_prompt(q["question"]) for q in questions])
+    with autocast(model.device, dtype):
+        scores = evaluate(model, tokenizer, ("gsm8k",), limit=args.eval_limit,
+                          data_dir=args.data_dir, gsm8k_shots=args.eval_shots)
+        kl = kl_to_start(model=model, start_model=starting_model(args, model.device, dtype),
+                         tokenizer=tokenizer, prompts=prompts,
+                         max_new_tokens=args.max_new_tokens, seed=args.seed)
+    accuracy = scores["tasks"]["gsm8k"]["metrics"]  # exact_match_flexible, exact_match_strict
+    metrics.log(steps_done, kl_to_start=kl,
+                **{f"gsm8k_{name.split('_')[-1]}": value for name, value in accuracy.items()})
 
 
 # When to act, and the final model -----------------------------------------------------------------
@@ -293,8 +298,9 @@ def due(steps_done: int, every: int) -> bool:
 def finish(model, tokenizer, out_dir):
     """Write the final model to out_dir (Hugging Face layout, LoRA merged) and leave torchrun's
     group."""
-    if rank_and_world()[0] == 0:
-        model.save_pretrained(out_dir, tokenizer=tokenizer)
-        print(f"saved the final model to {out_dir}")
+    with gathered(model):  # FSDP: whole weights on every GPU (in the compute dtype), for rank 0
+        if rank_and_world()[0] == 0:
+            unwrap(model).save_pretrained(out_dir, tokenizer=tokenizer)
+            print(f"saved the final model to {out_dir}")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -32,6 +32,7 @@ from checkpoint import load_checkpoint, prepare_out_dir, save_checkpoint
 from cli import check_training_args, positive_float, positive_int
 from eval import GSM8K_STOP_STRINGS, gsm8k_prompt, load_gsm8k, state_nll
 from model import Qwen3, Tokenizer, completion_logprobs, in_row_chunks, rollout
+from parallel import gathered, global_rows, micro_batches
 from train_common import (MetricsLog, autocast, batch_at, due, finish, optimizer_step,
                           periodic_eval, setup, step_seed, tokens_per_rank, training_args)
 
@@ -91,31 +92,36 @@ def collect_states(student, teacher, tokenizer, questions, step, args, dtype):
     seed = 2 * step_seed(args.seed, step)  # the answers draw with seed, the continuations seed + 1
     # One answer per question, from the student (on-policy) or the teacher (off-policy)
     prompts = [tokenizer.encode(gsm8k_prompt(q["question"])) for q in questions]
-    with autocast(student.device, dtype):
+    rows = global_rows(len(prompts))  # each question's index among every GPU's
+    with autocast(student.device, dtype), gathered(student):  # FSDP: whole weights to sample
         answers = rollout(model=student if args.states == "student" else teacher,
                           tokenizer=tokenizer, prompts=prompts, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, seed=seed, stop_strings=GSM8K_STOP_STRINGS,
-                          batch_size=args.gen_batch_size)
+                          batch_size=args.gen_batch_size, rows=rows)
     answer_len = sum(map(len, answers)) / len(answers)
     if args.signal != "continuation":  # the KL signals act at every state of the answer
         return dict(seqs=[p + a for p, a in zip(prompts, answers)],
                     starts=[len(p) for p in prompts], signal_starts=[len(p) for p in prompts],
                     answer_len=answer_len)
     # --signal continuation: cut each answer at up to --states_per_rollout random points (sorted);
-    # each cut is a state, the prompt and the answer's first `cut` tokens
-    rng = random.Random(seed)
+    # each cut is a state, the prompt and the answer's first `cut` tokens. A question's cuts and
+    # its continuations' draws follow from its row: the same on any number of GPUs
     states = []
-    for prompt, answer in zip(prompts, answers):  # a state: the prompt and `cut` answer tokens
+    state_rows = []
+    for row, prompt, answer in zip(rows, prompts, answers):
+        rng = random.Random(step_seed(seed, row))
         n_cuts = min(args.states_per_rollout, len(answer))
         cuts = sorted(rng.sample(range(len(answer)), n_cuts))
         states += [(prompt, answer[:cut]) for cut in cuts]
+        state_rows += [row * args.states_per_rollout + j for j in range(n_cuts)]
     # The teacher continues every state for --continuation_tokens tokens: the targets
     with autocast(student.device, dtype):
         continuations = rollout(model=teacher, tokenizer=tokenizer,
                                 prompts=[p + s for p, s in states],
                                 max_new_tokens=args.continuation_tokens,
                                 temperature=args.temperature, seed=seed + 1,
-                                stop_strings=GSM8K_STOP_STRINGS, batch_size=args.gen_batch_size)
+                                stop_strings=GSM8K_STOP_STRINGS, batch_size=args.gen_batch_size,
+                                rows=state_rows)
     return dict(seqs=[p + s + c for (p, s), c in zip(states, continuations)],
                 starts=[len(p) for p, _ in states],
                 signal_starts=[len(p) + len(s) for p, s in states], answer_len=answer_len)
@@ -155,7 +161,7 @@ def apply_teacher(student, teacher, batch, args, dtype, n_real_tokens=None):
     continuation = args.signal == "continuation"
     micro = args.batch_size * (args.states_per_rollout if continuation else 1)
     loss_sum = kl_sum = nll_sum = n_state = 0.0
-    for i in range(0, len(seqs), micro):
+    for i in micro_batches(student, len(seqs), micro):  # gradients sync over GPUs in the last
         mb_seqs, mb_starts = seqs[i:i + micro], starts[i:i + micro]
         with autocast(student.device, dtype):
             # The student's log-probs of every answer token (micro, L), the mask of real ones,

@@ -30,6 +30,7 @@ from checkpoint import load_checkpoint, prepare_out_dir, save_checkpoint
 from cli import check_training_args, nonnegative_float, positive_float, positive_int
 from eval import GSM8K_STOP_STRINGS, gsm8k_prompt, gsm8k_reward, load_gsm8k, state_nll
 from model import completion_logprobs, rollout
+from parallel import gathered, global_rows, micro_batches
 from train_common import (MetricsLog, autocast, batch_at, due, finish, optimizer_step,
                           periodic_eval, setup, starting_model, step_seed, tokens_per_rank,
                           training_args)
@@ -66,11 +67,11 @@ def collect_states(model, tokenizer, questions, step, args, dtype):
     # prompts: token ids of "Question: {q}\nAnswer:", each repeated --group_size times
     prompts = tokenizer.encode_batch([gsm8k_prompt(q["question"]) for q in questions])
     prompts = [p for p in prompts for _ in range(args.group_size)]  # each one group_size times
-    with autocast(model.device, dtype):
+    with autocast(model.device, dtype), gathered(model):  # FSDP: whole weights while sampling
         answers = rollout(model=model, tokenizer=tokenizer, prompts=prompts,
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           seed=step_seed(args.seed, step), stop_strings=GSM8K_STOP_STRINGS,
-                          batch_size=args.gen_batch_size)
+                          batch_size=args.gen_batch_size, rows=global_rows(len(prompts)))
     # The reward: 1.0 for a right final answer (eval's flexible extraction), else 0.0
     golds = [q["gold"] for q in questions for _ in range(args.group_size)]
     rewards = [gsm8k_reward(tokenizer.decode(a), gold) for a, gold in zip(answers, golds)]
@@ -128,7 +129,7 @@ def apply_reward(model, ref_model, batch, args, dtype, n_real_tokens=None):
     old_logprobs = batch.setdefault("old_logprobs", {})  # micro-batch index -> (micro, L)
     ref_logprobs = batch.setdefault("ref_logprobs", {})
     loss_sum = kl_sum = nll_sum = 0.0
-    for i in range(0, len(seqs), micro):
+    for i in micro_batches(model, len(seqs), micro):  # gradients sync over GPUs in the last
         mb_seqs, mb_starts = seqs[i:i + micro], starts[i:i + micro]
         with autocast(model.device, dtype):
             # log π_θ of each sampled answer token at the sampling temperature: (micro, L),

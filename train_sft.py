@@ -39,6 +39,7 @@ from cli import (check_training_args, nonnegative_float, positive_float, positiv
                  resolve_warmup)
 from eval import GSM8K_STOP_STRINGS, gsm8k_prompt, gsm8k_reward, load_gsm8k
 from model import completion_logprobs, rollout
+from parallel import gathered, global_rows, micro_batches
 from train_common import (MetricsLog, autocast, batch_at, due, finish, optimizer_step,
                           periodic_eval, rank_and_world, setup, step_seed, tokens_per_rank,
                           training_args)
@@ -88,10 +89,11 @@ def collect_states(model, tokenizer, questions, step, args, dtype):
     # --samples_per_question times and sampled at this step's seed
     prompts = [p for p in prompts for _ in range(args.samples_per_question)]
     golds = [q["gold"] for q in questions for _ in range(args.samples_per_question)]
-    with autocast(model.device, dtype):
+    with autocast(model.device, dtype), gathered(model):  # FSDP: whole weights while sampling
         samples = rollout(model=model, tokenizer=tokenizer, prompts=prompts,
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          seed=step_seed(args.seed, step), stop_strings=GSM8K_STOP_STRINGS)
+                          seed=step_seed(args.seed, step), stop_strings=GSM8K_STOP_STRINGS,
+                          rows=global_rows(len(prompts)))
     # eval's grader decides which samples are right; only those become states
     correct = [gsm8k_reward(tokenizer.decode(s), gold) == 1.0 for s, gold in zip(samples, golds)]
     prompts = [p for p, right in zip(prompts, correct) if right]
@@ -109,7 +111,7 @@ def fit_states(model, seqs, starts, args, dtype, n_real_tokens=None):
     n_tokens = sum(len(s) - st for s, st in zip(seqs, starts))
     norm = tokens_per_rank(n_tokens)
     nll_sum = 0.0
-    for i in range(0, len(seqs), args.batch_size):
+    for i in micro_batches(model, len(seqs), args.batch_size):  # gradients sync in the last
         with autocast(model.device, dtype):
             # logprobs, mask (micro-batch, longest answer): log π_θ(y_t | x, y_<t) of each answer
             # token; the prompt and the padding after short answers are not in them

@@ -20,6 +20,11 @@ SHAPES = {  # tied and untied heads, MHA and GQA, head_dim != hidden/heads, othe
 }
 
 
+def uniform(n, seed):
+    """n seeded uniform numbers (n, 1): what the sampler inverts its CDF at."""
+    return torch.rand(n, 1, generator=torch.Generator().manual_seed(seed))
+
+
 def hf_model(folder, device="cpu", dtype=torch.float32):
     transformers = pytest.importorskip("transformers")
     return transformers.Qwen3ForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
@@ -185,8 +190,7 @@ def test_sampler_masks_equal_their_definitions():
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 3.0]])
     probs = logits.softmax(-1)[0]
     def support(**kw):
-        draws = {sample_next(logits, 1.0, generator=torch.Generator().manual_seed(s),
-                             **kw)[0].item()
+        draws = {sample_next(logits, 1.0, u=uniform(len(logits), s), **kw)[0].item()
                  for s in range(300)}
         return draws
     assert support(top_k=2) == {0, 5}
@@ -198,7 +202,7 @@ def test_sampler_masks_equal_their_definitions():
     assert support(top_p=probs[order[0]].item() - 0.01) == {order[0]}
     assert support(n_real_tokens=3) == {0, 1, 2}
     # the returned log-prob is under the truncated, renormalised distribution
-    tok, lp = sample_next(logits, 1.0, top_k=2, generator=torch.Generator().manual_seed(0))
+    tok, lp = sample_next(logits, 1.0, top_k=2, u=uniform(len(logits), 0))
     assert torch.allclose(lp.exp(), probs[tok] / (probs[0] + probs[5]))
     assert sample_next(logits, 0.0)[0].item() == 5
 
@@ -206,7 +210,7 @@ def test_sampler_masks_equal_their_definitions():
 def test_sampler_draws_follow_the_target_distribution():
     logits = torch.tensor([1.0, 0.2, -0.5, 2.0, 0.0, -2.0, 1.5, 0.7])
     n = 200_000
-    tokens, _ = sample_next(logits.expand(n, -1), 0.8, generator=torch.Generator().manual_seed(0))
+    tokens, _ = sample_next(logits.expand(n, -1), 0.8, u=uniform(n, 0))
     observed = torch.bincount(tokens, minlength=8).double()
     expected = (logits / 0.8).softmax(-1).double() * n
     chi2 = ((observed - expected) ** 2 / expected).sum().item()
@@ -295,7 +299,7 @@ def test_top_p_draws_follow_the_truncated_distribution(monkeypatch, top_p, candi
     target[order[keep]] = probs[order[keep]].double() / probs[order[keep]].sum()
     n = 100_000
     tokens, logprobs = sample_next(logits.expand(n, -1), 1.0, top_p=top_p,
-                                   generator=torch.Generator().manual_seed(1))
+                                   u=uniform(n, 1))
     observed = torch.bincount(tokens, minlength=8).double()
     assert set(tokens.unique().tolist()) == set(order[keep].tolist())
     kept = target > 0

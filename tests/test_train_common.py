@@ -54,7 +54,7 @@ def test_the_starting_model_computes_what_the_learner_did_under_autocast(make_ch
     prompts = [[5, 6, 7], [8, 9]] * 3
     tok = ByteTokenizer()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        args = Namespace(model=str(folder), lora_rank=0)
+        args = Namespace(model=str(folder), lora_rank=0, fsdp=False)
         start = T.starting_model(args, learner.device, torch.bfloat16)
         assert start.dtype == torch.float32
         assert ev.kl_to_start(learner, start, tok, prompts, max_new_tokens=8) == 0.0
