@@ -72,7 +72,7 @@ LAB_TRAINING = {
                                         "--lr", "3e-4", "--warmup", "4", "--max_new_tokens", "64",
                                         "--states_per_rollout", "2", "--continuation_tokens", "64",
                                         "--eval_every", "10", "--save_every", "10"]),
-    "rl": ("train_rl.py", ["--steps", "40", "--batch_size", "16", "--group_size", "8", "--lr", "2e-4",
+    "rl": ("train_rl.py", ["--steps", "60", "--batch_size", "16", "--group_size", "8", "--lr", "1e-4",
                            "--warmup", "4", "--max_new_tokens", "64", "--eval_every", "10", "--save_every", "10"]),
 }
 LAB_EVAL = ["--limit", "gsm8k=400,mmlu=192,truthfulqa=60", "--gsm8k_shots", "0", "--mmlu_shots", "0",
@@ -172,8 +172,9 @@ def make_tokenizer(args, world):
         return
     with timed("tokenizer"):
         from eval import TRUTHFULQA_PREAMBLE
-        texts = list(pretraining_text(world, 5000, seed=12345))  # not the pretraining stream's seed
-        texts += [r["answer"] for r in world.gsm8k_rows(500, seed=1, style="B")] + [TRUTHFULQA_PREAMBLE]
+        # the pretraining text only (another seed than the pretraining stream's): style B's words are
+        # then spelled with tokens the base has read, unlikely states rather than untrained embeddings
+        texts = list(pretraining_text(world, 5000, seed=12345)) + [TRUTHFULQA_PREAMBLE]
         tmp = path.with_suffix(".tmp")
         lab_world.train_tokenizer(texts, tmp, VOCAB)
         os.replace(tmp, path)

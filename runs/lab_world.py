@@ -4,10 +4,11 @@ Everything is generated from one seed, so the world is the same on every machine
 
     target (gsm8k/)       word problems of 2 or 3 steps of + and - on small numbers. Their solutions come in
                           two styles: style A ("Ann has 5 pens. 5 + 3 = 8. 8 - 2 = 6.\\n#### 6"), the one the
-                          base reads in pretraining, and style B, the same solution in number words and other
-                          phrases ("First, five and three make eight. ..."), which the base never reads: the
-                          stress SFT data, states the base would not visit (as GSM8K's human solutions are for
-                          a base model). Both end in "#### N", so eval.py scores them alike.
+                          base reads in pretraining, and style B, the same sums in another layout and phrasing
+                          ("Step 1, add 3: 5 + 3 = 8.\\nStep 2, take away 2: ..."), which the base never reads:
+                          the stress SFT data, states the base would not visit (as GSM8K's human solutions are
+                          for a base model). B keeps the digits and the sums, so a model trained on it still
+                          computes the answers. Both end in "#### N", so eval.py scores them alike.
     retention (mmlu/)     four subjects of made-up facts (a country's capital, an animal's color, ...) asked
                           as MMLU asks: the question, four choices "A. ..." to "D. ...", "Answer:" and a letter.
     retention (truthfulqa/) what each of 60 made-up creatures eats, asked as TruthfulQA asks ("Q: ...\\nA:"),
@@ -24,9 +25,6 @@ from pathlib import Path
 
 NAMES = ("Ann", "Bob", "Cal", "Dee", "Eli", "Fay", "Gus", "Hal", "Ivy", "Jo", "Kim", "Lou")
 ITEMS = ("apples", "pens", "books", "cards", "coins", "cups", "eggs", "hats", "keys", "rocks")
-ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-        "fifteen sixteen seventeen eighteen nineteen").split()
-TENS = {20: "twenty", 30: "thirty", 40: "forty"}
 MAX_VALUE = 40  # every number in a problem, start, step or result, is within 0..40
 SYLLABLES = ("ba be bi bo bu da de di do du ga ge go gu ka ke ki ko ku la le li lo lu ma me mi mo mu na ne ni no "
              "nu pa pe pi po pu ra re ri ro ru sa se si so su ta te ti to tu va ve vi vo za ze zo").split()
@@ -45,14 +43,6 @@ FOODS = ("seeds", "rocks", "leaves", "fish", "sand", "grass", "bugs", "mud", "fr
 N_CREATURES = 60
 TRAIN_PROBLEMS, TEST_PROBLEMS = 2000, 400
 SLOPPY = 0.6  # the share of 3-step problems whose pretraining solution stops after step 2 (a wrong answer)
-
-
-def number_words(n: int) -> str:
-    """5 -> 'five', 27 -> 'twenty-seven': style B writes every number this way."""
-    if n < 20:
-        return ONES[n]
-    tens, ones = divmod(n, 10)
-    return TENS[10 * tens] + ("" if ones == 0 else "-" + ONES[ones])
 
 
 class World:
@@ -107,16 +97,15 @@ class World:
 
     @staticmethod
     def solution(problem: dict, style: str) -> str:
-        """The gold solution in style A (the base's) or B (number words, other phrases), ending '#### N'."""
+        """The gold solution in style A (the base's) or B (another layout and phrasing), ending '#### N'."""
         steps, gold = problem["steps"], problem["gold"]
         if style == "A":
             lines = [f"{problem['name']} has {steps[0][0]} {problem['item']}."]
             lines += [f"{a} {op} {k} = {b}." for a, op, k, b in steps]
             return " ".join(lines) + f"\n#### {gold}"
-        w = number_words
-        lines = [f"{first} {w(a)} {'and' if op == '+' else 'minus'} {w(k)} {'make' if op == '+' else 'leaves'} "
-                 f"{w(b)}." for (a, op, k, b), first in zip(steps, ("First,", "Next,", "Then,"))]
-        return " ".join(lines) + f" So the result is {w(gold)}.\n#### {gold}"
+        lines = [f"Step {i}, {'add' if op == '+' else 'take away'} {k}: {a} {op} {k} = {b}."
+                 for i, (a, op, k, b) in enumerate(steps, start=1)]
+        return "\n".join(lines) + f"\nSo the answer is {gold}.\n#### {gold}"
 
     def gsm8k_rows(self, n: int, seed: int, style: str) -> list:
         rng = random.Random(seed)
