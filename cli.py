@@ -176,3 +176,19 @@ def make_readable(path: Path):
     umask = os.umask(0)
     os.umask(umask)
     path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def read_safetensors(folder: Path) -> dict:
+    """All tensors of a model folder: model.safetensors or its index's shards; never pickles."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(read_json(index)["weight_map"].values()))
+    elif (folder / "model.safetensors").exists():
+        shards = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json "
+                                "(only safetensors weights are loaded, never .bin/.pt pickles)")
+    missing = [shard for shard in shards if not (folder / shard).exists()]
+    if missing:
+        raise FileNotFoundError(f"{folder / missing[0]}: shard named in the index is missing")
+    return {name: t for shard in shards for name, t in load_safetensors(folder / shard).items()}

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
-from cli import load_safetensors, make_readable, progress, read_json
+from cli import make_readable, progress, read_json, read_safetensors
 
 # Config -------------------------------------------------------------------------------------------
 
@@ -72,9 +72,8 @@ class Qwen3Config:
              "head_dim": d["hidden_size"] // d["num_attention_heads"],
              "rope_theta": (d.get("rope_parameters") or {}).get("rope_theta"),  # transformers 5
              **d}
-        for k in ("bos_token_id", "eos_token_id"):  # several eos: the first
-            if isinstance(d.get(k), list):
-                d[k] = d[k][0]
+        lists = [k for k in ("bos_token_id", "eos_token_id") if isinstance(d.get(k), list)]
+        d.update({k: d[k][0] for k in lists})  # several eos: the first
         config = cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
         if config.num_attention_heads % config.num_key_value_heads:
             raise ValueError(f"{source}: num_attention_heads is no multiple of num_key_value_heads")
@@ -207,9 +206,8 @@ class Qwen3(nn.Module):
     dtype = property(lambda self: self.embed_tokens.weight.dtype)
 
     def forward(self, idx, positions=None, cache=None, return_hidden=False):
-        """idx (B, T) token ids -> logits (B, T, vocab), or the final-norm hidden states
-        (B, T, hidden).
-        positions (B, T) default to 0..T-1; `cache` is only used by generate()."""
+        """idx (B, T) token ids -> logits (B, T, vocab), or the final-norm hidden states (B, T,
+        hidden). positions (B, T) default to 0..T-1; `cache` is only used by generate()."""
         if positions is None:
             positions = torch.arange(idx.shape[1], device=idx.device).expand(idx.shape[0], -1)
         x = self.embed_tokens(idx)
@@ -223,8 +221,7 @@ class Qwen3(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, device="cpu", dtype=torch.float32) -> "Qwen3":
-        """A dense Qwen3 from a folder or hub repo id (safetensors only); names any bad or missing
-        weight."""
+        """A dense Qwen3 from a folder or hub id (safetensors only); names any bad weight."""
         folder = resolve_model_dir(name_or_path)
         config_file = folder / "config.json"
         config = Qwen3Config.from_dict(read_json(config_file), str(config_file))
@@ -253,8 +250,7 @@ class Qwen3(nn.Module):
 
     def hf_state_dict(self, merged: bool = False) -> dict:
         """Weights under their Hugging Face names (model.layers.0.self_attn.q_proj.weight, ...): the
-        live parameters, or with merged=True, LoRA adapters folded in (what save_pretrained
-        writes)."""
+        live parameters, or with merged=True LoRA folded in (what save_pretrained writes)."""
         weights = {}
         for name, module in self.named_modules():
             if isinstance(module, LoRALinear):
@@ -316,8 +312,7 @@ class Qwen3(nn.Module):
         cache = KVCache(self.config, B, max_len, device, dtype)
         slot = torch.arange(max_len, device=device)
         key_is_real = slot[None, :] >= pad[:, None]  # (B, max_len): False on each row's padding
-        # One uniform number per row and step, drawn on the CPU (the same on every device): a
-        # row's samples depend on its own numbers, not on the rest of the batch
+        # One uniform per row and step, drawn on the CPU (any device): a row's own numbers
         if uniforms is None:
             stream = torch.Generator().manual_seed(seed) if seed is not None else None
             uniforms = torch.rand(B, max_new_tokens, generator=stream)
@@ -418,14 +413,13 @@ def rollout(model, tokenizer, prompts: list, max_new_tokens: int, temperature: f
     with a stop token, with the token that completes one of stop_strings (text such as
     "Question:"; checked every 16 steps), or at max_new_tokens. A progress bar (`desc`) counts
     rows x tokens on a terminal. Autocast is the caller's."""
-    model = getattr(model, "module", model)  # under DDP, generate on the model itself: no sync
     rows = list(range(len(prompts))) if rows is None else list(rows)
     stream = torch.Generator().manual_seed(seed)
     uniforms = torch.rand(max(rows) + 1, max_new_tokens, generator=stream)[rows]  # (n, steps)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     completions = [None] * len(prompts)
-    total = len(prompts) * max_new_tokens  # rows x steps, at most: the ETA is an upper bound
-    bar = progress(total=total, desc=desc, unit="tok", unit_scale=True, leave=False)
+    bar = progress(total=len(prompts) * max_new_tokens, desc=desc, unit="tok", unit_scale=True,
+                   leave=False)  # rows x steps, at most: the ETA is an upper bound
 
     def has_stop(tokens):  # does their text hold a stop string?
         return any(stop in tokenizer.decode(tokens) for stop in stop_strings)
@@ -493,8 +487,7 @@ def completion_logprobs(model, seqs: list, starts: list, temperature: float = 1.
 
 
 def in_row_chunks(fn, *rows):
-    """fn over LOGPROB_CHUNK rows at a time, concatenated; under grad each chunk is recomputed in
-    backward."""
+    """fn over LOGPROB_CHUNK rows at a time, concatenated; under grad, recomputed in backward."""
     offsets = range(0, len(rows[0]), LOGPROB_CHUNK)
     chunks = [tuple(r[i:i + LOGPROB_CHUNK] for r in rows) for i in offsets]
     recompute = torch.is_grad_enabled()
@@ -609,25 +602,8 @@ def resolve_model_dir(name_or_path) -> Path:
                                 f"{why}; pass a local model folder instead") from None
 
 
-def read_safetensors(folder: Path) -> dict:
-    """All tensors of a model folder: model.safetensors or its index's shards; never pickles."""
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(read_json(index)["weight_map"].values()))
-    elif (folder / "model.safetensors").exists():
-        shards = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json "
-                                "(only safetensors weights are loaded, never .bin/.pt pickles)")
-    missing = [shard for shard in shards if not (folder / shard).exists()]
-    if missing:
-        raise FileNotFoundError(f"{folder / missing[0]}: shard named in the index is missing")
-    return {name: t for shard in shards for name, t in load_safetensors(folder / shard).items()}
-
-
 class Tokenizer:
-    """A tokenizer.json (Qwen's byte-level BPE) through the `tokenizers` library; no BOS, as
-    Qwen's."""
+    """A tokenizer.json (Qwen's byte-level BPE) through `tokenizers`; no BOS, as Qwen's."""
 
     def __init__(self, path):
         self.path = str(path)

@@ -13,6 +13,7 @@ slice of every step's questions (train_common.batch_at), and the engine sums the
     micro_batches   a step's micro-batches: gradients sync on the last one only
     gathered        whole weights for generation and eval under FSDP (see below)
     unwrap          the model itself, for checkpoints and the final save
+    tokens_per_rank what a loss divides by: a mean over every GPU's tokens
 
 Generation under FSDP: sampling runs hundreds of forward passes of one token, and gathering the
 weights block by block for each would cost an all-gather per block per token. So `gathered`
@@ -67,6 +68,19 @@ def global_rows(n: int) -> range:
     """The indices of this GPU's n items among every GPU's, when each has n (rank 1 of 2 with
     8: 8..15): what a single process would number them, which keeps sampling the same."""
     return range(rank_and_world()[0] * n, (rank_and_world()[0] + 1) * n)
+
+
+def tokens_per_rank(n_tokens: int) -> float:
+    """The step's token count averaged over GPUs. Losses divide by it, so that once
+    optimizer_step has averaged the gradients over GPUs the loss is a mean over all the step's
+    tokens, not a mean of means."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return max(n_tokens, 1)
+    on_gpu = dist.get_backend() == "nccl"
+    total = torch.tensor([float(n_tokens)], device="cuda" if on_gpu else "cpu")
+    dist.all_reduce(total)
+    return max(total.item() / world, 1)
 
 
 def unwrap(model):

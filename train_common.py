@@ -4,7 +4,6 @@ them holds only its method (where its states come from, and the signal it applie
 
     training_args, setup   the shared flags; torchrun, device, dtype, seed, model (LoRA), AdamW
     batch_at, step_seed    the questions and the sampling seed of any step, without replaying
-    tokens_per_rank        what a loss divides by: a mean over every GPU's tokens
     optimizer_step         the non-finite stop, clipping, lr_at's schedule, AdamW
     MetricsLog             metrics.jsonl, a progress line and bar; periodic_eval: GSM8K, kl_to_start
     due, finish            when --eval_every / --save_every act; the final model
@@ -156,19 +155,6 @@ def batch_at(items: list, step: int, n: int, seed: int) -> list:
             orders[epoch] = shuffle.sample(range(len(items)), len(items))
         batch.append(items[orders[epoch][i]])
     return batch
-
-
-def tokens_per_rank(n_tokens: int) -> float:
-    """The step's token count averaged over GPUs. Losses divide by it, so that once
-    optimizer_step has averaged the gradients over GPUs the loss is a mean over all the step's
-    tokens, not a mean of means."""
-    world = rank_and_world()[1]
-    if world == 1:
-        return max(n_tokens, 1)
-    on_gpu = torch.distributed.get_backend() == "nccl"
-    total = torch.tensor([float(n_tokens)], device="cuda" if on_gpu else "cpu")
-    torch.distributed.all_reduce(total)
-    return max(total.item() / world, 1)
 
 
 # The update ---------------------------------------------------------------------------------------

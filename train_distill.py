@@ -32,9 +32,9 @@ from checkpoint import load_checkpoint, prepare_out_dir, save_checkpoint
 from cli import check_training_args, positive_float, positive_int
 from eval import GSM8K_STOP_STRINGS, gsm8k_prompt, load_gsm8k, state_nll
 from model import Qwen3, Tokenizer, completion_logprobs, in_row_chunks, rollout
-from parallel import gathered, global_rows, micro_batches
+from parallel import gathered, global_rows, micro_batches, tokens_per_rank
 from train_common import (MetricsLog, autocast, batch_at, due, finish, optimizer_step,
-                          periodic_eval, setup, step_seed, tokens_per_rank, training_args)
+                          periodic_eval, setup, step_seed, training_args)
 
 
 def get_args(argv=None):

@@ -39,10 +39,9 @@ from cli import (check_training_args, nonnegative_float, positive_float, positiv
                  resolve_warmup)
 from eval import GSM8K_STOP_STRINGS, gsm8k_prompt, gsm8k_reward, load_gsm8k
 from model import completion_logprobs, rollout
-from parallel import gathered, global_rows, micro_batches
+from parallel import gathered, global_rows, micro_batches, tokens_per_rank
 from train_common import (MetricsLog, autocast, batch_at, due, finish, optimizer_step,
-                          periodic_eval, rank_and_world, setup, step_seed, tokens_per_rank,
-                          training_args)
+                          periodic_eval, rank_and_world, setup, step_seed, training_args)
 
 PRESETS = {"mild": dict(epochs=1, lr=1e-4, lora_rank=64, lora_alpha=128),
            "stress": dict(epochs=5, lr=5e-4, lora_rank=64, lora_alpha=128),}

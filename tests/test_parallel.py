@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import ROOT, train_lines
-from model import Qwen3, load_safetensors
+from cli import load_safetensors
+from model import Qwen3
 
 pytestmark = pytest.mark.slow
 
