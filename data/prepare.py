@@ -66,19 +66,9 @@ def utf8(path: Path):
 # Reading and checking the releases
 
 def read_gsm8k(path: Path) -> list:
-    rows = []
-    with utf8(path), open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            where = f"{path}:{line_number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e})") from None
-            problem = gsm8k_problem(row)
-            if problem:
-                raise DataError(f"{where}: {problem}")
-            rows.append({"question": row["question"], "answer": row["answer"]})
-    return rows
+    """The release's jsonl, every line checked as the prepared files are (read_checked_jsonl)."""
+    rows = read_checked_jsonl(path, gsm8k_problem)
+    return [{"question": row["question"], "answer": row["answer"]} for row in rows]
 
 
 def gsm8k_problem(row) -> str:
@@ -190,8 +180,18 @@ def read_prepared(path: Path, dataset: str) -> list:
     """The rows of a file this script wrote, each checked as it is read: what the scripts load. A
     line that is no JSON or no valid row, text that is not UTF-8, or an empty file stops with the
     file and line."""
-    check, rows = {"gsm8k": gsm8k_problem, "mmlu": mmlu_problem,
-                   "truthfulqa": truthfulqa_problem}[dataset], []
+    check = {"gsm8k": gsm8k_problem, "mmlu": mmlu_problem,
+             "truthfulqa": truthfulqa_problem}[dataset]
+    rows = read_checked_jsonl(path, check)
+    if not rows:
+        raise DataError(f"{path}: no rows; prepare it again (python data/prepare.py)")
+    return rows
+
+
+def read_checked_jsonl(path: Path, check) -> list:
+    """Every line of a jsonl file, parsed and checked (check(row): what is wrong, or None); the
+    first bad one stops with its file and line."""
+    rows = []
     with utf8(path), open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, 1):
             try:
@@ -202,8 +202,6 @@ def read_prepared(path: Path, dataset: str) -> list:
             if problem:
                 raise DataError(f"{path}:{line_number}: {problem}")
             rows.append(row)
-    if not rows:
-        raise DataError(f"{path}: no rows; prepare it again (python data/prepare.py)")
     return rows
 
 
