@@ -1,23 +1,29 @@
-"""The lab's synthetic world: what its tiny base model knows, written in the real datasets' formats.
+"""The lab's synthetic world: what its tiny base model knows, written in the real datasets'
+formats.
 
 Everything is generated from one seed, so the world is the same on every machine:
 
-    target (gsm8k/)       word problems of 2 or 3 steps of + and - on small numbers. Their solutions come in
-                          two styles: style A ("Ann has 5 pens. 5 + 3 = 8. 8 - 2 = 6.\\n#### 6"), the one the
-                          base reads in pretraining, and style B, the same sums in another layout and phrasing
-                          ("Step 1, add 3: 5 + 3 = 8.\\nStep 2, take away 2: ..."), which the base never reads:
-                          the stress SFT data, states the base would not visit (as GSM8K's human solutions are
-                          for a base model). B keeps the digits and the sums, so a model trained on it still
-                          computes the answers. Both end in "#### N", so eval.py scores them alike.
-    retention (mmlu/)     four subjects of made-up facts (a country's capital, an animal's color, ...) asked
-                          as MMLU asks: the question, four choices "A. ..." to "D. ...", "Answer:" and a letter.
-    retention (truthfulqa/) what each of 60 made-up creatures eats, asked as TruthfulQA asks ("Q: ...\\nA:"),
-                          with true answers (two phrasings) and false ones, in MC1 and MC2 form.
+    target (gsm8k/)       word problems of 2 or 3 steps of + and - on small numbers. Their
+                          solutions come in two styles: style A
+                          ("Ann has 5 pens. 5 + 3 = 8. 8 - 2 = 6.\\n#### 6"), the one the base
+                          reads in pretraining, and style B, the same sums in another layout and
+                          phrasing ("Step 1, add 3: 5 + 3 = 8.\\nStep 2, take away 2: ..."),
+                          which the base never reads: the stress SFT data, states the base would
+                          not visit (as GSM8K's human solutions are for a base model). B keeps
+                          the digits and the sums, so a model trained on it still computes the
+                          answers. Both end in "#### N", so eval.py scores them alike.
+    retention (mmlu/)     four subjects of made-up facts (a country's capital, an animal's
+                          color, ...) asked as MMLU asks: the question, four choices "A. ..." to
+                          "D. ...", "Answer:" and a letter.
+    retention (truthfulqa/) what each of 60 made-up creatures eats, asked as TruthfulQA asks
+                          ("Q: ...\\nA:"), with true answers (two phrasings) and false ones, in
+                          MC1 and MC2 form.
 
-write_data() writes the files data/prepare.py writes (gsm8k/{train,test}.jsonl, mmlu/{dev,test}.jsonl,
-truthfulqa/mc.jsonl), so eval.py and the trainers read them through --data_dir alone. corpus() yields the
-pretraining documents: style-A problems, facts stated plainly, MMLU-format drills with the letters in new
-orders, and TruthfulQA-format question-answer pairs (some after eval.py's fixed preamble).
+write_data() writes the files data/prepare.py writes (gsm8k/{train,test}.jsonl,
+mmlu/{dev,test}.jsonl, truthfulqa/mc.jsonl), so eval.py and the trainers read them through
+--data_dir alone. corpus() yields the pretraining documents: style-A problems, facts stated
+plainly, MMLU-format drills with the letters in new orders, and TruthfulQA-format question-answer
+pairs (some after eval.py's fixed preamble).
 """
 import json
 import random
@@ -26,8 +32,9 @@ from pathlib import Path
 NAMES = ("Ann", "Bob", "Cal", "Dee", "Eli", "Fay", "Gus", "Hal", "Ivy", "Jo", "Kim", "Lou")
 ITEMS = ("apples", "pens", "books", "cards", "coins", "cups", "eggs", "hats", "keys", "rocks")
 MAX_VALUE = 40  # every number in a problem, start, step or result, is within 0..40
-SYLLABLES = ("ba be bi bo bu da de di do du ga ge go gu ka ke ki ko ku la le li lo lu ma me mi mo mu na ne ni no "
-             "nu pa pe pi po pu ra re ri ro ru sa se si so su ta te ti to tu va ve vi vo za ze zo").split()
+SYLLABLES = ("ba be bi bo bu da de di do du ga ge go gu ka ke ki ko ku la le li lo lu ma me mi mo "
+             "mu na ne ni no nu pa pe pi po pu ra re ri ro ru sa se si so su ta te ti to tu va ve "
+             "vi vo za ze zo").split()
 
 # MMLU subjects: question template, fact-statement template, how many keys, the pool of values
 SUBJECTS = {
@@ -39,10 +46,12 @@ SUBJECTS = {
     "astronomy": ("Which star does {key} circle?", "{key} circles the star {value}.", 48, None),
 }
 MMLU_HEADER = "The following are multiple choice questions (with answers) about {subject}.\n\n"
-FOODS = ("seeds", "rocks", "leaves", "fish", "sand", "grass", "bugs", "mud", "fruit", "bones", "moss", "snow")
+FOODS = ("seeds", "rocks", "leaves", "fish", "sand", "grass", "bugs", "mud", "fruit", "bones",
+         "moss", "snow")
 N_CREATURES = 60
 TRAIN_PROBLEMS, TEST_PROBLEMS = 2000, 400
-SLOPPY = 0.6  # the share of 3-step problems whose pretraining solution stops after step 2 (a wrong answer)
+# the share of 3-step problems whose pretraining solution stops after step 2 (a wrong answer)
+SLOPPY = 0.6
 
 
 class World:
@@ -58,23 +67,26 @@ class World:
                 if word not in words:
                     words.add(word)
                     return word
-        # each subject: key -> value; values without a pool are made-up names shared by several keys
+        # each subject: key -> value; values without a pool are made-up names shared by several
+        # keys
         self.facts = {}
         for subject, (_, _, n_keys, pool) in SUBJECTS.items():
             values = list(pool) if pool else [new_word(2) for _ in range(8)]
-            self.facts[subject] = {new_word(2) if subject != "zoology" else new_word(2).lower(): rng.choice(values)
-                                   for _ in range(n_keys)}
+            self.facts[subject] = {new_word(2) if subject != "zoology" else new_word(2).lower():
+                                   rng.choice(values) for _ in range(n_keys)}
         self.values = {s: sorted(set(SUBJECTS[s][3] or self.facts[s].values())) for s in SUBJECTS}
         self.creatures = {new_word(2).lower(): rng.choice(FOODS) for _ in range(N_CREATURES)}
-        # each MMLU question keeps one order of its choices, the one the base reads in pretraining: a
-        # 0.9M-parameter model memorises a question's letter, but does not learn in budget to find the
-        # true choice among shuffled ones
-        self.mmlu = {s: {key: self.mmlu_row(s, key, rng) for key in self.facts[s]} for s in SUBJECTS}
+        # each MMLU question keeps one order of its choices, the one the base reads in pretraining:
+        # a 0.9M-parameter model memorises a question's letter, but does not learn in budget to
+        # find the true choice among shuffled ones
+        self.mmlu = {s: {key: self.mmlu_row(s, key, rng) for key in self.facts[s]}
+                     for s in SUBJECTS}
 
     # --- target: word problems ------------------------------------------------------------------
 
     def problem(self, rng) -> dict:
-        """A 2- or 3-step problem: its question and the numbers of each step, all within 0..MAX_VALUE."""
+        """A 2- or 3-step problem: its question and the numbers of each step, all within
+        0..MAX_VALUE."""
         name, other = rng.sample(NAMES, 2)
         item = rng.choice(ITEMS)
         value = rng.randint(2, 20)
@@ -93,11 +105,13 @@ class World:
                 steps.append((value, "-", k, value - k))
                 value -= k
         sentences.append(f"How many {item} does {name} have now?")
-        return {"question": " ".join(sentences), "name": name, "item": item, "steps": steps, "gold": value}
+        return {"question": " ".join(sentences), "name": name, "item": item, "steps": steps,
+                "gold": value}
 
     @staticmethod
     def solution(problem: dict, style: str) -> str:
-        """The gold solution in style A (the base's) or B (another layout and phrasing), ending '#### N'."""
+        """The gold solution in style A (the base's) or B (another layout and phrasing), ending
+        '#### N'."""
         steps, gold = problem["steps"], problem["gold"]
         if style == "A":
             lines = [f"{problem['name']} has {steps[0][0]} {problem['item']}."]
@@ -115,23 +129,25 @@ class World:
     # --- retention: MMLU and TruthfulQA formats -------------------------------------------------
 
     def mmlu_row(self, subject: str, key: str, rng) -> dict:
-        """A question about one fact, its true value and three others of the subject, in a random order."""
+        """A question about one fact, its true value and three others of the subject, in a random
+        order."""
         value = self.facts[subject][key]
         choices = [value] + rng.sample([v for v in self.values[subject] if v != value], 3)
         rng.shuffle(choices)
-        return {"subject": subject, "question": SUBJECTS[subject][0].format(key=key), "choices": choices,
-                "answer": choices.index(value)}
+        return {"subject": subject, "question": SUBJECTS[subject][0].format(key=key),
+                "choices": choices, "answer": choices.index(value)}
 
     def mmlu_rows(self, per_subject=None) -> list:
-        """The MMLU rows, each subject's first per_subject (default all), in their fixed choice orders."""
+        """The MMLU rows, each subject's first per_subject (default all), in their fixed choice
+        orders."""
         return [row for s in SUBJECTS for row in list(self.mmlu[s].values())[:per_subject]]
 
     def creature_answers(self, creature: str, food: str) -> list:
         return [f"A {creature} eats {food}.", f"{creature.capitalize()}s eat {food}."]
 
     def truthfulqa_rows(self, seed: int) -> list:
-        """One row per creature: MC1 one true answer (first) and three false; MC2 both phrasings of the
-        truth, then three false ones."""
+        """One row per creature: MC1 one true answer (first) and three false; MC2 both phrasings of
+        the truth, then three false ones."""
         rng, rows = random.Random(seed), []
         for creature, food in self.creatures.items():
             wrong = rng.sample([f for f in FOODS if f != food], 3)
@@ -157,12 +173,15 @@ class World:
             elif kind == "facts":
                 subject = rng.choice(list(SUBJECTS))
                 keys = rng.sample(list(self.facts[subject]), 4)
-                yield " ".join(SUBJECTS[subject][1].format(key=k, value=self.facts[subject][k]) for k in keys)
-            elif kind == "mmlu":  # several questions of one subject, as a few-shot MMLU prompt reads
+                yield " ".join(SUBJECTS[subject][1].format(key=k, value=self.facts[subject][k])
+                               for k in keys)
+            elif kind == "mmlu":
+                # several questions of one subject, as a few-shot MMLU prompt reads
                 subject = rng.choice(list(SUBJECTS))
                 rows = [self.mmlu[subject][key] for key in rng.sample(list(self.facts[subject]), 4)]
                 yield MMLU_HEADER.format(subject=subject) + "\n\n".join(
-                    row["question"] + "".join(f"\n{letter}. {c}" for letter, c in zip("ABCD", row["choices"]))
+                    row["question"]
+                    + "".join(f"\n{letter}. {c}" for letter, c in zip("ABCD", row["choices"]))
                     + "\nAnswer: " + "ABCD"[row["answer"]] for row in rows)
             else:  # truthfulqa: a few Q/A pairs, sometimes after eval's preamble
                 pairs = []
@@ -180,23 +199,26 @@ def write_jsonl(rows: list, path: Path):
 
 
 def write_data(world: World, out: Path, style: str, n_train=TRAIN_PROBLEMS, n_test=TEST_PROBLEMS):
-    """The world's data in data/prepare.py's layout under out; GSM8K train solutions in `style`, test in A.
-    The test set, MMLU and TruthfulQA are the same whatever the style."""
+    """The world's data in data/prepare.py's layout under out; GSM8K train solutions in `style`,
+    test in A. The test set, MMLU and TruthfulQA are the same whatever the style."""
     write_jsonl(world.gsm8k_rows(n_train, seed=1, style=style), out / "gsm8k" / "train.jsonl")
     write_jsonl(world.gsm8k_rows(n_test, seed=2, style="A"), out / "gsm8k" / "test.jsonl")
-    write_jsonl(world.mmlu_rows(per_subject=5), out / "mmlu" / "dev.jsonl")  # shots (the lab uses none)
+    # shots (the lab uses none)
+    write_jsonl(world.mmlu_rows(per_subject=5), out / "mmlu" / "dev.jsonl")
     write_jsonl(world.mmlu_rows(), out / "mmlu" / "test.jsonl")
     write_jsonl(world.truthfulqa_rows(seed=5), out / "truthfulqa" / "mc.jsonl")
 
 
 def train_tokenizer(texts, path: Path, vocab_size: int):
-    """A byte-level BPE tokenizer.json trained on texts (so any text encodes, and decoding gives it back
-    exactly), with Qwen's two special tokens: <|endoftext|> ends documents and answers."""
+    """A byte-level BPE tokenizer.json trained on texts (so any text encodes, and decoding gives it
+    back exactly), with Qwen's two special tokens: <|endoftext|> ends documents and answers."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size,
+                                  special_tokens=["<|endoftext|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
     tok.train_from_iterator(texts, trainer)
     tok.save(str(path))

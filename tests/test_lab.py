@@ -1,11 +1,10 @@
-"""runs/lab.py: the synthetic world is right and in the real formats, and the whole lab runs end to end in
-miniature (world, tokenizer, pretraining, six runs over two seeds, table) and resumes; a slow test runs one
-full seed and checks the two most robust findings."""
+"""runs/lab.py: the synthetic world is right and in the real formats, and the whole lab runs end to
+end in miniature (world, tokenizer, pretraining, six runs over two seeds, table) and resumes; a slow
+test runs one full seed and checks the two most robust findings."""
 import json
 import re
 
 import pytest
-import torch
 
 from conftest import load_script
 
@@ -23,38 +22,44 @@ def test_world_problems_solutions_and_facts_agree():
         p = world.problem(rng)
         value = p["steps"][0][0]
         for a, op, k, b in p["steps"]:  # each step starts where the last ended and computes right
-            assert a == value and b == (a + k if op == "+" else a - k) and 0 <= b <= world_module.MAX_VALUE
+            assert (a == value and b == (a + k if op == "+" else a - k)
+                    and 0 <= b <= world_module.MAX_VALUE)
             value = b
         a_text, b_text = world.solution(p, "A"), world.solution(p, "B")
         assert extract_gsm8k_answer(a_text) == extract_gsm8k_answer(b_text) == str(p["gold"])
         assert gsm8k_reward(a_text, str(p["gold"])) == gsm8k_reward(b_text, str(p["gold"])) == 1.0
         # style B: the same sums in digits, in another layout and phrasing (no line of style A's)
         sums = [f"{a} {op} {k} = {b}" for a, op, k, b in p["steps"]]
-        assert re.findall(r"\d+ [-+] \d+ = \d+", b_text) == re.findall(r"\d+ [-+] \d+ = \d+", a_text) == sums
+        pattern = r"\d+ [-+] \d+ = \d+"
+        assert re.findall(pattern, b_text) == re.findall(pattern, a_text) == sums
         assert b_text.startswith("Step 1, ") and f"{p['name']} has" not in b_text
         assert "\n" in b_text.split("####")[0]
     for subject, rows in world.mmlu.items():
         for key, row in rows.items():
-            assert row["choices"][row["answer"]] == world.facts[subject][key] and len(set(row["choices"])) == 4
+            assert (row["choices"][row["answer"]] == world.facts[subject][key]
+                    and len(set(row["choices"])) == 4)
             assert row["question"] == world_module.SUBJECTS[subject][0].format(key=key)
     assert len(world.mmlu_rows()) == sum(n for _, _, n, _ in world_module.SUBJECTS.values())
     # the pretraining stream holds every kind of document, its MMLU drills in the eval's format
     from eval import mmlu_question
-    docs = list(__import__("itertools").islice(world.documents(rng, {"target": 1, "facts": 1, "mmlu": 1,
-                                                                     "truthfulqa": 1}, "PRE"), 400))
+    mix = {"target": 1, "facts": 1, "mmlu": 1, "truthfulqa": 1}
+    docs = list(__import__("itertools").islice(world.documents(rng, mix, "PRE"), 400))
     assert any(d.startswith("Question: ") and "\n#### " in d for d in docs)
-    assert any(mmlu_question(r) + " " + "ABCD"[r["answer"]] in d for d in docs for r in world.mmlu_rows())
+    assert any(mmlu_question(r) + " " + "ABCD"[r["answer"]] in d
+               for d in docs for r in world.mmlu_rows())
 
 
 def test_world_data_reads_as_the_real_data(tmp_path):
-    """eval.py's loaders read the files as they read data/prepare.py's, with the same fields and counts."""
+    """eval.py's loaders read the files as they read data/prepare.py's, with the same fields and
+    counts."""
     from eval import load_gsm8k, load_mmlu, load_truthfulqa, mmlu_prompt
     world = world_module.World(seed=0)
     world_module.write_data(world, tmp_path / "a", "A", n_train=50, n_test=20)
     world_module.write_data(world, tmp_path / "b", "B", n_train=50, n_test=20)
     train_a, train_b = load_gsm8k("train", tmp_path / "a"), load_gsm8k("train", tmp_path / "b")
     assert len(train_a) == 50 and len(load_gsm8k("test", tmp_path / "a")) == 20
-    assert [r["question"] for r in train_a] == [r["question"] for r in train_b]  # same problems, other style
+    # same problems, other style
+    assert [r["question"] for r in train_a] == [r["question"] for r in train_b]
     assert [r["gold"] for r in train_a] == [r["gold"] for r in train_b]
     assert all(a["answer"] != b["answer"] for a, b in zip(train_a, train_b))
     assert load_gsm8k("test", tmp_path / "a") == load_gsm8k("test", tmp_path / "b")
@@ -64,7 +69,8 @@ def test_world_data_reads_as_the_real_data(tmp_path):
     assert mmlu_prompt(test[0], []).endswith("\nD. " + test[0]["choices"][3] + "\nAnswer:")
     tqa = load_truthfulqa(tmp_path / "a")
     assert len(tqa) == world_module.N_CREATURES
-    assert all(r["mc1_targets"]["labels"][0] == 1 and sum(r["mc2_targets"]["labels"]) == 2 for r in tqa)
+    assert all(r["mc1_targets"]["labels"][0] == 1 and sum(r["mc2_targets"]["labels"]) == 2
+               for r in tqa)
 
 
 def test_mini_lab_end_to_end_then_skips(tmp_path, capsys):
@@ -74,16 +80,19 @@ def test_mini_lab_end_to_end_then_skips(tmp_path, capsys):
     for step in ("world (data,", "tokenizer", "pretrain", "base eval", "seed 0 sft_stress training",
                  "seed 1 opd_stress training", "seed 1 rl eval", "table"):
         assert f"[lab] {step}" in log, step
-    assert re.search(r"\[lab\] seed 0 sft_stress training: \S+ \S*train_sft\.py .*--data_dir \S*data_stress", log)
+    assert re.search(r"\[lab\] seed 0 sft_stress training: \S+ \S*train_sft\.py "
+                     r".*--data_dir \S*data_stress", log)
 
-    # the base is a Hugging Face Qwen3 folder with the world's tokenizer, which our Tokenizer reads back exactly
+    # the base is a Hugging Face Qwen3 folder with the world's tokenizer, which our Tokenizer reads
+    # back exactly
     from model import Qwen3, Tokenizer
     tokenizer = Tokenizer.from_pretrained(out / "base")
     text = "Question: Ann has 5 pens.\nAnswer: 5 + 3 = 8.\n#### 8"
     assert tokenizer.decode(tokenizer.encode(text)) == text and tokenizer.stop_ids
     model = Qwen3.from_pretrained(out / "base")
     assert model.config.vocab_size >= tokenizer.n_real_tokens
-    losses = [json.loads(line)["loss"] for line in (out / "pretrain.jsonl").read_text().splitlines()]
+    losses = [json.loads(line)["loss"]
+              for line in (out / "pretrain.jsonl").read_text().splitlines()]
     assert losses[-1] < losses[0] - 0.5  # pretraining learned something
 
     table = json.loads((out / "table.json").read_text())
@@ -91,26 +100,31 @@ def test_mini_lab_end_to_end_then_skips(tmp_path, capsys):
     assert set(table["per_seed"]["rl"]) == {"0", "1"}
     for name, seeds in table["per_seed"].items():
         for row in seeds.values():
-            assert all(isinstance(row[k], float) for k in ("target", "mmlu", "truthfulqa_mc2", "forgetting",
-                                                           "retention", "mmd2_lexical")), (name, row)
-            # RL logs a state NLL only on steps with a group that earned different rewards (none, in miniature)
+            keys = ("target", "mmlu", "truthfulqa_mc2", "forgetting", "retention", "mmd2_lexical")
+            assert all(isinstance(row[k], float) for k in keys), (name, row)
+            # RL logs a state NLL only on steps with a group that earned different rewards (none, in
+            # miniature)
             assert name in ("base", "rl") or row["state_nll"] > 0, name
     assert table["summary"]["base"]["forgetting"]["mean"] == 0.0
     sft = table["per_seed"]["sft_mild"]["0"]
-    records = [json.loads(line) for line in (out / "seed0" / "sft_mild" / "metrics.jsonl").read_text().splitlines()]
+    metrics = (out / "seed0" / "sft_mild" / "metrics.jsonl").read_text()
+    records = [json.loads(line) for line in metrics.splitlines()]
     nlls = [r["state_nll"] for r in records if "state_nll" in r]
-    assert sft["state_nll"] == pytest.approx(sum(nlls) / len(nlls))  # the mean of what the trainer logged
+    # the mean of what the trainer logged
+    assert sft["state_nll"] == pytest.approx(sum(nlls) / len(nlls))
     base = json.loads((out / "results" / "base.json").read_text())
     rl = json.loads((out / "seed1" / "results" / "rl.json").read_text())
     assert table["per_seed"]["rl"]["1"]["forgetting"] == pytest.approx(
         50 * (base["tasks"]["mmlu"]["metrics"]["acc"] - rl["tasks"]["mmlu"]["metrics"]["acc"]
-              + base["tasks"]["truthfulqa_mc2"]["metrics"]["mc2"] - rl["tasks"]["truthfulqa_mc2"]["metrics"]["mc2"]))
+              + base["tasks"]["truthfulqa_mc2"]["metrics"]["mc2"]
+              - rl["tasks"]["truthfulqa_mc2"]["metrics"]["mc2"]))
     assert "| sft_stress |" in (out / "table.md").read_text()
 
     # again: everything is done, so everything is skipped
     lab.main(["--mini", "--out", str(out), "--seeds", "0,1", "--no_plot"])
     log = capsys.readouterr().out
-    assert "skip pretrain" in log and "skip seed 1 rl training" in log and "skip seed 1 rl eval" in log
+    assert ("skip pretrain" in log and "skip seed 1 rl training" in log
+            and "skip seed 1 rl eval" in log)
     assert not re.search(r"\[lab\] (seed \d )?\w+ (training|eval): ", log)
 
     # other settings in the same folder are refused
