@@ -201,6 +201,7 @@ class Qwen3(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.cuda_graphs = True  # may generate() capture its decode step? (not under FSDP)
 
     device = property(lambda self: self.embed_tokens.weight.device)
     dtype = property(lambda self: self.embed_tokens.weight.dtype)
@@ -297,7 +298,8 @@ class Qwen3(nn.Module):
         device = self.device
         B, prompt_len = len(prompts), max(map(len, prompts))
         max_len = prompt_len + max_new_tokens
-        cuda_graph = CUDA_GRAPHS and device.type == "cuda" if cuda_graph is None else cuda_graph
+        graphable = CUDA_GRAPHS and device.type == "cuda" and self.cuda_graphs
+        cuda_graph = graphable if cuda_graph is None else cuda_graph
         if max_len > self.config.max_position_embeddings:
             raise ValueError(f"generate: {max_len} tokens exceed max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
@@ -413,6 +415,8 @@ def rollout(model, tokenizer, prompts: list, max_new_tokens: int, temperature: f
     with a stop token, with the token that completes one of stop_strings (text such as
     "Question:"; checked every 16 steps), or at max_new_tokens. A progress bar (`desc`) counts
     rows x tokens on a terminal. Autocast is the caller's."""
+    if not prompts:
+        return []
     rows = list(range(len(prompts))) if rows is None else list(rows)
     stream = torch.Generator().manual_seed(seed)
     uniforms = torch.rand(max(rows) + 1, max_new_tokens, generator=stream)[rows]  # (n, steps)

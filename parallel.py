@@ -22,6 +22,7 @@ while it samples or evaluates, and frees them after: a rollout costs one all-gat
 time, the memory of the unsharded model.
 """
 import contextlib
+import math
 import os
 
 import torch
@@ -54,6 +55,7 @@ def wrap(model, fsdp: bool, device, dtype):
     DDP under torchrun, else the model itself."""
     if fsdp:
         policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        model.cuda_graphs = False  # FSDP's hooks run in every forward: no CUDA-graph capture
         for block in model.layers:  # one all-gather unit per decoder block
             fully_shard(block, mp_policy=policy)
         fully_shard(model, mp_policy=policy)  # the rest: embeddings, final norm, (tied) head
@@ -83,6 +85,16 @@ def tokens_per_rank(n_tokens: int) -> float:
     return max(total.item() / world, 1)
 
 
+def all_finite(value: float) -> bool:
+    """Is value finite on every GPU? (A stop that one GPU took alone would hang the others.)"""
+    if rank_and_world()[1] == 1:
+        return math.isfinite(value)
+    on_gpu = dist.get_backend() == "nccl"
+    flag = torch.tensor([float(math.isfinite(value))], device="cuda" if on_gpu else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def unwrap(model):
     return getattr(model, "module", model)
 
@@ -97,11 +109,12 @@ def most_across_ranks(n: int, device) -> int:
 
 def micro_batches(model, n_items: int, size: int):
     """The start index of each micro-batch of `size` items; the caller's forward and backward
-    for it run inside this loop. Gradients accumulate locally and are synced over GPUs in the
-    last micro-batch's backward only (DDP's no_sync, FSDP's requires_gradient_sync). Every GPU
-    must run as many passes as the busiest one (each pass is a collective under FSDP, and DDP
-    syncs in the last): a GPU with fewer micro-batches (RL skips groups whose rewards are all
-    equal) runs passes with a zero loss."""
+    for it run inside this loop. Under DDP gradients accumulate locally and are all-reduced in
+    the last micro-batch's backward only (no_sync); under FSDP every backward reduce-scatters
+    into the sharded gradients (skipping that would hold a whole fp32 gradient on each GPU).
+    Every GPU must run as many passes as the busiest one (each pass is a collective under FSDP,
+    and DDP syncs in the last): a GPU with fewer micro-batches (RL skips groups whose rewards are
+    all equal) runs passes with a zero loss."""
     starts = list(range(0, n_items, size))
     n_passes = most_across_ranks(len(starts), unwrap(model).device)
     for k in range(n_passes):
@@ -118,8 +131,6 @@ def gradient_sync(model, last: bool):
         with model.no_sync():
             yield
         return
-    if isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(last)
     yield
 
 

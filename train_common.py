@@ -13,6 +13,7 @@ way: model.py <- eval.py, parallel.py <- train_common.py <- checkpoint.py <- the
 which checks bad input, imports none of them).
 """
 import argparse
+import datetime
 import functools
 import json
 import math
@@ -28,7 +29,7 @@ from cli import (ArgumentParser, finite_or_null, nonnegative_float, nonnegative_
                  positive_float, positive_int, progress)
 from eval import evaluate, gsm8k_prompt, kl_to_start, load_gsm8k
 from model import Qwen3, Tokenizer, add_lora
-from parallel import gathered, rank_and_world, unwrap, wrap
+from parallel import all_finite, gathered, rank_and_world, unwrap, wrap
 
 # Flags and set-up ---------------------------------------------------------------------------------
 
@@ -95,7 +96,9 @@ def setup(args):
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        # rank 0 alone evaluates and saves while the others wait: allow it an hour
+        torch.distributed.init_process_group(backend, timeout=datetime.timedelta(hours=1))
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     torch.manual_seed(args.seed)  # LoRA's initialisation; every sampling call passes its own seed
@@ -176,7 +179,7 @@ def optimizer_step(optimizer, step: int, args, loss: float):
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
     if hasattr(grad_norm, "full_tensor"):  # FSDP: a norm over every GPU's shards
         grad_norm = grad_norm.full_tensor()
-    if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
+    if not (all_finite(loss) and torch.isfinite(grad_norm)):
         saved = sorted(Path(args.out_dir, "checkpoints").glob("step_*"))
         kept = "no checkpoint was saved yet (rerun"
         if saved:
@@ -289,4 +292,5 @@ def finish(model, tokenizer, out_dir):
             unwrap(model).save_pretrained(out_dir, tokenizer=tokenizer)
             print(f"saved the final model to {out_dir}")
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # no process leaves before rank 0 has saved
         torch.distributed.destroy_process_group()

@@ -93,8 +93,9 @@ def collect_states(student, teacher, tokenizer, questions, step, args, dtype):
     # One answer per question, from the student (on-policy) or the teacher (off-policy)
     prompts = [tokenizer.encode(gsm8k_prompt(q["question"])) for q in questions]
     rows = global_rows(len(prompts))  # each question's index among every GPU's
-    with autocast(student.device, dtype), gathered(student):  # FSDP: whole weights to sample
-        answers = rollout(model=student if args.states == "student" else teacher,
+    sampler = student if args.states == "student" else teacher
+    with autocast(student.device, dtype), gathered(sampler):  # FSDP: whole weights to sample
+        answers = rollout(model=sampler,
                           tokenizer=tokenizer, prompts=prompts, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, seed=seed, stop_strings=GSM8K_STOP_STRINGS,
                           batch_size=args.gen_batch_size, rows=rows)
