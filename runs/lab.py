@@ -87,8 +87,9 @@ LAB_TRAINING = {
                     "--states_per_rollout", "2", "--continuation_tokens", "64",
                     "--eval_every", "10", "--save_every", "10"]),
     "rl": ("train_rl.py",
-           ["--steps", "60", "--batch_size", "16", "--group_size", "8", "--lr", "1e-4",
-            "--warmup", "4", "--max_new_tokens", "64", "--eval_every", "10", "--save_every", "10"]),
+           ["--steps", "60", "--batch_size", "16", "--group_size", "8", "--lr", "5e-5",
+            "--std_adv", "--warmup", "4", "--max_new_tokens", "64", "--eval_every", "10",
+            "--save_every", "10"]),
 }
 LAB_EVAL = ["--limit", "gsm8k=400,mmlu=192,truthfulqa=60", "--gsm8k_shots", "0",
             "--mmlu_shots", "0", "--max_new_tokens", "64", "--batch_size", "64", "--device", "cpu",
