@@ -74,6 +74,16 @@ def probability(text):
 # Checks that need more than one flag, or the machine
 
 
+def subset_of(choices):
+    """An argument type: a comma-separated list of some of `choices`, returned as a tuple."""
+    def parse(text):
+        picked = tuple(c for c in text.split(",") if c)
+        if not picked or set(picked) - set(choices):
+            raise argparse.ArgumentTypeError(f"expected some of {','.join(choices)}, got {text!r}")
+        return picked
+    return parse
+
+
 def check_device(device: str, flag: str = "--device"):
     """A device torch knows, and CUDA only where there is CUDA."""
     import torch

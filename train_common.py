@@ -5,7 +5,8 @@ them holds only its method (where its states come from, and the signal it applie
     training_args, setup   the shared flags; torchrun, device, dtype, seed, model (LoRA), AdamW
     batch_at, step_seed    the questions and the sampling seed of any step, without replaying
     optimizer_step         the non-finite stop, clipping, lr_at's schedule, AdamW
-    MetricsLog             metrics.jsonl, a progress line and bar; periodic_eval: GSM8K, kl_to_start
+    MetricsLog             metrics.jsonl, a progress line and bar; periodic_eval: --eval_tasks,
+                           kl_to_start
     due, finish            when --eval_every / --save_every act; the final model
 
 Checkpoints are checkpoint.py's; DDP and FSDP (torchrun, --fsdp) parallel.py's. Imports go one
@@ -26,8 +27,8 @@ from pathlib import Path
 import torch
 
 from cli import (ArgumentParser, finite_or_null, nonnegative_float, nonnegative_int,
-                 positive_float, positive_int, progress)
-from eval import evaluate, gsm8k_prompt, kl_to_start, load_gsm8k
+                 positive_float, positive_int, progress, subset_of)
+from eval import TASKS, evaluate, gsm8k_prompt, kl_to_start, load_gsm8k
 from model import Qwen3, Tokenizer, add_lora
 from parallel import all_finite, gathered, rank_and_world, unwrap, wrap
 
@@ -69,11 +70,13 @@ def training_args(description: str, **defaults) -> argparse.ArgumentParser:
     a("--seed", type=int, default=1337,
       help="seeds the data order, the sampling and LoRA's initialisation")
     a("--eval_every", type=nonnegative_int, default=50,
-      help="held-out GSM8K accuracy every N steps (0: never)")
+      help="held-out accuracy on --eval_tasks every N steps (0: never)")
+    a("--eval_tasks", type=subset_of(TASKS), default="gsm8k",
+      help=f"comma-separated eval.py tasks of the periodic eval ({','.join(TASKS)})")
     a("--eval_limit", type=positive_int, default=200,
-      help="GSM8K test questions per periodic eval (fixed subset)")
+      help="test questions per task per periodic eval (a fixed subset)")
     a("--eval_shots", type=nonnegative_int, default=5,
-      help="GSM8K few-shot examples in the periodic eval")
+      help="GSM8K and MMLU few-shot examples in the periodic eval")
     a("--save_every", type=nonnegative_int, default=50,
       help="checkpoint (for --resume) every N steps (0: never)")
     a("--resume", action="store_true", help="continue from the latest checkpoint in --out_dir")
@@ -249,9 +252,9 @@ KL_PROMPTS = 32  # fixed GSM8K test prompts the learner answers to measure its K
 
 
 def periodic_eval(steps_done: int, model, tokenizer, metrics, args, dtype):
-    """After `steps_done` steps, every --eval_every steps and at the end (rank 0): held-out GSM8K
-    (eval.py's protocol on a fixed subset of --eval_limit test questions) and the KL to the
-    starting model on the learner's own answers to KL_PROMPTS test questions."""
+    """After `steps_done` steps, every --eval_every steps and at the end (rank 0): each of
+    --eval_tasks (eval.py's protocol on a fixed subset of --eval_limit test questions) and the KL
+    to the starting model on the learner's own answers to KL_PROMPTS GSM8K test questions."""
     at_the_end = steps_done == args.steps
     if not args.eval_every or (steps_done % args.eval_every != 0 and not at_the_end):
         return
@@ -266,14 +269,17 @@ def evaluate_and_log(steps_done: int, model, tokenizer, metrics, args, dtype):
     questions = load_gsm8k("test", args.data_dir)[:KL_PROMPTS]
     prompts = tokenizer.encode_batch([gsm8k_prompt(q["question"]) for q in questions])
     with autocast(model.device, dtype):
-        scores = evaluate(model, tokenizer, ("gsm8k",), limit=args.eval_limit,
-                          data_dir=args.data_dir, gsm8k_shots=args.eval_shots)
+        scores = evaluate(model, tokenizer, args.eval_tasks, limit=args.eval_limit,
+                          data_dir=args.data_dir, gsm8k_shots=args.eval_shots,
+                          mmlu_shots=args.eval_shots)
         kl = kl_to_start(model=model, start_model=starting_model(args, model.device, dtype),
                          tokenizer=tokenizer, prompts=prompts,
                          max_new_tokens=args.max_new_tokens, seed=args.seed)
-    accuracy = scores["tasks"]["gsm8k"]["metrics"]  # exact_match_flexible, exact_match_strict
-    metrics.log(steps_done, kl_to_start=kl,
-                **{f"gsm8k_{name.split('_')[-1]}": value for name, value in accuracy.items()})
+    # as task_metric: gsm8k_flexible, gsm8k_strict, mmlu_acc, truthfulqa_mc1_acc, truthfulqa_mc2
+    named = {task if task.endswith(name) else f"{task}_{name.split('_')[-1]}": value
+             for task, result in scores["tasks"].items()
+             for name, value in result["metrics"].items() if isinstance(value, float)}
+    metrics.log(steps_done, kl_to_start=kl, **named)
 
 
 # When to act, and the final model -----------------------------------------------------------------

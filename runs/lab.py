@@ -32,7 +32,8 @@ run is printed as a command you can paste. By default they run in this process (
 step); with --subprocess each is a new Python, as runs/paper.py runs them. Resuming: a run whose
 folder holds a final model is not trained again, one with checkpoints continues with --resume, a
 results file newer than its model is kept. OUT/lab.json records the settings; a later call with
-other settings is refused.
+other settings is refused, except that a run's own flags (LAB_TRAINING) may change while no seed
+holds that run: delete OUT/seed*/<run> and OUT/seed*/results/<run>.json to rerun it with new ones.
 """
 import argparse
 import itertools
@@ -65,7 +66,9 @@ PRETRAIN = dict(tokens=2_500_000, seq=128, batch=32, lr=3e-3, warmup=100, min_lr
 
 # What each run trains: (script, flags beyond --model/--out_dir/--data_dir/--seed). {out}: the
 # seed's folder.
-COMMON = ["--device", "cpu", "--grad_accum", "1", "--eval_shots", "0", "--eval_limit", "100"]
+# The periodic eval scores the target and both retention tasks (TruthfulQA has 60 questions)
+COMMON = ["--device", "cpu", "--grad_accum", "1", "--eval_shots", "0", "--eval_limit", "100",
+          "--eval_tasks", "gsm8k,mmlu,truthfulqa_mc2"]
 LAB_TRAINING = {
     "sft_mild": ("train_sft.py",
                  ["--steps", "30", "--batch_size", "16", "--lr", "3e-4", "--warmup", "3",
@@ -84,8 +87,9 @@ LAB_TRAINING = {
                     "--states_per_rollout", "2", "--continuation_tokens", "64",
                     "--eval_every", "10", "--save_every", "10"]),
     "rl": ("train_rl.py",
-           ["--steps", "60", "--batch_size", "16", "--group_size", "8", "--lr", "1e-4",
-            "--warmup", "4", "--max_new_tokens", "64", "--eval_every", "10", "--save_every", "10"]),
+           ["--steps", "60", "--batch_size", "16", "--group_size", "8", "--lr", "5e-5",
+            "--std_adv", "--warmup", "4", "--max_new_tokens", "64", "--eval_every", "10",
+            "--save_every", "10"]),
 }
 LAB_EVAL = ["--limit", "gsm8k=400,mmlu=192,truthfulqa=60", "--gsm8k_shots", "0",
             "--mmlu_shots", "0", "--max_new_tokens", "64", "--batch_size", "64", "--device", "cpu",
@@ -157,12 +161,20 @@ def check_settings(args):
     others."""
     settings = {"mini": args.mini, "model": MINI_MODEL if args.mini else MODEL, "mix": MIX,
                 "pretrain": MINI_PRETRAIN if args.mini else PRETRAIN, "training": LAB_TRAINING,
-                "eval": LAB_EVAL}
+                "common": COMMON, "eval": LAB_EVAL}
     settings = json.loads(json.dumps(settings))
     path = args.out / "lab.json"
-    if path.exists() and json.loads(path.read_text()) != settings:
-        raise SystemExit(f"[lab] {args.out} holds a lab made with other settings ({path}): use "
-                         "another --out (or delete that folder)")
+    old = json.loads(path.read_text()) if path.exists() else settings
+    # a run whose flags changed may be rerun once no seed holds it (nor its results)
+    changed = [name for name in LAB_TRAINING
+               if old["training"].get(name) != settings["training"][name]]
+    held = [name for name in changed
+            if list(args.out.glob(f"seed*/{name}")) + list(args.out.glob(f"seed*/*/{name}.json"))]
+    same_rest = all(old.get(k) == settings[k] for k in settings if k != "training")
+    if held or not same_rest or set(old["training"]) != set(settings["training"]):
+        which = f" (runs {', '.join(held)}: delete OUT/seed*/<run> and its results)" * bool(held)
+        raise SystemExit(f"[lab] {args.out} holds a lab made with other settings ({path}){which}: "
+                         "use another --out (or delete that folder)")
     args.out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(settings, indent=1) + "\n")
 
@@ -423,9 +435,9 @@ def table(args):
 
 
 def plot(args, summary):
-    """OUT/lab.png: per method, the state NLL of its training states and its target accuracy over
-    the training steps (seed by seed), and the final table as bars (mean ± std). matplotlib is
-    optional."""
+    """OUT/lab.png: per method, the state NLL of its training states, its target accuracy and its
+    retention accuracy over the training steps (seed by seed), and the final table as bars
+    (mean ± std). matplotlib is optional."""
     try:
         import matplotlib
     except ImportError:
@@ -435,7 +447,7 @@ def plot(args, summary):
     import matplotlib.pyplot as plt
     colors = {"base": "gray", "sft_mild": "tab:blue", "sft_stress": "tab:red",
               "opd_mild": "tab:cyan", "opd_stress": "tab:orange", "rl": "tab:green"}
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+    fig, axes = plt.subplots(1, 5, figsize=(25, 4.2))
     for name in RUNS[1:]:
         for i, seed in enumerate(args.seeds):
             path = args.out / f"seed{seed}" / name / "metrics.jsonl"
@@ -449,14 +461,21 @@ def plot(args, summary):
                          color=colors[name], alpha=0.7, label=label)
             axes[1].plot([r["step"] for r in evals], [100 * r["gsm8k_flexible"] for r in evals],
                          color=colors[name], alpha=0.7, marker="o", markersize=3, label=label)
+            # retention: the mean of the two retention tasks, as Forgetting averages them
+            kept = [r for r in evals if "mmlu_acc" in r and "truthfulqa_mc2" in r]
+            axes[2].plot([r["step"] for r in kept],
+                         [50 * (r["mmlu_acc"] + r["truthfulqa_mc2"]) for r in kept],
+                         color=colors[name], alpha=0.7, marker="o", markersize=3, label=label)
     axes[0].set(title="state NLL of the training states", xlabel="step", ylabel="nats / token",
                 yscale="log")
     axes[1].set(title="target accuracy during training (100 test questions)", xlabel="step",
                 ylabel="%")
+    axes[2].set(title="retention during training (mean of MMLU, TruthfulQA MC2)", xlabel="step",
+                ylabel="%")
     axes[0].legend(fontsize=8)
     names = list(summary)
-    panels = ((axes[2], ("target", "mmlu", "truthfulqa_mc2"), "final accuracy (mean ± std)"),
-              (axes[3], ("forgetting", "state_nll"), "Forgetting (points) and state NLL"))
+    panels = ((axes[3], ("target", "mmlu", "truthfulqa_mc2"), "final accuracy (mean ± std)"),
+              (axes[4], ("forgetting", "state_nll"), "Forgetting (points) and state NLL"))
     for ax, keys, title in panels:
         width = 0.8 / len(names)
         for j, name in enumerate(names):
@@ -466,7 +485,7 @@ def plot(args, summary):
                    color=colors[name], label=name, capsize=2)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))], keys)
         ax.set_title(title)
-    axes[2].legend(fontsize=8)
+    axes[3].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.out / "lab.png", dpi=110)
     plt.close(fig)

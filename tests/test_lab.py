@@ -3,6 +3,7 @@ end in miniature (world, tokenizer, pretraining, six runs over two seeds, table)
 test runs one full seed and checks the two most robust findings."""
 import json
 import re
+import shutil
 
 import pytest
 
@@ -73,7 +74,7 @@ def test_world_data_reads_as_the_real_data(tmp_path):
                for r in tqa)
 
 
-def test_mini_lab_end_to_end_then_skips(tmp_path, capsys):
+def test_mini_lab_end_to_end_then_skips(tmp_path, capsys, monkeypatch):
     out = tmp_path / "lab"
     lab.main(["--mini", "--out", str(out), "--seeds", "0,1"])
     log = capsys.readouterr().out
@@ -130,6 +131,22 @@ def test_mini_lab_end_to_end_then_skips(tmp_path, capsys):
     # other settings in the same folder are refused
     with pytest.raises(SystemExit, match="other settings"):
         lab.main(["--out", str(out), "--seeds", "0"])
+    # one run's flags may change once no seed holds that run
+    script, flags = lab.LAB_TRAINING["rl"]
+    args = lab.get_args(["--mini", "--out", str(out)])
+    monkeypatch.setitem(lab.LAB_TRAINING, "rl", (script, [*flags, "--std_adv"]))
+    with pytest.raises(SystemExit, match=r"other settings .*\(runs rl: delete"):
+        lab.check_settings(args)
+    for path in [*out.glob("seed*/rl"), *out.glob("seed*/results/rl.json")]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    lab.check_settings(args)
+    assert "--std_adv" in json.loads((out / "lab.json").read_text())["training"]["rl"][1]
+    # the periodic eval scored retention too, for the figure's retention panel
+    evals = [r for r in records if "gsm8k_flexible" in r]
+    assert evals and all({"mmlu_acc", "truthfulqa_mc2"} <= set(r) for r in evals)
 
 
 @pytest.mark.slow

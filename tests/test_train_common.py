@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import eval as ev
 import train_common as T
 from conftest import ROOT, ByteTokenizer, args_for, assert_final_model, train_lines
-from model import Qwen3
+from model import Qwen3, Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -72,6 +72,35 @@ def test_metrics_log_writes_null_for_a_non_finite_figure(tmp_path):
     # a fresh start (not --resume) keeps none of an earlier run's lines
     T.MetricsLog(tmp_path, steps=2)
     assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def test_periodic_eval_scores_each_of_eval_tasks(prepared_data, byte_model_dir, tmp_path, capsys):
+    """--eval_tasks picks eval.py's tasks for the periodic eval; each task's main metric is logged
+    under its own name, the very number eval.evaluate gives on the same subset."""
+    import train_rl
+    with pytest.raises(SystemExit):  # a task eval.py does not know: one line naming the flag
+        train_rl.get_args(["--eval_tasks", "gsm8k,mmlux"])
+    assert "--eval_tasks: expected some of gsm8k,mmlu," in capsys.readouterr().err
+    assert args_for().eval_tasks == ("gsm8k",)  # the default: the target only, as before
+    tasks = ("gsm8k", "mmlu", "truthfulqa_mc1", "truthfulqa_mc2")
+    args = train_rl.get_args(["--eval_tasks", ",".join(tasks), "--eval_limit", "3", "--steps", "1",
+                              "--eval_every", "1", "--eval_shots", "1", "--model",
+                              str(byte_model_dir), "--data_dir", str(prepared_data),
+                              "--max_new_tokens", "4", "--device", "cpu"])
+    assert args.eval_tasks == tasks
+    model = Qwen3.from_pretrained(byte_model_dir)
+    tokenizer = Tokenizer.from_pretrained(byte_model_dir)
+    T.periodic_eval(1, model, tokenizer, T.MetricsLog(tmp_path, steps=1), args, torch.float32)
+    row = json.loads((tmp_path / "metrics.jsonl").read_text())
+    want = ev.evaluate(model, tokenizer, tasks, limit=3, data_dir=prepared_data, gsm8k_shots=1,
+                       mmlu_shots=1)["tasks"]
+    assert set(row) == {"step", "kl_to_start", "gsm8k_flexible", "gsm8k_strict", "mmlu_acc",
+                        "truthfulqa_mc1_acc", "truthfulqa_mc2"}
+    assert row["gsm8k_flexible"] == want["gsm8k"]["metrics"]["exact_match_flexible"]
+    assert row["mmlu_acc"] == want["mmlu"]["metrics"]["acc"]
+    assert row["truthfulqa_mc1_acc"] == want["truthfulqa_mc1"]["metrics"]["acc"]
+    assert row["truthfulqa_mc2"] == want["truthfulqa_mc2"]["metrics"]["mc2"]
+    assert 0 < row["truthfulqa_mc2"] < 1  # a real score, not a default
 
 
 # Checkpoints, --resume and the non-finite stop, through train_sft.py's main -------------------
