@@ -269,9 +269,8 @@ def evaluate_and_log(steps_done: int, model, tokenizer, metrics, args, dtype):
     questions = load_gsm8k("test", args.data_dir)[:KL_PROMPTS]
     prompts = tokenizer.encode_batch([gsm8k_prompt(q["question"]) for q in questions])
     with autocast(model.device, dtype):
-        scores = evaluate(model, tokenizer, args.eval_tasks, limit=args.eval_limit,
-                          data_dir=args.data_dir, gsm8k_shots=args.eval_shots,
-                          mmlu_shots=args.eval_shots)
+        scores = evaluate(model, tokenizer, args.eval_tasks, limit=args.eval_limit, data_dir=
+                          args.data_dir, gsm8k_shots=args.eval_shots, mmlu_shots=args.eval_shots)
         kl = kl_to_start(model=model, start_model=starting_model(args, model.device, dtype),
                          tokenizer=tokenizer, prompts=prompts,
                          max_new_tokens=args.max_new_tokens, seed=args.seed)
@@ -291,8 +290,7 @@ def due(steps_done: int, every: int) -> bool:
 
 
 def finish(model, tokenizer, out_dir):
-    """Write the final model to out_dir (Hugging Face layout, LoRA merged) and leave torchrun's
-    group."""
+    """Write the final model to out_dir (Hugging Face layout, LoRA merged); leave the group."""
     with gathered(model):  # FSDP: whole weights on every GPU (in the compute dtype), for rank 0
         if rank_and_world()[0] == 0:
             unwrap(model).save_pretrained(out_dir, tokenizer=tokenizer)
