@@ -181,14 +181,16 @@ def restore(folder, tensors, model, optimizer):
 # Sharded checkpoints (--fsdp) ---------------------------------------------------------------------
 
 
-def sharded_state(model, optimizer) -> dict:
-    """The trained weights and AdamW state, flat: this GPU's shards (DTensors), FQN-named."""
+def sharded_state(model, optimizer):
+    """The trained weights and AdamW state: this GPU's shards (DTensors), FQN-named, as torch's
+    state dicts and flat (the same tensors; a tied head is the embedding, left out of both)."""
     weights, adam = get_state_dict(model, optimizer)
-    state = {f"param.{name}": tensor for name, tensor in weights.items()
-             if not (name == "lm_head.weight" and model.config.tie_word_embeddings)}
+    if model.config.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    flat = {f"param.{name}": tensor for name, tensor in weights.items()}
     for name, moments in adam["state"].items():
-        state.update({f"adam.{name}.{key}": value for key, value in moments.items()})
-    return state
+        flat.update({f"adam.{name}.{key}": value for key, value in moments.items()})
+    return flat, weights, adam
 
 
 def save_sharded(out_dir, model, optimizer, step: int):
@@ -198,7 +200,7 @@ def save_sharded(out_dir, model, optimizer, step: int):
     dist.broadcast_object_list(tmp)  # one folder for all, rank 0's name
     tmp = Path(tmp[0])
     writer = dcp.HuggingFaceStorageWriter(str(tmp), save_distributed=True)
-    dcp.save(sharded_state(model, optimizer), storage_writer=writer)
+    dcp.save(sharded_state(model, optimizer)[0], storage_writer=writer)
     dist.barrier()  # every shard is written
     if rank_and_world()[0] == 0:
         meta = {"step": step, "world_size": rank_and_world()[1]}
@@ -221,12 +223,9 @@ def load_sharded(folder: Path, model, optimizer) -> int:
         fail(f"--resume {folder}: written by {meta.get('world_size')} --fsdp processes (or "
              f"without --fsdp), this run has {rank_and_world()[1]}")
     optimizer.zero_grad(set_to_none=True)
-    state = sharded_state(model, optimizer)  # the shapes to load into (AdamW's after one step)
-    dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(folder)))
-    weights = {k.removeprefix("param."): v for k, v in state.items() if k.startswith("param.")}
-    _, adam = get_state_dict(model, optimizer)
-    for name, moments in adam["state"].items():
-        adam["state"][name] = {key: state[f"adam.{name}.{key}"] for key in moments}
+    # The tensors to load into (AdamW's as after one step), filled in place by dcp.load
+    flat, weights, adam = sharded_state(model, optimizer)
+    dcp.load(flat, storage_reader=dcp.HuggingFaceStorageReader(str(folder)))
     set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=adam,
                    options=StateDictOptions(strict=False))  # a tied head is the embedding
     print(f"resumed from {folder}")

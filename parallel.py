@@ -72,39 +72,30 @@ def global_rows(n: int) -> range:
     return range(rank_and_world()[0] * n, (rank_and_world()[0] + 1) * n)
 
 
+def reduced(value: float, op=dist.ReduceOp.SUM) -> float:
+    """value combined over every GPU (sum, min, max); value itself without torchrun."""
+    if rank_and_world()[1] == 1:
+        return value
+    on_gpu = dist.get_backend() == "nccl"
+    total = torch.tensor([float(value)], device="cuda" if on_gpu else "cpu")
+    dist.all_reduce(total, op=op)
+    return total.item()
+
+
 def tokens_per_rank(n_tokens: int) -> float:
     """The step's token count averaged over GPUs. Losses divide by it, so that once
     optimizer_step has averaged the gradients over GPUs the loss is a mean over all the step's
     tokens, not a mean of means."""
-    world = rank_and_world()[1]
-    if world == 1:
-        return max(n_tokens, 1)
-    on_gpu = dist.get_backend() == "nccl"
-    total = torch.tensor([float(n_tokens)], device="cuda" if on_gpu else "cpu")
-    dist.all_reduce(total)
-    return max(total.item() / world, 1)
+    return max(reduced(n_tokens) / rank_and_world()[1], 1)
 
 
 def all_finite(value: float) -> bool:
     """Is value finite on every GPU? (A stop that one GPU took alone would hang the others.)"""
-    if rank_and_world()[1] == 1:
-        return math.isfinite(value)
-    on_gpu = dist.get_backend() == "nccl"
-    flag = torch.tensor([float(math.isfinite(value))], device="cuda" if on_gpu else "cpu")
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    return reduced(float(math.isfinite(value)), op=dist.ReduceOp.MIN) == 1.0
 
 
 def unwrap(model):
     return getattr(model, "module", model)
-
-
-def most_across_ranks(n: int, device) -> int:
-    if rank_and_world()[1] == 1:
-        return n
-    count = torch.tensor([n], device=device)
-    dist.all_reduce(count, op=dist.ReduceOp.MAX)
-    return int(count.item())
 
 
 def micro_batches(model, n_items: int, size: int):
@@ -116,7 +107,7 @@ def micro_batches(model, n_items: int, size: int):
     and DDP syncs in the last): a GPU with fewer micro-batches (RL skips groups whose rewards are
     all equal) runs passes with a zero loss."""
     starts = list(range(0, n_items, size))
-    n_passes = most_across_ranks(len(starts), unwrap(model).device)
+    n_passes = int(reduced(len(starts), op=dist.ReduceOp.MAX))  # the busiest GPU's count
     for k in range(n_passes):
         with gradient_sync(model, last=k == n_passes - 1):
             if k < len(starts):
