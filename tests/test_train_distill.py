@@ -56,8 +56,10 @@ def test_distill_runs_logs_and_saves(signal, states, prepared_data, byte_model, 
                         "--save_every", "2"])
     assert_final_model(out, steps=2)
     for row in train_lines(out):
-        assert {"loss", "state_nll", "answer_len", "lr", "tokens_per_s"} <= row.keys()
+        assert {"loss", "state_nll", "answer_len", "lr", "tokens_per_s", "signal_nll"} <= row.keys()
         assert ("kl" in row) == (signal != "continuation")
+        continuation_figures = {"teacher_nll", "signal_answered", "signal_correct"}
+        assert (continuation_figures <= row.keys()) == (signal == "continuation")
     assert (out / "checkpoints" / "step_0000002").exists()
 
 
@@ -70,9 +72,9 @@ def test_a_teacher_with_another_tokenizer_is_refused(prepared_data, byte_model, 
                             str(tmp_path / "x"), "--data_dir", str(prepared_data), "--steps", "1"])
 
 
-QUESTIONS = [{"question": q} for q in ("What is 2 + 3?", "How many legs do 3 cats have?",
-                                       "Tom has 5 apples and eats 2. How many are left?",
-                                       "What is 10 times 4?")]
+QUESTIONS = [{"question": q, "gold": gold} for q, gold in (
+    ("What is 2 + 3?", "5"), ("How many legs do 3 cats have?", "12"),
+    ("Tom has 5 apples and eats 2. How many are left?", "3"), ("What is 10 times 4?", "40"))]
 
 
 def kl_on_student_states(student, teacher, tokenizer, args):
