@@ -121,10 +121,33 @@ class World:
                  for i, (a, op, k, b) in enumerate(steps, start=1)]
         return "\n".join(lines) + f"\nSo the answer is {gold}.\n#### {gold}"
 
+    @staticmethod
+    def misread(problem: dict) -> dict:
+        """The problem as the slip teacher reads it: it takes the question's second number, the
+        first change, for the start ("Fay has 20 apples. Fay gives 5 apples to Ann." -> "Fay has
+        5 apples. 5 - 5 = 0."), then computes every step right from there. A problem whose
+        misread steps would leave 0..MAX_VALUE (a third of them), or end right, is read right."""
+        value = problem["steps"][0][2]
+        steps = []
+        for _, op, k, _ in problem["steps"]:
+            steps.append((value, op, k, value + k if op == "+" else value - k))
+            value = steps[-1][3]
+        if not all(0 <= b <= MAX_VALUE for *_, b in steps) or value == problem["gold"]:
+            return problem
+        return {**problem, "steps": steps, "gold": value}
+
     def gsm8k_rows(self, n: int, seed: int, style: str) -> list:
+        """n problems with their solutions in style A or B; style "slip": style A, as the slip
+        teacher reads the problems (misread: a problem that starts with a loss ends wrong)."""
         rng = random.Random(seed)
-        return [{"question": p["question"], "answer": self.solution(p, style)}
-                for p in (self.problem(rng) for _ in range(n))]
+        rows = []
+        for _ in range(n):
+            problem = self.problem(rng)
+            if style == "slip":
+                problem = self.misread(problem)
+            rows.append({"question": problem["question"],
+                         "answer": self.solution(problem, "B" if style == "B" else "A")})
+        return rows
 
     # --- retention: MMLU and TruthfulQA formats -------------------------------------------------
 

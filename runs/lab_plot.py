@@ -1,0 +1,105 @@
+"""The lab's figures (matplotlib is optional: without it, one line says how to get it).
+
+    OUT/lab.png      per method: the state NLL of its training states, its target accuracy and its
+                     retention over the training steps (one line per base and seed), and the
+                     final table as bars (mean ± std)
+    OUT/distill.png  the paper's condition P3, measured: for every OPD student and (base, seed),
+                     student minus teacher (target; retention) against the teacher's local quality
+                     on the student's states
+"""
+import json
+
+SIX_COLORS = {"base": "gray", "sft_mild": "tab:blue", "sft_stress": "tab:red",
+              "opd_mild": "tab:cyan", "opd_stress": "tab:orange", "rl": "tab:green"}
+STUDENT_MARKERS = {"opd_mild": "o", "opd_stress": "s", "opd_overtrain": "^", "opd_slip": "D",
+                   "opd_stress_lora": "v", "opd_stress_gentle": "P"}
+
+
+def pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        print("[lab] no figure: matplotlib is not installed (pip install matplotlib)", flush=True)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_lab(args, summary, runs):
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 5, figsize=(25, 4.2))
+    for name, color in SIX_COLORS.items():
+        if name == "base" or name not in runs:
+            continue
+        first = True
+        for base in args.bases:
+            for seed in args.seeds:
+                path = args.out / f"b{base}" / f"seed{seed}" / name / "metrics.jsonl"
+                if not path.exists():
+                    continue
+                records = [json.loads(line) for line in path.read_text().splitlines()]
+                steps = [r for r in records if r.get("state_nll") is not None]
+                evals = [r for r in records if "gsm8k_flexible" in r]
+                label = name if first else None
+                first = False
+                axes[0].plot([r["step"] for r in steps], [r["state_nll"] for r in steps],
+                             color=color, alpha=0.6, label=label)
+                axes[1].plot([r["step"] for r in evals],
+                             [100 * r["gsm8k_flexible"] for r in evals], color=color, alpha=0.6,
+                             marker="o", markersize=3, label=label)
+                # retention: the mean of the two retention tasks, as Forgetting averages them
+                kept = [r for r in evals if "mmlu_acc" in r and "truthfulqa_mc2" in r]
+                axes[2].plot([r["step"] for r in kept],
+                             [50 * (r["mmlu_acc"] + r["truthfulqa_mc2"]) for r in kept],
+                             color=color, alpha=0.6, marker="o", markersize=3, label=label)
+    axes[0].set(title="state NLL of the training states", xlabel="step", ylabel="nats / token",
+                yscale="log")
+    axes[1].set(title="target accuracy during training (100 test questions)", xlabel="step",
+                ylabel="%")
+    axes[2].set(title="retention during training (mean of MMLU, TruthfulQA MC2)", xlabel="step",
+                ylabel="%")
+    axes[0].legend(fontsize=8)
+    names = [name for name in SIX_COLORS if name in summary]
+    panels = ((axes[3], ("target", "mmlu", "truthfulqa_mc2"), "final accuracy (mean ± std)"),
+              (axes[4], ("forgetting", "state_nll"), "Forgetting (points) and state NLL"))
+    for ax, keys, title in panels:
+        width = 0.8 / len(names)
+        for j, name in enumerate(names):
+            means = [summary[name].get(k, {}).get("mean", 0) for k in keys]
+            stds = [summary[name].get(k, {}).get("std", 0) for k in keys]
+            ax.bar([i + j * width for i in range(len(keys))], means, width, yerr=stds,
+                   color=SIX_COLORS[name], label=name, capsize=2)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))], keys)
+        ax.set_title(title)
+    axes[3].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.out / "lab.png", dpi=110)
+    plt.close(fig)
+    print(f"[lab] figure: {args.out / 'lab.png'}", flush=True)
+
+
+def plot_condition(args, points):
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    panels = (("minus_teacher_target", "student − teacher, target (points)"),
+              ("minus_teacher_retained", "student − teacher, retained (points)"))
+    for ax, (key, label) in zip(axes, panels):
+        for run in sorted({p["run"] for p in points}):
+            mine = [p for p in points if p["run"] == run]
+            ax.scatter([p["local_quality"] for p in mine], [p[key] for p in mine],
+                       marker=STUDENT_MARKERS.get(run, "x"), label=run.replace("opd_", "from "),
+                       alpha=0.8)
+        ax.axhline(0, color="gray", linewidth=0.8)
+        ax.set(xlabel="teacher's local quality: student's states it completes right (%)",
+               ylabel=label)
+    axes[0].set_title("does the student beat its teacher? (each point: a teacher, base, seed)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.out / "distill.png", dpi=110)
+    plt.close(fig)
+    print(f"[lab] figure: {args.out / 'distill.png'}", flush=True)
