@@ -385,11 +385,12 @@ def test_drift_through_the_cli(make_checkpoint, tmp_path, capsys):
     assert results["tasks"] == {}
     assert drift["reference"] == str(base)
     assert (drift["n_prompts"], drift["n_states"], drift["max_new_tokens"], drift["temperature"],
-            drift["seed"]) == \
-        (3, 12, 6, 0.5, 1)
+            drift["seed"], drift["n_permutations"]) == \
+        (3, 12, 6, 0.5, 1, 500)
     for kind in ("lexical", "hidden"):
-        assert set(drift[kind]) == {"mmd2", "mmd2_biased", "bandwidth", "centroid",
+        assert set(drift[kind]) == {"mmd2", "mmd2_biased", "bandwidth", "p_value", "centroid",
                                     "sliced_wasserstein"}
+        assert 0 < drift[kind]["p_value"] <= 1
         assert drift[kind]["mmd2_biased"] > 0
         assert drift[kind]["centroid"] > 0
     assert f"drift: MMD² lexical {drift['lexical']['mmd2']:.4f}" in capsys.readouterr().err
