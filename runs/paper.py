@@ -16,8 +16,9 @@ step; with --in_process, its main() in this one), and the first failure stops th
     opd_mild    train_distill.py --teacher OUT/sft_mild (student: MODEL), then its eval
     opd_stress  train_distill.py --teacher OUT/sft_stress, then its eval
     rl          train_rl.py, then its eval
-    table       eval.py --report OUT/results/base.json ... > OUT/table.md  (Forgetting,
-                Retention, MMD²)
+    table       eval.py --report OUT/results/base.json ... > OUT/table.md  (every score ± its
+                standard error, Forgetting, Retention, MMD² with its permutation p-value; then
+                each run's paired differences from the base, with 95% intervals)
 
 Every trainer starts from MODEL with its own defaults (see its --help); --steps overrides them all.
 Re-running resumes: a run whose folder holds a final model (model.safetensors, config.json,
@@ -336,7 +337,8 @@ def table(args):
     if not paths or paths[0].stem != "base":
         say("no table: the base model has no results yet")
         return
-    rows = [line.split("|")[1].strip() for line in out.read_text().splitlines()[2:]
+    # the first table's rows (the differences from the base follow it, after a blank line)
+    rows = [line.split("|")[1].strip() for line in out.read_text().split("\n\n")[0].splitlines()[2:]
             if line.startswith("| ")] \
         if out.exists() else []
     if rows == [p.stem for p in paths] and all(out.stat().st_mtime >= p.stat().st_mtime
