@@ -1,6 +1,6 @@
 """Error bars: stats.py's standard errors, paired and unpaired differences against hand
 computations and lm-eval's formula; report.py's table (eval.py --report) with its differences and
-settings warnings; summarize_seeds for the lab.
+settings warnings; summarize_seeds for the lab; the paper's published table read with error bars.
 (Old results files without per-question scores: test_eval.py's report tests.)"""
 import json
 import math
@@ -9,6 +9,7 @@ import pytest
 
 import report as R
 import stats as S
+from conftest import load_script
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,3 +228,21 @@ def test_summarize_seeds_by_hand(tmp_path):
     second = math.hypot(S.mean_stderr([100, 100, 100, 100, 0]), S.mean_stderr([0, 100, 0, 0, 0]))
     assert mixed["stderr"] == pytest.approx(math.hypot(first, second) / 2)
     assert mixed["delta"] == pytest.approx(50.0) and not mixed["paired"]
+
+
+# --------------------------------------------------------------------------------------------------
+# The paper's own Table 2, read with error bars (README)
+
+def test_the_published_table_with_error_bars():
+    table = load_script("runs/paper.py").published_with_errors()
+    gain = 100 * math.sqrt(0.512 * 0.488 / 499 + 0.448 * 0.552 / 499)  # unpaired, n = 500
+    assert gain == pytest.approx(3.157, abs=1e-3)
+    assert "| base | 44.8 ± 2.2 | 30.0 ± 3.2 | 43.6 ± 2.2 |" in table
+    assert "| mild SFT - base, GSM8K | +6.4 ± 3.2 [0.2, 12.6] * † |" in table
+    assert ("| OPD from the stress teacher - stress SFT, GSM8K | +4.6 ± 3.1 [-1.6, 10.8] † |"
+            in table)
+    assert "| light RL - base, GSM8K | +2.4 ± 3.2 [-3.8, 8.6] † |" in table
+    assert "| Forgetting of mild SFT | -0.1 ± 2.8 [-5.6, 5.3] † |" in table
+    assert "| Forgetting of stress SFT | +6.4 ± 2.7 [1.0, 11.7] * † |" in table
+    assert "| Forgetting of OPD from the stress teacher | +1.5 ± 2.8 [-3.9, 7.0] † |" in table
+    assert "| Forgetting of light RL | +0.2 ± 2.8 [-5.2, 5.6] † |" in table
