@@ -146,14 +146,13 @@ MINI_EVAL = ["--limit", "gsm8k=4,mmlu=8,truthfulqa=4", "--drift_prompts", "4",
 MINI_DATA = dict(n_train=64, n_test=16)
 
 
-def integers(flag, text):
+def integers(parser, flag, text):
     try:
         values = [int(s) for s in text.split(",") if s]
     except ValueError:
         values = []
     if not values or any(v < 0 for v in values):
-        raise SystemExit(f"lab.py: error: {flag}: expected comma-separated integers >= 0, not "
-                         f"{text!r}")
+        parser.error(f"{flag}: expected comma-separated integers >= 0, not {text!r}")
     return values
 
 
@@ -170,7 +169,9 @@ def get_args(argv=None):
                         help=f"comma-separated base (pretraining) seeds (default: {BASES})")
     parser.add_argument("--seeds", default=SEEDS,
                         help=f"comma-separated trainer seeds (default: {SEEDS})")
-    parser.add_argument("--only", help=f"comma-separated runs of {','.join(SIX)} (default: all)")
+    parser.add_argument("--only", help=f"comma-separated runs of {','.join(SIX)} or of the "
+                        "study (default: the six, and with --study distill the study's; a "
+                        "student's teacher comes with it)")
     parser.add_argument("--study", choices=("distill",),
                         help="distill: also the distillation matrix and the teacher family")
     parser.add_argument("--mini", action="store_true",
@@ -186,13 +187,14 @@ def get_args(argv=None):
     args = parser.parse_args(argv)
     default_out = ROOT / "runs" / "out" / ("lab_mini" if args.mini else "lab")
     args.out = Path(args.out or os.path.relpath(default_out))
-    args.bases = integers("--bases", args.bases)
-    args.seeds = integers("--seeds", args.seeds)
-    args.only = [r for r in (args.only or ",".join(SIX)).split(",") if r]
-    unknown = sorted(set(args.only) - set(SIX))
+    args.bases = integers(parser, "--bases", args.bases)
+    args.seeds = integers(parser, "--seeds", args.seeds)
+    every = [*SIX, *(STUDY if args.study else [])]
+    args.only = [r for r in (args.only or ",".join(every)).split(",") if r]
+    unknown = sorted(set(args.only) - set(SIX) - set(STUDY))
     if unknown or not args.only:
         parser.error(f"--only: unknown run(s) {', '.join(unknown) or '(none given)'}; choose "
-                     f"from {', '.join(SIX)}")
+                     f"from {', '.join(SIX)} (and --study distill's: {', '.join(STUDY)})")
     check_writable_dir(args.out, "--out")
     return args
 
@@ -218,11 +220,9 @@ def code_version() -> dict:
 
 
 def selected_runs(args) -> dict:
-    """The runs this call makes, in the order they are started: the six's --only, then the
+    """The runs this call makes (--only's), in the order they are started: the six's, then the
     study's."""
-    runs = {name: spec for name, spec in RUNS.items() if name in args.only}
-    if args.study == "distill":
-        runs.update(STUDY)
+    runs = {name: spec for name, spec in {**RUNS, **STUDY}.items() if name in args.only}
     for name, spec in list(runs.items()):  # a teacher is trained when its student is
         if spec["teacher"] and spec["teacher"] not in runs:
             runs = {spec["teacher"]: {**RUNS, **STUDY}[spec["teacher"]], **runs}

@@ -4,8 +4,8 @@
                      retention over the training steps (one line per base and seed), and the
                      final table as bars (mean ± std)
     OUT/distill.png  the paper's condition P3, measured: for every OPD student and (base, seed),
-                     student minus teacher (target; retention) against the teacher's local quality
-                     on the student's states
+                     student minus teacher (target; retention) against the teacher's local
+                     advantage: its local quality on the student's states minus its own target
 """
 import json
 
@@ -91,12 +91,13 @@ def plot_condition(args, points):
     for ax, (key, label) in zip(axes, panels):
         for run in sorted({p["run"] for p in points}):
             mine = [p for p in points if p["run"] == run]
-            ax.scatter([p["local_quality"] for p in mine], [p[key] for p in mine],
+            ax.scatter([p["local_advantage"] for p in mine], [p[key] for p in mine],
                        marker=STUDENT_MARKERS.get(run, "x"), label=run.replace("opd_", "from "),
                        alpha=0.8)
         ax.axhline(0, color="gray", linewidth=0.8)
-        ax.set(xlabel="teacher's local quality: student's states it completes right (%)",
-               ylabel=label)
+        ax.axvline(0, color="gray", linewidth=0.8)
+        ax.set(xlabel="teacher's local advantage: the share of the student's states it completes "
+                      "right,\nminus its own target accuracy (points)", ylabel=label)
     axes[0].set_title("does the student beat its teacher? (each point: a teacher, base, seed)")
     axes[0].legend(fontsize=8)
     fig.tight_layout()

@@ -31,7 +31,7 @@ def mean_of(rows, key):
 def row_of(results: dict, base: dict, metrics_path=None) -> dict:
     """One run's figures: target accuracy, each retention task, Forgetting, Retention, state NLL,
     MMD², and for distillation the quality of the teacher's signal over the training steps."""
-    from eval import headline
+    from report import headline
     scores, base_scores = headline(results), headline(base)
     row = {"target": scores["gsm8k_flexible"], "target_strict": scores["gsm8k_strict"],
            "mmlu": scores["mmlu"], "truthfulqa_mc1": scores["truthfulqa_mc1"],
@@ -66,34 +66,41 @@ def summarize(rows: list) -> dict:
     return summary
 
 
-def collect(args, runs) -> dict:
-    """{run: {"bB/seedS": row}} for every run with results, "base" per base as "bB"."""
-    per = {"base": {}}
+def collect(args, runs):
+    """({run: {"bB/seedS": row}}, {run: {"bB/seedS": its results}}) for every run with results;
+    "base" per base, as "bB"."""
+    per, results = {"base": {}}, {"base": {}}
     for b in args.bases:
         base_path = args.out / f"b{b}" / "results" / "base.json"
         if not base_path.exists():
             continue
         base = json.loads(base_path.read_text())
         per["base"][f"b{b}"] = row_of(base, base)
+        results["base"][f"b{b}"] = base
         for name, spec in runs.items():
             for s in args.seeds:
                 folder = args.out / f"b{b}" / f"seed{s}"
                 path = folder / "results" / f"{name}.json"
                 if not path.exists():
                     continue
-                row = row_of(json.loads(path.read_text()), base, folder / name / "metrics.jsonl")
+                mine = json.loads(path.read_text())
+                results.setdefault(name, {})[f"b{b}/seed{s}"] = mine
+                row = row_of(mine, base, folder / name / "metrics.jsonl")
                 teacher = spec.get("teacher")
                 teacher_path = folder / "results" / f"{teacher}.json"
                 if teacher and teacher_path.exists():  # the student against its teacher
                     teacher_row = row_of(json.loads(teacher_path.read_text()), base)
+                    row["teacher_target"] = teacher_row["target"]
                     row["minus_teacher_target"] = row["target"] - teacher_row["target"]
+                    if row.get("local_quality") is not None:  # P3: better on the student's
+                        row["local_advantage"] = row["local_quality"] - teacher_row["target"]
                     row["minus_teacher_retained"] = row["retained"] - teacher_row["retained"]
                     gain = teacher_row["target"] - per["base"][f"b{b}"]["target"]
                     row["teacher_gain"] = gain
                     row["recovered"] = ((row["target"] - per["base"][f"b{b}"]["target"]) / gain
                                         if gain > 0 else None)
                 per.setdefault(name, {})[f"b{b}/seed{s}"] = row
-    return per
+    return per, results
 
 
 def by_base(rows: dict) -> dict:
@@ -105,10 +112,15 @@ def by_base(rows: dict) -> dict:
 # The findings: each a figure per (base, seed) and a test of it -----------------------------------
 
 
-def findings(per: dict) -> list:
-    """The paper's findings as the lab measures them: for each, its figure on every base and seed
-    (mean ± std overall and per base) and whether it holds on the mean, overall and per base."""
+def findings(per: dict, results: dict, runs: dict) -> list:
+    """The paper's findings as the lab measures them. For each: its figure on every base and seed
+    (mean and std over them, the mean per base), whether it holds on the mean (overall and per
+    base), and where it compares two runs on the same questions, the questions' own uncertainty:
+    the item-level standard error and 95% interval of the difference (report.summarize_seeds, the
+    seeds held fixed)."""
+    from report import summarize_seeds
     base_target = {b: r["target"] for b, r in per["base"].items()}
+    out = []
 
     def gain(run):  # run's target minus its base's, per (base, seed)
         return {k: r["target"] - base_target[k.split("/")[0]] for k, r in per.get(run, {}).items()}
@@ -116,40 +128,69 @@ def findings(per: dict) -> list:
     def figure(run, key):
         return {k: r[key] for k, r in per.get(run, {}).items() if r.get(key) is not None}
 
-    out = []
+    def versus(run, other=None):
+        """(run, other's results) per (base, seed): other is its base, or its teacher's run."""
+        def partner(key):
+            return (results["base"][key.split("/")[0]] if other is None
+                    else results.get(other, {}).get(key))
+        pairs = [(r, partner(k)) for k, r in results.get(run, {}).items()]
+        return [pair for pair in pairs if pair[1] is not None]
 
-    def finding(claim, values: dict, holds, **more):
+    def finding(claim, values: dict, holds, pairs=None, column=None, sign=1):
         if not values:
             return
         rows = {k: {"value": v} for k, v in values.items()}
         overall = summarize(list(rows.values()))["value"]
         bases = {b: s["value"]["mean"] for b, s in by_base(rows).items()}
-        out.append(dict(claim=claim, overall=overall, per_base=bases,
+        item = None
+        if pairs and column:  # the questions' uncertainty of the same difference
+            figures = summarize_seeds(pairs)[column]
+            low, high = sorted((sign * figures["low"], sign * figures["high"]))
+            item = {"stderr": figures["stderr"], "low": low, "high": high,
+                    "excludes_zero": figures["excludes_zero"]}
+        out.append(dict(claim=claim, overall=overall, per_base=bases, item=item,
                         holds=holds(overall["mean"]),
-                        holds_per_base={b: holds(m) for b, m in bases.items()}, **more))
+                        holds_per_base={b: holds(m) for b, m in bases.items()}))
 
-    finding("mild SFT gains on the target (points)", gain("sft_mild"), lambda m: m > 0)
-    finding("mild SFT forgets <= 2 points", figure("sft_mild", "forgetting"), lambda m: m <= 2)
+    finding("mild SFT gains on the target (points)", gain("sft_mild"), lambda m: m > 0,
+            versus("sft_mild"), "gsm8k_flexible")
+    finding("mild SFT forgets <= 2 points", figure("sft_mild", "forgetting"), lambda m: m <= 2,
+            versus("sft_mild"), "forgetting")
     finding("stress SFT forgets >= 10 points", figure("sft_stress", "forgetting"),
-            lambda m: m >= 10)
-    finding("light RL gains >= 5 points on the target", gain("rl"), lambda m: m >= 5)
-    finding("light RL forgets <= 2 points", figure("rl", "forgetting"), lambda m: m <= 2)
+            lambda m: m >= 10, versus("sft_stress"), "forgetting")
+    finding("light RL gains >= 5 points on the target", gain("rl"), lambda m: m >= 5,
+            versus("rl"), "gsm8k_flexible")
+    finding("light RL forgets <= 2 points", figure("rl", "forgetting"), lambda m: m <= 2,
+            versus("rl"), "forgetting")
     stress_nll, rl_nll = figure("sft_stress", "state_nll"), figure("rl", "state_nll")
-    finding("stress SFT's states have a higher NLL than RL's (difference)",
+    finding("stress SFT's states have a higher NLL than RL's (nats/token)",
             {k: v - rl_nll[k] for k, v in stress_nll.items() if k in rl_nll}, lambda m: m > 0)
     finding("OPD from the mild teacher recovers >= half of its target gain (fraction)",
             figure("opd_mild", "recovered"), lambda m: m >= 0.5)
     finding("OPD from the mild teacher forgets <= 2 points", figure("opd_mild", "forgetting"),
-            lambda m: m <= 2)
-    for student in ("opd_stress", "opd_overtrain", "opd_slip", "opd_stress_lora",
-                    "opd_stress_gentle"):
+            lambda m: m <= 2, versus("opd_mild"), "forgetting")
+    for student, spec in runs.items():
+        teacher = spec.get("teacher")
+        if not teacher or teacher == "sft_mild" or not student.startswith("opd_"):
+            continue  # a degraded teacher's on-policy students
         finding(f"{student} beats its teacher on the target (points)",
-                figure(student, "minus_teacher_target"), lambda m: m > 0)
+                figure(student, "minus_teacher_target"), lambda m: m > 0,
+                versus(student, teacher), "gsm8k_flexible")
         finding(f"{student} beats its teacher on retention (points)",
-                figure(student, "minus_teacher_retained"), lambda m: m > 0)
-    finding("the one-step KL signal from the stress teacher collapses (target, %)",
+                figure(student, "minus_teacher_retained"), lambda m: m > 0,
+                versus(student, teacher), "forgetting", sign=-1)
+    finding("the one-step KL signal from the stress teacher collapses (target < 10%)",
             figure("opd_stress_token_kl", "target"), lambda m: m < 10)
     return out
+
+
+def sign_agreement(points):
+    """The share of points where the local advantage's sign foretells whether the student beats
+    its teacher on the target."""
+    if not points:
+        return None
+    agree = [(p["local_advantage"] > 0) == (p["minus_teacher_target"] > 0) for p in points]
+    return sum(agree) / len(agree)
 
 
 def correlation(xs, ys):
@@ -165,17 +206,18 @@ def correlation(xs, ys):
 
 def condition_points(per: dict) -> list:
     """One point per OPD student (continuation signal, on-policy) and (base, seed): its teacher's
-    local quality on its states (first steps) against student minus teacher."""
+    local advantage (its local quality on the student's states, first steps, minus its own
+    target accuracy) against student minus teacher."""
     points = []
     for name, rows in per.items():
         for key, row in rows.items():
-            if row.get("local_quality") is None or "minus_teacher_target" not in row:
+            if row.get("local_advantage") is None:
                 continue
             if not name.startswith("opd_") or name.endswith("_kl"):
                 continue
-            points.append(dict(run=name, key=key, local_quality=row["local_quality"],
-                               minus_teacher_target=row["minus_teacher_target"],
-                               minus_teacher_retained=row["minus_teacher_retained"]))
+            points.append({"run": name, "key": key, **{k: row[k] for k in (
+                "local_quality", "local_advantage", "teacher_target", "minus_teacher_target",
+                "minus_teacher_retained")}})
     return points
 
 
@@ -188,7 +230,8 @@ COLUMNS = [("target", "Target (GSM8K-format)"), ("mmlu", "MMLU-format"),
 STUDY_COLUMNS = [("target", "Target"), ("retained", "Retained (MMLU, MC2)"),
                  ("forgetting", "Forgetting ↓"), ("minus_teacher_target", "− teacher: target"),
                  ("minus_teacher_retained", "− teacher: retained"),
-                 ("local_quality", "Local quality %"), ("signal_nll", "Signal NLL"),
+                 ("local_quality", "Local quality %"), ("local_advantage", "Local advantage"),
+                 ("signal_nll", "Signal NLL"),
                  ("state_nll", "State NLL")]
 
 
@@ -209,35 +252,59 @@ def markdown(summary, names, columns) -> list:
     return lines
 
 
+def matrix_markdown(summary) -> list:
+    """The paper's Table 1 axes, measured: for each teacher, whose states (rows) x the teacher's
+    signal (columns), each cell the student's target and Forgetting (mean ± std)."""
+    lines = []
+    for teacher in ("mild", "stress"):
+        lines += ["", f"From the {teacher} teacher: target % / Forgetting (points)",
+                  "", "| states | continuation | token_kl | full_kl |", "|---|---|---|---|"]
+        for states, prefix in (("the student's (on-policy)", "opd"),
+                               ("the teacher's (off-policy)", "off")):
+            cells = []
+            for signal in ("", "_token_kl", "_full_kl"):
+                figures = summary.get(f"{prefix}_{teacher}{signal}")
+                cells.append(f"{cell(figures, 'target')} / {cell(figures, 'forgetting')}"
+                             if figures else "–")
+            lines.append(f"| {states} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def findings_markdown(found) -> list:
-    lines = ["", "| finding | mean ± std | per base | holds |", "|---|---|---|---|"]
+    lines = ["", "| finding | mean ± std over runs | questions' 95% interval | per base | holds |",
+             "|---|---|---|---|---|"]
     for f in found:
         per_base = ", ".join(f"{b}: {m:.2f}" for b, m in f["per_base"].items())
         bases = [b for b, ok in f["holds_per_base"].items() if ok]
         where = ("on every base" if len(bases) == len(f["holds_per_base"])
                  else f"on {', '.join(bases)} only" if bases else "on no base")
         verdict = f"{'yes' if f['holds'] else 'no'} (mean); {where}"
+        item = "–"
+        if f["item"] and f["item"]["stderr"] is not None:
+            star = " *" if f["item"]["excludes_zero"] else ""
+            item = f"[{f['item']['low']:.1f}, {f['item']['high']:.1f}]{star}"
         lines.append(f"| {f['claim']} | {f['overall']['mean']:.2f} ± {f['overall']['std']:.2f} "
-                     f"| {per_base} | {verdict} |")
+                     f"| {item} | {per_base} | {verdict} |")
     return lines
 
 
 def write_tables(args, runs):
-    per = collect(args, runs)
+    per, results = collect(args, runs)
     if not per["base"]:
         print("[lab] no table: no base has results yet", flush=True)
         return
     summary = {name: summarize(list(rows.values())) for name, rows in per.items() if rows}
-    found = findings(per)
+    found = findings(per, results, runs)
     points = condition_points(per)
     lab_json = json.loads((args.out / "lab.json").read_text())
     out = {"bases": args.bases, "seeds": args.seeds, "versions": lab_json.get("versions"),
            "per_seed": per, "summary": summary,
            "per_base": {name: by_base(rows) for name, rows in per.items() if rows},
            "findings": found, "condition": points,
-           "condition_r": {y: correlation([p["local_quality"] for p in points],
+           "condition_r": {y: correlation([p["local_advantage"] for p in points],
                                           [p[y] for p in points])
                            for y in ("minus_teacher_target", "minus_teacher_retained")},
+           "condition_sign_agreement": sign_agreement(points),
            "notes": "accuracies, Forgetting and student-minus-teacher in points; Retention in "
                     "percent of the base; spread: the sample std over every base and seed; "
                     "state NLL: mean over training steps of the trainer's state_nll; local "
@@ -261,11 +328,17 @@ def write_tables(args, runs):
     print("\n" + (args.out / "table.md").read_text(), flush=True)
     study = [name for name in per if name not in six and name != "base"]
     if study:
-        lines = markdown(summary, study, STUDY_COLUMNS)
+        lines = markdown(summary, ["sft_mild", "sft_stress", "opd_mild", "opd_stress", *study],
+                         STUDY_COLUMNS)
+        lines += matrix_markdown(summary)
         r = out["condition_r"]
-        lines.append(f"\nLocal quality against student minus teacher, over {len(points)} points "
-                     f"(OPD students, continuation signal): Pearson r {fmt(r['minus_teacher_target'])}"
-                     f" (target), {fmt(r['minus_teacher_retained'])} (retained).")
+        agreement = out["condition_sign_agreement"]
+        lines.append(f"\nThe teacher's local advantage (local quality - its own target) against "
+                     f"student minus teacher, over {len(points)} points (OPD students, "
+                     f"continuation signal): Pearson r {fmt(r['minus_teacher_target'])} (target), "
+                     f"{fmt(r['minus_teacher_retained'])} (retained); its sign foretells whether "
+                     f"the student beats its teacher on the target for "
+                     f"{fmt(None if agreement is None else 100 * agreement)}% of them.")
         (args.out / "distill.md").write_text("\n".join(lines) + "\n")
         print((args.out / "distill.md").read_text(), flush=True)
     if not args.no_plot:
