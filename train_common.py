@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 from cli import (ArgumentParser, finite_or_null, nonnegative_float, nonnegative_int,
-                 positive_float, positive_int, progress, subset_of)
+                 positive_float, positive_int, subset_of)
 from eval import TASKS, evaluate, gsm8k_prompt, kl_to_start, load_gsm8k
-from model import Qwen3, Tokenizer, add_lora
+from model import Qwen3, Tokenizer, add_lora, progress
 from parallel import all_finite, gathered, rank_and_world, unwrap, wrap
 
 # Flags and set-up ---------------------------------------------------------------------------------
