@@ -211,6 +211,7 @@ class MetricsLog:
         self.path = Path(out_dir) / "metrics.jsonl"
         self.steps = steps
         self.on = rank_and_world()[0] == 0
+        self.tracker = Tracker(args if self.on else None, first_step)  # args: --wandb, ...
         if self.on:  # after --resume: the lines up to the checkpoint's step; afresh: none
             self.path.parent.mkdir(parents=True, exist_ok=True)
             kept = []
@@ -218,7 +219,6 @@ class MetricsLog:
                 kept = self.path.read_text().splitlines()
             kept = [line + "\n" for line in kept if json.loads(line)["step"] <= first_step]
             self.path.write_text("".join(kept))
-        self.tracker = Tracker(args if self.on else None, first_step)  # args: --wandb, ...
         self.bar = progress(total=steps, initial=first_step, desc="training", unit="step",
                             disable=not self.on or None)
         self.t_last = time.time()
