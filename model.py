@@ -5,7 +5,7 @@ Face weights and tokenizer in and out (from_pretrained, save_pretrained, Tokeniz
 sample_next; rollout for lists of prompts with stop strings), and completion_logprobs for training
 and scoring. It matches transformers' Qwen3ForCausalLM (modeling_qwen3.py is the ground truth) for
 every dense Qwen3 size, 0.6B to 32B. It stands alone (copy it anywhere): it imports torch,
-safetensors, tokenizers and huggingface_hub, nothing of this project.
+safetensors, tokenizers and huggingface_hub (with its tqdm), nothing of this project.
 
     model = Qwen3.from_pretrained("Qwen/Qwen3-0.6B-Base", device="cuda", dtype=torch.bfloat16)
     tok = Tokenizer.from_pretrained("Qwen/Qwen3-0.6B-Base")

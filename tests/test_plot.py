@@ -106,14 +106,14 @@ def test_bad_input_is_one_line_naming_it(tmp_path, monkeypatch):
     good = str(write_run(tmp_path / "rl", RL))
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(SystemExit, match=f"^error: {empty}: no metrics.jsonl here"):
+    with pytest.raises(SystemExit, match=f"error: {empty}: no metrics.jsonl here"):
         plot.main([good, str(empty), "-o", str(tmp_path / "c.png")])
     damaged = write_run(tmp_path / "damaged", RL) / "metrics.jsonl"
     damaged.write_text(damaged.read_text().replace('"step": 1,', '"step": 1'))
     with pytest.raises(SystemExit) as stop:
         plot.main([str(damaged), "-o", str(tmp_path / "c.png")])
-    assert str(stop.value) == f"error: {damaged}: line 2 is no metrics record"
-    with pytest.raises(SystemExit, match=r"^error: -o c\.txt: not a picture's name"):
+    assert str(stop.value).endswith(f"error: {damaged}: line 2 is no metrics record")
+    with pytest.raises(SystemExit, match=r"error: -o c\.txt: not a picture's name"):
         plot.main([good, "-o", "c.txt"])
     assert not (tmp_path / "c.png").exists()
 
@@ -134,6 +134,6 @@ def test_without_matplotlib_one_line_says_how_to_install_it(tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # None in sys.modules: import fails
     with pytest.raises(SystemExit) as stop:
         plot.main([str(write_run(tmp_path / "rl", RL)), "-o", str(tmp_path / "c.png")])
-    assert str(stop.value) == ("error: matplotlib is not installed: pip install matplotlib "
-                               "(plot.py draws with it)")
+    assert str(stop.value).endswith("error: matplotlib is not installed: pip install "
+                                    "matplotlib (plot.py draws with it)")
     assert not (tmp_path / "c.png").exists()

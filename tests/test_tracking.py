@@ -135,11 +135,14 @@ def test_a_run_wandb_cannot_start_ends_in_one_line(tmp_path, fake_wandb, monkeyp
     def refuse(**kwargs):
         raise RuntimeError("No API key configured. Use `wandb login` to log in.\nmore detail")
     monkeypatch.setattr(fake_wandb, "init", refuse)
+    kept = '{"step": 1, "loss": 2.0}\n'  # an earlier run's, which --overwrite would replace
+    (tmp_path / "metrics.jsonl").write_text(kept)
     with pytest.raises(SystemExit) as stop:
         T.MetricsLog(tmp_path, steps=2, args=args_for(out_dir=str(tmp_path), wandb="p"))
-    assert str(stop.value) == ("error: --wandb p: W&B could not start a run (RuntimeError: No API "
-                               "key configured. Use `wandb login` to log in.); log in with "
-                               "`wandb login`, or run with WANDB_MODE=offline")
+    assert str(stop.value).endswith(
+        "error: --wandb p: W&B could not start a run (RuntimeError: No API key configured. Use "
+        "`wandb login` to log in.); log in with `wandb login`, or run with WANDB_MODE=offline")
+    assert (tmp_path / "metrics.jsonl").read_text() == kept  # stopped before it was touched
 
 
 @pytest.mark.parametrize("argv, message", [
