@@ -28,7 +28,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
                                                      set_state_dict)
 from torch.distributed.fsdp import FSDPModule
 
-from cli import check_writable_dir, fail, load_safetensors, make_readable
+from cli import check_writable_dir, fail
+from model import load_safetensors, make_readable
 from train_common import rank_and_world, unwrap
 
 KEEP_CHECKPOINTS = 2  # the newest and the one before it, in case the newest turns out unreadable

@@ -39,9 +39,9 @@ from pathlib import Path
 import torch
 
 from cli import (ArgumentParser, check_device, check_writable_file, fail, finite_or_null,
-                 nonnegative_float, nonnegative_int, positive_int, progress)
+                 nonnegative_float, nonnegative_int, positive_int)
 from drift import state_drift
-from model import Qwen3, Tokenizer, completion_logprobs, rollout
+from model import Qwen3, Tokenizer, completion_logprobs, progress, rollout
 from report import format_score, headline, headline_stderrs, report, task_means, with_stderrs
 from stats import mean
 
