@@ -1,4 +1,5 @@
-"""The lab's figures (matplotlib is optional: without it, one line says how to get it).
+"""The lab's figures, drawn with plot.py's panels (matplotlib is optional: without it, one line
+says how to get it).
 
     OUT/lab.png      per method: the state NLL of its training states, its target accuracy and its
                      retention over the training steps (one line per base and seed), and the
@@ -7,60 +8,32 @@
                      student minus teacher (target; retention) against the teacher's local
                      advantage: its local quality on the student's states minus its own target
 """
-import json
-
 SIX_COLORS = {"base": "gray", "sft_mild": "tab:blue", "sft_stress": "tab:red",
               "opd_mild": "tab:cyan", "opd_stress": "tab:orange", "rl": "tab:green"}
 STUDENT_MARKERS = {"opd_mild": "o", "opd_stress": "s", "opd_overtrain": "^", "opd_slip": "D",
                    "opd_stress_lora": "v", "opd_stress_gentle": "P"}
 
 
-def pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        print("[lab] no figure: matplotlib is not installed (pip install matplotlib)", flush=True)
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_lab(args, summary, runs):
-    plt = pyplot()
+    """The six runs' curves (plot.py's panels: one line per base and seed) and final bars."""
+    import plot
+    plt = plot.pyplot()
     if plt is None:
+        print("[lab] no figure: matplotlib is not installed (pip install matplotlib)", flush=True)
         return
+    folders = {name: [plot.read_metrics(path) for base in args.bases for seed in args.seeds
+                      for path in [args.out / f"b{base}" / f"seed{seed}" / name / "metrics.jsonl"]
+                      if path.exists()]
+               for name in SIX_COLORS if name in runs}
+    drawn = plot.curves({name: records for name, records in folders.items() if records},
+                        colors=SIX_COLORS)
     fig, axes = plt.subplots(1, 5, figsize=(25, 4.2))
-    for name, color in SIX_COLORS.items():
-        if name == "base" or name not in runs:
-            continue
-        first = True
-        for base in args.bases:
-            for seed in args.seeds:
-                path = args.out / f"b{base}" / f"seed{seed}" / name / "metrics.jsonl"
-                if not path.exists():
-                    continue
-                records = [json.loads(line) for line in path.read_text().splitlines()]
-                steps = [r for r in records if r.get("state_nll") is not None]
-                evals = [r for r in records if "gsm8k_flexible" in r]
-                label = name if first else None
-                first = False
-                axes[0].plot([r["step"] for r in steps], [r["state_nll"] for r in steps],
-                             color=color, alpha=0.6, label=label)
-                axes[1].plot([r["step"] for r in evals],
-                             [100 * r["gsm8k_flexible"] for r in evals], color=color, alpha=0.6,
-                             marker="o", markersize=3, label=label)
-                # retention: the mean of the two retention tasks, as Forgetting averages them
-                kept = [r for r in evals if "mmlu_acc" in r and "truthfulqa_mc2" in r]
-                axes[2].plot([r["step"] for r in kept],
-                             [50 * (r["mmlu_acc"] + r["truthfulqa_mc2"]) for r in kept],
-                             color=color, alpha=0.6, marker="o", markersize=3, label=label)
-    axes[0].set(title="state NLL of the training states", xlabel="step", ylabel="nats / token",
-                yscale="log")
-    axes[1].set(title="target accuracy during training (100 test questions)", xlabel="step",
-                ylabel="%")
-    axes[2].set(title="retention during training (mean of MMLU, TruthfulQA MC2)", xlabel="step",
-                ylabel="%")
+    plot.draw_panel(axes[0], drawn, plot.QUANTITIES["state_nll"],
+                    title="state NLL of the training states")
+    plot.draw_panel(axes[1], drawn, plot.QUANTITIES["gsm8k_flexible"],
+                    title="target accuracy during training (100 test questions)")
+    plot.draw_panel(axes[2], drawn, plot.RETENTION,
+                    title="retention during training (mean of MMLU, TruthfulQA MC2)")
     axes[0].legend(fontsize=8)
     names = [name for name in SIX_COLORS if name in summary]
     panels = ((axes[3], ("target", "mmlu", "truthfulqa_mc2"), "final accuracy (mean ± std)"),
@@ -82,7 +55,9 @@ def plot_lab(args, summary, runs):
 
 
 def plot_condition(args, points):
-    plt = pyplot()
+    """distill.png: one point per OPD student and (base, seed)."""
+    import plot
+    plt = plot.pyplot()
     if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
