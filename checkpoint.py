@@ -76,7 +76,10 @@ def prepare_out_dir(args):
     check_writable_dir(out / "checkpoints", "--out_dir")
     if first:  # what an interrupted save (model, checkpoint, metrics) left: removed
         for stale in [*out.glob(".tmp-*"), *(out / "checkpoints").glob(".tmp-*")]:
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
         if args.overwrite:  # the old run's checkpoints would pass for this one's; its final model
             for old in checkpoints:  # stays until this run's replaces it
                 shutil.rmtree(old)
@@ -157,13 +160,13 @@ def read_back_problem(folder: Path, keys=None):
         return "no meta.json: an incomplete save"
     try:
         meta = json.loads((folder / "meta.json").read_text())
-        meta["step"]
+        meta["step"]  # (a KeyError without it)
+        kind = kind_of(meta)
         files = [folder / "state.safetensors"]
-        if kind_of(meta)["kind"] == "fsdp":
+        if kind["kind"] == "fsdp":  # a shard per process
             files = sorted(folder.glob("*.safetensors"))
-            if len(files) != kind_of(meta)["processes"]:
-                raise ValueError(f"{len(files)} shard files for {kind_of(meta)['processes']} "
-                                 "processes")
+            if len(files) != kind["processes"]:
+                raise ValueError(f"{len(files)} shard files for {kind['processes']} processes")
         found = set()
         for file in files:
             with safe_open(file, "pt") as f:
@@ -196,6 +199,8 @@ def kind_of(meta: dict) -> dict:
 
 def described(kind: dict) -> str:
     n = kind["processes"]
+    if n is None:
+        return "one process or DDP (a checkpoint from before kinds were recorded)"
     return {"plain": "one process (no torchrun)", "ddp": f"{n} DDP processes (torchrun)",
             "fsdp": f"{n} FSDP processes (torchrun --fsdp)"}[kind["kind"]]
 
@@ -203,7 +208,8 @@ def described(kind: dict) -> str:
 def check_kind(folder: Path, model):
     """A checkpoint written by another kind of run (one process, DDP, FSDP, another number of
     processes) is refused with both kinds named, before anything loads."""
-    saved, this_run = kind_of(json.loads((folder / "meta.json").read_text())), run_kind(model)
+    saved = kind_of(json.loads((folder / "meta.json").read_text()))
+    this_run = run_kind(model)
     if saved["processes"] is None and this_run["kind"] != "fsdp":
         return  # from before kinds were recorded: unsharded, loadable by either
     if saved != this_run:

@@ -130,7 +130,8 @@ def check_other_model(flag: str, name: str, other_flag: str, other: str):
     """A model flag that must name another model than other_flag does (a --teacher is not the
     student): the same name, or the same folder by another path, is refused."""
     folders = Path(name).is_dir() and Path(other).is_dir()
-    if os.path.samefile(name, other) if folders else name == other:
+    same = os.path.samefile(name, other) if folders else name == other
+    if same:
         fail(f"{flag} {name}: is {other_flag} itself; it must be another model")
 
 
@@ -308,7 +309,9 @@ def command_line(script, argv, resume=False) -> str:
     """The command that runs script with argv again (under torchrun, a torchrun command); with
     resume, continuing the run (--resume in place of --overwrite)."""
     if resume:
-        argv = [a for a in argv if a != "--overwrite"] + ["--resume"] * ("--resume" not in argv)
+        argv = [a for a in argv if a != "--overwrite"]
+        if "--resume" not in argv:
+            argv.append("--resume")
     launcher = ["python"]
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:

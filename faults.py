@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from cli import RECEIVED, command_line, fail, read_json, stops_cleanly
 from eval import gsm8k_prompt, load_gsm8k, load_mmlu
-from parallel import rank_and_world, reduced
+from parallel import reduced
 
 LOCK = ".lock"  # in --out_dir while a run writes there: its process id and host
 FLAGS = "args.json"  # in --out_dir: the flags of the run that wrote metrics.jsonl
@@ -190,7 +190,7 @@ def check_run_fits(args, config, tokenizer):
         new_tokens += args.continuation_tokens
     room = config.max_position_embeddings - new_tokens  # for the prompt
     # A byte-level BPE (Qwen's) has at most a token per byte: only a prompt of more bytes than
-    # that room can overflow it, and only those are tokenized (all of them take seconds)
+    # that room can overflow it, and only those are tokenized (all 8,800 would take seconds)
     prompts = [gsm8k_prompt(q["question"]) for q in train + load_gsm8k("test", args.data_dir)]
     longer = [prompt for prompt in prompts if len(prompt.encode()) > room]
     longest = max(map(len, tokenizer.encode_batch(longer)), default=0)
@@ -201,9 +201,9 @@ def check_run_fits(args, config, tokenizer):
     if "gsm8k" in tasks and args.eval_shots > len(train):
         fail(f"--eval_shots {args.eval_shots}: more than the GSM8K train split's {len(train)} "
              "examples")
-    if "mmlu" in tasks:
-        per_subject = collections.Counter(row["subject"] for row in load_mmlu("dev",
-                                                                             args.data_dir))
-        if args.eval_shots > min(per_subject.values()):
-            fail(f"--eval_shots {args.eval_shots}: more than the {min(per_subject.values())} "
-                 "MMLU dev examples some subjects have")
+    if "mmlu" in tasks:  # each subject's first --eval_shots dev rows
+        per_subject = collections.Counter(row["subject"] for row in load_mmlu("dev", args.data_dir))
+        fewest = min(per_subject.values())
+        if args.eval_shots > fewest:
+            fail(f"--eval_shots {args.eval_shots}: more than the {fewest} MMLU dev examples some "
+                 "subjects have")

@@ -198,8 +198,9 @@ def test_sigterm_saves_at_the_end_of_the_step_and_a_crash_costs_nothing(launcher
     wait_for(lambda: steps_logged(out) >= 1, "a step")
     preempted.signal(signal.SIGTERM)
     preempted.wait()
-    stop = assert_one_line(preempted, 143, r"train_sft\.py: stopped by SIGTERM; kept \S+/step_(\d+) "
-                                           r"\(\d+ steps done\); continue with: (python .*)")
+    stop = assert_one_line(preempted, 143, r"train_sft\.py: stopped by SIGTERM; kept "
+                                           r"\S+/step_(\d+) \(\d+ steps done\); continue with: "
+                                           r"(python .*)")
     step = int(stop[1])  # the step it was in: its checkpoint, though --save_every is 0
     assert 1 <= step < 40
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step_{step:07d}"]
@@ -363,8 +364,8 @@ CASES = [
 def test_what_only_the_model_and_the_data_reveal_is_one_line(launcher):
     w = launcher.folder / "flags"
     w.mkdir()
-    names = dict(w=w, model=launcher.model, teacher=launcher.folder / "teacher",
-                 link=w / "link", fsdp=fake_checkpoint(w / "fsdp", {"kind": "fsdp", "processes": 2}),
+    names = dict(w=w, model=launcher.model, teacher=launcher.folder / "teacher", link=w / "link",
+                 fsdp=fake_checkpoint(w / "fsdp", {"kind": "fsdp", "processes": 2}),
                  ddp=fake_checkpoint(w / "ddp", {"kind": "ddp", "processes": 2}),
                  damaged=checkpoint_of(w / "damaged", tiny_model(seed=0)), empty=w / "empty.txt")
     (w / "link").symlink_to(launcher.model)
@@ -421,12 +422,20 @@ def torchrun(launcher, out, *extra):
             str(ROOT / "train_sft.py"), *sft(launcher, out, "--batch_size", "1", *extra)]
 
 
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_through(command):
+    finished = subprocess.run(command, capture_output=True, text=True, env=ONE_THREAD)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    return finished
+
+
 def stop_under_torchrun(command, out, signum, whole_group, after_steps=1):
     """Start a torchrun, send signum after its first steps (to its process group, as a terminal's
     Ctrl-C goes; or to torchrun alone, as a scheduler's SIGTERM may), return it finished."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           env=env, start_new_session=True)
+                           env=ONE_THREAD, start_new_session=True)
     wait_for(lambda: steps_logged(out) >= after_steps or run.poll() is not None, "steps",
              timeout=120)
     os.killpg(run.pid, signum) if whole_group else run.send_signal(signum)
@@ -460,9 +469,7 @@ def test_sigint_under_torchrun_stops_every_process_and_rank_0_alone_says_so(laun
 @pytest.mark.slow
 def test_sigterm_under_fsdp_saves_a_sharded_checkpoint_that_resumes_exactly(launcher):
     straight = launcher.folder / "fsdp_straight"
-    whole = subprocess.run(torchrun(launcher, straight, "--fsdp", "--steps", "12"),
-                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    run_through(torchrun(launcher, straight, "--fsdp", "--steps", "12"))
     out = launcher.folder / "fsdp_sigterm"
     flags = ("--fsdp", "--steps", "12", "--save_every", "0")
     run = stop_under_torchrun(torchrun(launcher, out, *flags), out, signal.SIGTERM,
@@ -479,29 +486,22 @@ def test_sigterm_under_fsdp_saves_a_sharded_checkpoint_that_resumes_exactly(laun
     plain = launcher.run("train_sft.py", *sft(launcher, out, *flags[1:], "--resume"))
     assert_one_line(plain, 1, rf".*{folder.name}: written by 2 FSDP processes \(torchrun --fsdp\), "
                               r"and this run has one process \(no torchrun\); .*")
-    resumed = subprocess.run(torchrun(launcher, out, *flags, "--resume"), capture_output=True,
-                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run_through(torchrun(launcher, out, *flags, "--resume"))
     same_weights(out, straight)
 
 
 @pytest.mark.slow
 def test_a_damaged_sharded_checkpoint_falls_back_to_the_one_before(launcher):
     out = launcher.folder / "fsdp_damaged"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     flags = ("--fsdp", "--steps", "4", "--save_every", "2")
-    whole = subprocess.run(torchrun(launcher, out, *flags), capture_output=True, text=True,
-                           env=env)
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    run_through(torchrun(launcher, out, *flags))
     reference = launcher.folder / "fsdp_whole"
     shutil.copytree(out, reference)
     for name in ("model.safetensors", "config.json", "tokenizer.json"):
         (out / name).unlink()
     shard = sorted((out / "checkpoints" / "step_0000004").glob("*.safetensors"))[1]
     shard.write_bytes(shard.read_bytes()[:-100])  # truncated: its header no longer covers it
-    resumed = subprocess.run(torchrun(launcher, out, *flags, "--resume"), capture_output=True,
-                             text=True, env=env)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = run_through(torchrun(launcher, out, *flags, "--resume"))
     assert "step_0000004: unreadable" in resumed.stderr
     assert "resuming from the checkpoint before it" in resumed.stderr
     assert f"resumed from {out / 'checkpoints' / 'step_0000002'}" in resumed.stdout
@@ -517,7 +517,7 @@ def test_the_pipeline_passes_sigterm_on_to_its_step(launcher):
     command = [sys.executable, str(ROOT / "runs" / "paper.py"), "--smoke", "--only", "sft_mild",
                "--steps", "200", "--out", str(out), "--data_dir", str(launcher.data)]
     pipeline = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                text=True, env=ONE_THREAD)
     wait_for(lambda: steps_logged(out / "sft_mild") >= 1 or pipeline.poll() is not None,
              "a training step", timeout=120)
     pipeline.send_signal(signal.SIGTERM)
