@@ -114,6 +114,14 @@ def wait_for(condition, what, timeout=60):
         time.sleep(0.01)
 
 
+def stopped(child, out_dir, signum, after_steps=1):
+    """The trainer child, sent signum once it has logged after_steps steps in out_dir, ended."""
+    wait_for(lambda: steps_logged(out_dir) >= after_steps, f"{after_steps} steps")
+    child.signal(signum)
+    child.wait()
+    return child
+
+
 def steps_logged(out_dir) -> int:
     path = Path(out_dir) / "metrics.jsonl"
     return len(train_lines(out_dir)) if path.exists() and path.read_text() else 0
@@ -194,10 +202,8 @@ def test_sigint_keeps_the_last_checkpoint_and_its_command_continues_exactly(laun
 
 def test_sigterm_saves_at_the_end_of_the_step_and_a_crash_costs_nothing(launcher, straight):
     out = launcher.folder / "sigterm"
-    preempted = launcher.start("train_sft.py", *sft(launcher, out, "--save_every", "0"))
-    wait_for(lambda: steps_logged(out) >= 1, "a step")
-    preempted.signal(signal.SIGTERM)
-    preempted.wait()
+    preempted = stopped(launcher.start("train_sft.py", *sft(launcher, out, "--save_every", "0")),
+                        out, signal.SIGTERM)
     stop = assert_one_line(preempted, 143, r"train_sft\.py: stopped by SIGTERM; kept "
                                            r"\S+/step_(\d+) \(\d+ steps done\); continue with: "
                                            r"(python .*)")
@@ -227,10 +233,7 @@ def test_sigterm_saves_at_the_end_of_the_step_and_a_crash_costs_nothing(launcher
 def test_a_run_stopped_before_its_first_checkpoint_starts_over(launcher):
     out = launcher.folder / "early"
     argv = sft(launcher, out, "--steps", "30", "--save_every", "0")
-    early = launcher.start("train_sft.py", *argv)
-    wait_for(lambda: steps_logged(out) >= 1, "a step")
-    early.signal(signal.SIGINT)
-    early.wait()
+    early = stopped(launcher.start("train_sft.py", *argv), out, signal.SIGINT)
     stop = assert_one_line(early, 130, r"train_sft\.py: stopped by SIGINT; no checkpoint in \S+ "
                                        r"yet, nothing to continue from; start it again with the "
                                        r"same command \(or --resume, which starts over\): (.*)")
