@@ -50,8 +50,7 @@ def prepare_out_dir(args):
     if out.exists() and not out.is_dir():
         fail(f"--out_dir {out}: is a file, not a folder")
     first = rank_and_world()[0] == 0
-    if first:
-        hold_out_dir(args)  # a second run into this folder stops here
+    hold_out_dir(args)  # a second run into this folder stops here
     checkpoints = sorted((out / "checkpoints").glob("step_*"))
     finished = (out / "model.safetensors").exists() or (out / "config.json").exists()
     stopped_early = (out / "metrics.jsonl").exists() and not (checkpoints or finished)

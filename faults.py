@@ -21,15 +21,16 @@ import json
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 import torch.distributed as dist
 
-from cli import RECEIVED, command_line, fail, read_json, stops_cleanly
+from cli import RECEIVED, Stop, command_line, fail, read_json, stops_cleanly
 from eval import gsm8k_prompt, load_gsm8k, load_mmlu
-from parallel import reduced
+from parallel import rank_and_world, reduced
 
-LOCK = ".lock"  # in --out_dir while a run writes there: its process id and host
+LOCK = ".lock"  # in --out_dir while a run writes there: its process id and host (and torchrun)
 FLAGS = "args.json"  # in --out_dir: the flags of the run that wrote metrics.jsonl
 
 RUN = {}  # the run this process trains (rank 0): out_dir, the lock's open file, its flags
@@ -39,8 +40,11 @@ RUN = {}  # the run this process trains (rank 0): out_dir, the lock's open file,
 
 
 def hold_out_dir(args):
-    """Lock args.out_dir for this run, or end in one line naming the process that holds it."""
+    """Lock args.out_dir for this run, or end in one line naming the process that holds it. Rank 0
+    takes the lock; under torchrun the other processes wait until it has (wait_for_rank_0)."""
     out = Path(args.out_dir)
+    if rank_and_world()[0] != 0:
+        return wait_for_rank_0(out / LOCK)
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -48,11 +52,32 @@ def hold_out_dir(args):
     except OSError as e:
         fail(f"--out_dir {out}: cannot write there ({e.strerror or e})")
     if lock is None:
-        holder = (out / LOCK).read_text(errors="replace").strip() or "another process"
+        holder = (out / LOCK).read_text(errors="replace").split("\n")[0] or "another process"
         fail(f"--out_dir {out}: another run ({holder}) is writing there; wait for it to end, "
              "or choose another --out_dir")
-    os.write(lock, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+    os.write(lock, f"process {os.getpid()} on {socket.gethostname()}\n{torchrun_job()}\n".encode())
     RUN.update(out_dir=out, lock=lock, created=created, flags=run_flags(args))
+
+
+def torchrun_job() -> str:
+    """What every process of this torchrun (this attempt of it) shares and no other run does: its
+    rendezvous. Empty without torchrun."""
+    names = ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT")
+    return " ".join(os.environ.get(name, "") for name in names).strip()
+
+
+def wait_for_rank_0(lock: Path, patience=600):
+    """Under torchrun, a process other than rank 0 waits for rank 0 to hold the lock (its file
+    names this torchrun). If rank 0 cannot, it ends, and torchrun sends the others SIGTERM: they
+    end then, quietly (rank 0 said why), rather than wait in the process group that rank 0 never
+    joins."""
+    began = time.time()
+    while not (lock.exists() and torchrun_job() in lock.read_text(errors="replace")):
+        if RECEIVED:
+            raise Stop(min(RECEIVED))
+        if time.time() - began > patience:
+            fail(f"--out_dir {lock.parent}: rank 0 has not locked it in {patience} s")
+        time.sleep(0.05)
 
 
 def take_lock(path: Path):

@@ -9,6 +9,7 @@ Every script runs in a child forked from one launcher process that imported torc
 (test_bad_input.py's FORK_CASE): the test sends it signals, as a terminal or a scheduler would, at
 a known point (after the steps it watches in metrics.jsonl). The torchrun cases are slow tests.
 """
+import fcntl
 import json
 import os
 import re
@@ -446,10 +447,10 @@ def stop_under_torchrun(command, out, signum, whole_group, after_steps=1):
     return run
 
 
-def their_lines(run):
+def their_lines(stderr: str):
     """What the trainer's processes wrote to stderr, without torchrun's own report (its warnings,
-    and the traceback of the signal it received)."""
-    lines = run.stderr_text.splitlines()
+    and the traceback of the signal it received or of a process's failure)."""
+    lines = stderr.splitlines()
     if "Traceback (most recent call last):" in lines:
         lines = lines[:lines.index("Traceback (most recent call last):")]
     return [line for line in lines if line.strip() and "torch/distributed/elastic" not in line]
@@ -462,11 +463,33 @@ def test_sigint_under_torchrun_stops_every_process_and_rank_0_alone_says_so(laun
                               after_steps=5)  # step 4's checkpoint is written
     assert run.returncode != 0
     assert "KeyboardInterrupt" not in run.stderr_text
-    lines = their_lines(run)
+    lines = their_lines(run.stderr_text)
     assert len(lines) == 1, run.stderr_text[-3000:]
     assert re.fullmatch(r"train_sft\.py: stopped by SIGINT; kept \S+/step_\d+ \(\d+ steps done\); "
                         r"continue with: torchrun --nproc_per_node=2 \S+train_sft\.py .* "
                         r"--resume", lines[0])
+
+
+@pytest.mark.slow
+def test_a_busy_out_dir_refuses_a_torchrun_at_once(launcher):
+    """Rank 0 is refused in one line; the other processes, waiting for rank 0 to hold the lock,
+    end as soon as torchrun tells them to (not after its 30 s grace, killed)."""
+    out = launcher.folder / "busy"
+    out.mkdir()
+    with open(out / ".lock", "w") as lock:  # held by this process, as by a live run
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write(f"process {os.getpid()} on this host\n")
+        lock.flush()
+        began = time.time()
+        refused = subprocess.run(torchrun(launcher, out, "--resume"), capture_output=True,
+                                 text=True, env=ONE_THREAD)
+    lines = their_lines(refused.stderr)
+    assert refused.returncode != 0
+    assert lines[0] == (f"train_sft.py: error: --out_dir {out}: another run (process "
+                        f"{os.getpid()} on this host) is writing there; wait for it to end, or "
+                        "choose another --out_dir")
+    assert "SIGKILL" not in refused.stderr  # no process had to be killed
+    assert time.time() - began < 30
 
 
 @pytest.mark.slow
@@ -477,7 +500,7 @@ def test_sigterm_under_fsdp_saves_a_sharded_checkpoint_that_resumes_exactly(laun
     flags = ("--fsdp", "--steps", "12", "--save_every", "0")
     run = stop_under_torchrun(torchrun(launcher, out, *flags), out, signal.SIGTERM,
                               whole_group=False)  # torchrun passes it on to its processes
-    lines = their_lines(run)
+    lines = their_lines(run.stderr_text)
     assert len(lines) == 1, run.stderr_text[-3000:]
     step = int(re.fullmatch(r"train_sft\.py: stopped by SIGTERM; kept \S+/step_(\d+) .*",
                             lines[0])[1])
