@@ -104,8 +104,8 @@ def launcher(tmp_path_factory, byte_model_dir):
     launcher = Launcher(folder)
     launcher.model, launcher.data = byte_model_dir, folder / "data"
     yield launcher
-    launcher.process.stdin.close()
-    launcher.process.wait(timeout=60)
+    launcher.process.kill()  # (every child has ended)
+    launcher.process.wait()
 
 
 def wait_for(condition, what, timeout=60):
@@ -164,9 +164,16 @@ def sft(launcher, out_dir, *extra):
 
 @pytest.fixture(scope="module")
 def straight(launcher):
-    """40 steps of SFT without a stop: the weights every stopped and continued run must reach."""
+    """40 steps of SFT without a stop: the weights every stopped and continued run must reach.
+    It runs beside the test that asks for it first, until finished() waits for it."""
     out = launcher.folder / "straight"
-    assert launcher.run("train_sft.py", *sft(launcher, out)).code == 0
+    return out, launcher.start("train_sft.py", *sft(launcher, out))
+
+
+def finished(straight) -> Path:
+    out, child = straight
+    if not hasattr(child, "code"):
+        assert child.wait() == 0, child.stderr_lines()[-5:]
     return out
 
 
@@ -195,7 +202,7 @@ def test_sigint_keeps_the_last_checkpoint_and_its_command_continues_exactly(laun
     assert steps_logged(out) >= step
     continued = run_command(launcher, stop[4])
     assert continued.code == 0, continued.stderr_lines()[-5:]
-    same_weights(out, straight)
+    same_weights(out, finished(straight))
 
 
 # SIGTERM: a checkpoint at the end of the step; a killed run's lock; a torn metrics.jsonl ------
@@ -225,7 +232,7 @@ def test_sigterm_saves_at_the_end_of_the_step_and_a_crash_costs_nothing(launcher
     assert continued.code == 0, continued.stderr_lines()[-5:]
     assert any("its last line is torn" in line for line in continued.stderr_lines())
     assert not (out / ".lock").exists()
-    same_weights(out, straight)
+    same_weights(out, finished(straight))
 
 
 # Stopped before the first checkpoint: the same command, or --resume, starts over --------------
