@@ -24,6 +24,8 @@ Re-running resumes: a run whose folder holds a final model (model.safetensors, c
 tokenizer.json) is not trained again, one with checkpoints but no final model continues with
 --resume, and a results file newer than its model is not evaluated again. OUT/pipeline.json records
 --model, --smoke and --steps, and a later run with other values is refused rather than mixed in.
+Ctrl-C (SIGINT) or SIGTERM is passed on to the step that runs, which stops as it would alone (a
+trainer after a checkpoint, on SIGTERM), and then the pipeline stops, in one line each.
 
 Layout: OUT/<run>/ (final model, checkpoints/, metrics.jsonl), OUT/results/<run>.json, OUT/table.md.
 
