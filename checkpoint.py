@@ -33,8 +33,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
                                                      set_state_dict)
 from torch.distributed.fsdp import FSDPModule
 
-from cli import Stop, check_writable_dir, fail, load_safetensors, make_readable
+from cli import Stop, check_writable_dir, fail
 from faults import hold_out_dir, same_flags, stop_requested
+from model import load_safetensors, make_readable
 from train_common import due, rank_and_world, unwrap
 
 KEEP_CHECKPOINTS = 2  # the newest and the one before it, in case the newest turns out unreadable

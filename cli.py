@@ -11,7 +11,6 @@ flag or file with one line that names it, never a traceback. An interrupt ends i
 """
 import argparse
 import functools
-import json
 import math
 import os
 import shlex
@@ -20,8 +19,6 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-
-from safetensors.torch import load_file
 
 
 def fail(message: str):
@@ -171,54 +168,6 @@ def finite_or_null(x):
         return (values if isinstance(x, dict) else list(values.values())), found
     return x, 0
 
-
-def progress(iterable=None, **kwargs):
-    """A tqdm bar with rate and ETA on stderr, shown only on a terminal (never in logs or tests)."""
-    from tqdm import tqdm
-    return tqdm(iterable, **{"disable": None, "dynamic_ncols": True, **kwargs})
-
-
-# Files: a damaged one is named in one line; what is written is readable by all ----------------
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a valid JSON file ({e})") from None
-
-
-def load_safetensors(path: Path) -> dict:
-    """load_file, with a file that is truncated or no safetensors at all named in one line."""
-    try:
-        return load_file(path)
-    except Exception as e:  # safetensors' own error type, OSError, ...
-        raise ValueError(f"{path}: not a readable safetensors file, truncated or damaged? "
-                         f"({e})") from None
-
-
-def make_readable(path: Path):
-    """rw-r--r-- (folders rwxr-xr-x) under the umask, as any saved file: safetensors writes its
-    own files rw-------."""
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-def read_safetensors(folder: Path) -> dict:
-    """All tensors of a model folder: model.safetensors or its index's shards; never pickles."""
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(read_json(index)["weight_map"].values()))
-    elif (folder / "model.safetensors").exists():
-        shards = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json "
-                                "(only safetensors weights are loaded, never .bin/.pt pickles)")
-    missing = [shard for shard in shards if not (folder / shard).exists()]
-    if missing:
-        raise FileNotFoundError(f"{folder / missing[0]}: shard named in the index is missing")
-    return {name: t for shard in shards for name, t in load_safetensors(folder / shard).items()}
 
 
 # Interrupts: one line, saying what was kept and the command that continues ----------------------

@@ -2,11 +2,12 @@
 lm-evaluation-harness does, and the state lens that the trainers and the paper's table read.
 
     python eval.py --model Qwen/Qwen3-0.6B-Base --limit paper --out base.json
-    python eval.py --report base.json rl.json sft.json      # the paper's Table 2, as markdown
+    python eval.py --report base.json rl.json sft.json      # Table 2 with error bars (report.py)
     python eval.py --model out/rl --drift_reference Qwen/Qwen3-0.6B-Base --out rl.json  # + drift
 
     tasks, prompts, answers  load_gsm8k, ...; gsm8k_prompt, ...; gsm8k_correct, gsm8k_reward
     scoring, the state lens  evaluate, loglikelihoods; state_nll, kl_to_start (drift.py: drift)
+    error bars, --report     report.py (stats.py: standard errors, paired differences)
 
 The protocol is lm-eval's (0.4.13's task yamls gsm8k, mmlu, truthfulqa_mc1/mc2), so that numbers
 can be compared with lm-eval's: the same prompts, the same few-shot examples, the same answer
@@ -38,9 +39,11 @@ from pathlib import Path
 import torch
 
 from cli import (ArgumentParser, check_device, check_writable_file, fail, finite_or_null,
-                 nonnegative_float, nonnegative_int, positive_int, progress, stops_cleanly)
+                 nonnegative_float, nonnegative_int, positive_int, stops_cleanly)
 from drift import state_drift
-from model import Qwen3, Tokenizer, completion_logprobs, rollout
+from model import Qwen3, Tokenizer, completion_logprobs, progress, rollout
+from report import format_score, headline, headline_stderrs, report, task_means, with_stderrs
+from stats import mean
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 TASKS = ("gsm8k", "mmlu", "truthfulqa_mc1", "truthfulqa_mc2")
@@ -283,8 +286,7 @@ def eval_gsm8k(model, tokenizer, settings, data_dir) -> dict:
         match = {mode: int(gsm8k_correct(pred[mode], test[i]["gold"])) for mode in pred}
         samples.append({"index": i, "pred": {**pred, "completion": completion},
                         "gold": test[i]["gold"], "exact_match": match})
-    metrics = {f"exact_match_{mode}": mean(s["exact_match"][mode] for s in samples)
-               for mode in ("strict", "flexible")}
+    metrics = task_means(samples, ("exact_match_strict", "exact_match_flexible"))
     return {"metrics": metrics, "n": len(samples), "samples": samples}
 
 
@@ -308,7 +310,7 @@ def eval_mmlu(model, tokenizer, settings, data_dir) -> dict:
         by_subject.setdefault(test[i]["subject"],
                               []).append(samples[-1]["pred"] == samples[-1]["gold"])
     # micro: every question counts once
-    metrics = {"acc": mean(s["pred"] == s["gold"] for s in samples),
+    metrics = {**task_means(samples, ["acc"]),
                "acc_per_subject": {subject: mean(hits)
                                    for subject, hits in sorted(by_subject.items())}}
     return {"metrics": metrics, "n": len(samples), "samples": samples}
@@ -334,22 +336,18 @@ def eval_truthfulqa(model, tokenizer, settings, data_dir, which: str) -> dict:
         else:
             samples.append({"index": i, "gold": labels, "logliks": scores,
                             "score": mc2_score(scores, labels)})
-    metrics = {"acc": mean(s["pred"] == 0 for s in samples)} if which == "mc1" else \
-        {"mc2": mean(s["score"] for s in samples)}
+    # MC1's gold is 0: the true answer is listed first
+    metrics = task_means(samples, ["acc"] if which == "mc1" else ["mc2"])
     return {"metrics": metrics, "n": len(samples), "samples": samples}
-
-
-def mean(values) -> float:
-    values = [float(v) for v in values]
-    return sum(values) / len(values) if values else float("nan")
 
 
 def evaluate(model, tokenizer, tasks=("gsm8k",), limit=None, seed=1234, batch_size=16,
              data_dir=DATA_DIR, gsm8k_shots=5, mmlu_shots=5, fewshot_seed=1234, max_new_tokens=256,
-             verbose=False) -> dict:
+             verbose=False, stderr=False) -> dict:
     """Score `model` on `tasks`; returns {"settings": ..., "tasks": {task: {"metrics", "n",
     "samples"}}}. limit: None (full sets), an int for every task, or a {task: int} dict (see
-    PAPER_LIMITS)."""
+    PAPER_LIMITS). stderr: also lm-eval's `<metric>_stderr` beside each metric (results.json has
+    them; the trainers' periodic evals log the scores alone)."""
     if isinstance(tasks, str):
         tasks = [t for t in tasks.split(",") if t]
     unknown = set(tasks) - set(TASKS)
@@ -369,6 +367,8 @@ def evaluate(model, tokenizer, tasks=("gsm8k",), limit=None, seed=1234, batch_si
         else:
             results[task] = eval_truthfulqa(model, tokenizer, settings, data_dir,
                                             task.split("_")[1])
+        if stderr:
+            results[task]["metrics"] = with_stderrs(results[task])
         if verbose:
             shown = {k: round(v, 4)
                      for k, v in results[task]["metrics"].items() if isinstance(v, float)}
@@ -409,69 +409,6 @@ def state_nll(logprobs, mask) -> float:
     dataset prefixes; RL and OPD: the learner's own samples; off-policy distillation: the
     teacher's)."""
     return -(logprobs.detach() * mask).sum().item() / max(1, mask.sum().item())
-
-
-# Table 2: scores, Forgetting and Retention --------------------------------------------------------
-
-
-def headline(results: dict) -> dict:
-    """One number per task, in percent: GSM8K flexible and strict, MMLU, TruthfulQA MC1 and MC2."""
-    tasks = results["tasks"]
-    scores = {}
-    if "gsm8k" in tasks:
-        scores["gsm8k_flexible"] = tasks["gsm8k"]["metrics"]["exact_match_flexible"]
-        scores["gsm8k_strict"] = tasks["gsm8k"]["metrics"]["exact_match_strict"]
-    for task, metric in (("mmlu", "acc"), ("truthfulqa_mc1", "acc"), ("truthfulqa_mc2", "mc2")):
-        if task in tasks:
-            scores[task] = tasks[task]["metrics"][metric]
-    # null: not finite
-    return {name: 100 * score for name, score in scores.items() if score is not None}
-
-
-def report(paths: list, truthfulqa: str = "mc2") -> str:
-    """Markdown table: the first file is the base model. Forgetting (base - post, in points) and
-    Retention (post / base) are averaged over TruthfulQA (MC1 or MC2) and MMLU, the paper's
-    definition. Drift is the lexical state MMD² against the file's --drift_reference, where it has
-    one."""
-    runs = []
-    for path in paths:
-        try:
-            runs.append((Path(path).stem, json.loads(Path(path).read_text(encoding="utf-8"))))
-            runs[-1][1]["tasks"].items()
-        except (OSError, ValueError, KeyError, AttributeError) as e:
-            fail(f"--report {path}: not a results file of eval.py ({type(e).__name__}: {e})")
-    base_name, base = runs[0]
-    kept = ("mmlu", f"truthfulqa_{truthfulqa}")
-    columns = ["gsm8k_flexible", "gsm8k_strict", "mmlu", "truthfulqa_mc1", "truthfulqa_mc2"]
-    lines = ["| run | GSM8K (flex) | GSM8K (strict) | MMLU | TruthfulQA MC1 | TruthfulQA MC2 "
-             "| Forgetting ↓ | Retention ↑ | Drift (MMD²) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    base_scores = headline(base)
-    for name, results in runs:
-        for task in results["tasks"].keys() & base["tasks"].keys():
-            scored = [s["index"] for s in results["tasks"][task]["samples"]]
-            if scored != [s["index"] for s in base["tasks"][task]["samples"]]:
-                print(f"warning: {name} scored other {task} examples than {base_name} "
-                      "(--limit/--seed)", file=sys.stderr)
-        scores = headline(results)
-        cells = [f"{scores[c]:.1f}" if c in scores else "–" for c in columns]
-        comparable = all(k in scores and base_scores.get(k) for k in kept)  # base 0: no ratio
-        if name != base_name and comparable:
-            forgetting = mean(base_scores[k] - scores[k] for k in kept)
-            retention = mean(scores[k] / base_scores[k] for k in kept)
-            cells += [f"{forgetting:.1f}", f"{100 * retention:.1f}%"]
-        else:
-            cells += ["–", "–"]
-        cells.append(f"{results['drift']['lexical']['mmd2']:.4f}" if "drift" in results else "–")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append(f"\nForgetting and Retention average MMLU and TruthfulQA {truthfulqa.upper()} "
-                 f"against {base_name}.")
-    drifts = [results["drift"] for _, results in runs if "drift" in results]
-    settings = {f"{d['reference']} ({d['n_prompts']} GSM8K prompts, {d['max_new_tokens']} new "
-                f"tokens, temperature {d['temperature']}, seed {d['seed']})" for d in drifts}
-    for drift in sorted(settings):  # one line per setting: compare runs within one
-        lines.append(f"Drift: lexical state MMD² against {drift}.")
-    return "\n".join(lines)
 
 
 # CLI ----------------------------------------------------------------------------------------------
@@ -529,7 +466,8 @@ def main(argv=None):
       help="rollout sampling temperature")
     a("--drift_seed", type=int, default=0, help="seed of the drift prompts and rollouts")
     a("--report", nargs="+", metavar="RESULTS_JSON",
-      help="print Table 2 from results files instead of evaluating; the first is the base model")
+      help="print Table 2 from results files instead of evaluating, with error bars and each "
+           "run's differences from the first file, the base model")
     a("--truthfulqa_metric", default="mc2", choices=["mc1", "mc2"],
       help="which TruthfulQA score Forgetting and Retention average with MMLU")
     args = parser.parse_args(argv)
@@ -552,7 +490,7 @@ def main(argv=None):
     check_data(parser, args, tasks)
     results = evaluate(model, tokenizer, tasks, args.limit, args.seed, args.batch_size,
                        args.data_dir, args.gsm8k_shots, args.mmlu_shots, args.fewshot_seed,
-                       args.max_new_tokens, verbose=True)
+                       args.max_new_tokens, verbose=True, stderr=True)
     settings = {**results["settings"], "device": args.device,
                 "dtype": str(dtype).replace("torch.", "")}
     results = {"model": args.model, "settings": settings, "tasks": results["tasks"]}
@@ -572,8 +510,9 @@ def main(argv=None):
     tmp = Path(f"{args.out}.tmp")
     tmp.write_text(json.dumps(no_nan(results), indent=1, allow_nan=False))
     os.replace(tmp, args.out)
-    print(" ".join(f"{name}={score:.1f}" for name, score in headline(results).items()),
-          f"-> {args.out}")
+    errors = headline_stderrs(results)  # each score ± its standard error, in points
+    print(", ".join(f"{name} {format_score(score, errors[name])}"
+                    for name, score in headline(results).items()), f"-> {args.out}")
 
 
 def check_args(parser, args) -> list:

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from cli import RECEIVED, Stop, command_line, fail, read_json, stops_cleanly
+from cli import RECEIVED, Stop, command_line, fail, stops_cleanly
 from eval import gsm8k_prompt, load_gsm8k, load_mmlu
+from model import read_json
 from parallel import rank_and_world, reduced
 
 LOCK = ".lock"  # in --out_dir while a run writes there: its process id and host (and torchrun)
@@ -138,6 +139,14 @@ def last_checkpoint(out_dir):
     """The newest checkpoint folder in out_dir/checkpoints, or None."""
     saved = sorted(Path(out_dir, "checkpoints").glob("step_*"))
     return saved[-1] if saved else None
+
+
+def how_to_continue(out_dir) -> str:
+    """After a step that failed: the last checkpoint and --resume, or that there is none yet."""
+    saved = last_checkpoint(out_dir)
+    if saved is None:
+        return "no checkpoint was saved yet: start again with --overwrite"
+    return f"the last good checkpoint is {saved}: continue with --resume"
 
 
 def what_training_kept(script, argv) -> str:

@@ -4,7 +4,8 @@ Face weights and tokenizer in and out (from_pretrained, save_pretrained, Tokeniz
 (add_lora), generation over a KV cache with a fused sampler and a CUDA-graph decode (generate,
 sample_next; rollout for lists of prompts with stop strings), and completion_logprobs for training
 and scoring. It matches transformers' Qwen3ForCausalLM (modeling_qwen3.py is the ground truth) for
-every dense Qwen3 size, 0.6B to 32B.
+every dense Qwen3 size, 0.6B to 32B. It stands alone (copy it anywhere): it imports torch,
+safetensors, tokenizers and huggingface_hub (with its tqdm), nothing of this project.
 
     model = Qwen3.from_pretrained("Qwen/Qwen3-0.6B-Base", device="cuda", dtype=torch.bfloat16)
     tok = Tokenizer.from_pretrained("Qwen/Qwen3-0.6B-Base")
@@ -24,10 +25,8 @@ import tokenizers
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
-
-from cli import make_readable, progress, read_json, read_safetensors
 
 # Config -------------------------------------------------------------------------------------------
 
@@ -579,6 +578,56 @@ def add_lora(model: Qwen3, rank: int, alpha: float) -> list:
 
 
 # Files: hub downloads, safetensors, the tokenizer -------------------------------------------------
+# A missing or damaged file raises FileNotFoundError or ValueError, one line that names it: the
+# entry points print it after the flag that named the model (--model, --teacher).
+
+
+def read_json(path) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a valid JSON file ({e})") from None
+
+
+def load_safetensors(path) -> dict:
+    """load_file, with a file that is truncated or no safetensors at all named in one line."""
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors' own error type, OSError, ...
+        raise ValueError(f"{path}: not a readable safetensors file, truncated or damaged? "
+                         f"({e})") from None
+
+
+def read_safetensors(folder: Path) -> dict:
+    """All tensors of a model folder: model.safetensors or its index's shards; never pickles."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(read_json(index)["weight_map"].values()))
+    elif (folder / "model.safetensors").exists():
+        shards = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json "
+                                "(only safetensors weights are loaded, never .bin/.pt pickles)")
+    missing = [shard for shard in shards if not (folder / shard).exists()]
+    if missing:
+        raise FileNotFoundError(f"{folder / missing[0]}: shard named in the index is missing")
+    return {name: t for shard in shards for name, t in load_safetensors(folder / shard).items()}
+
+
+def make_readable(path: Path):
+    """rw-r--r-- (folders rwxr-xr-x) under the umask, as any saved file: safetensors writes its
+    own files rw-------."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm bar with rate and ETA on stderr, shown only on a terminal (never in logs or tests).
+    tqdm comes with huggingface_hub."""
+    from tqdm import tqdm
+    return tqdm(iterable, **{"disable": None, "dynamic_ncols": True, **kwargs})
+
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name: Qwen/Qwen3-0.6B-Base

@@ -28,11 +28,12 @@ from pathlib import Path
 import torch
 
 from cli import (ArgumentParser, fail, finite_or_null, nonnegative_float, nonnegative_int,
-                 positive_float, positive_int, progress, subset_of)
+                 positive_float, positive_int, subset_of)
 from eval import TASKS, evaluate, gsm8k_prompt, kl_to_start, load_gsm8k
-from faults import check_run_fits, last_checkpoint, start_metrics
-from model import Qwen3, Tokenizer, add_lora
+from faults import check_run_fits, how_to_continue, start_metrics
+from model import Qwen3, Tokenizer, add_lora, progress
 from parallel import all_finite, gathered, rank_and_world, unwrap, wrap
+from tracking import Tracker, add_tracking_flags
 
 # Flags and set-up ---------------------------------------------------------------------------------
 
@@ -86,6 +87,7 @@ def training_args(description: str, **defaults) -> argparse.ArgumentParser:
       "earlier run, replacing it (without this, or --resume, such an --out_dir is refused)")
     a("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and AdamW "
       "state over the GPUs (FSDP2) instead of copying them to each (DDP)")
+    add_tracking_flags(p)  # --wandb, --tensorboard: tracking.py
     p.set_defaults(**defaults)
     return p
 
@@ -186,11 +188,8 @@ def optimizer_step(optimizer, step: int, args, loss: float):
     if hasattr(grad_norm, "full_tensor"):  # FSDP: a norm over every GPU's shards
         grad_norm = grad_norm.full_tensor()
     if not (all_finite(loss) and torch.isfinite(grad_norm)):
-        saved = last_checkpoint(args.out_dir)
-        kept = f"the last good checkpoint is {saved} (--resume" if saved else (
-            "no checkpoint was saved yet (start again with --overwrite")
         fail(f"step {step + 1}: loss {loss}, gradient norm {grad_norm.item()}: not finite, "
-             f"stopping; {kept}, perhaps with a lower --lr)")
+             f"stopping; {how_to_continue(args.out_dir)}, perhaps with a lower --lr")
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, args)
     optimizer.step()
@@ -207,10 +206,11 @@ class MetricsLog:
     scores the model a checkpoint at N holds. A figure that is NaN or infinite is written null, its
     name listed in not_finite."""
 
-    def __init__(self, out_dir, steps: int, first_step: int = 0):
+    def __init__(self, out_dir, steps: int, first_step: int = 0, args=None):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.steps = steps
         self.on = rank_and_world()[0] == 0
+        self.tracker = Tracker(args if self.on else None, first_step)  # args: --wandb, ...
         if self.on:  # after --resume: the lines up to the checkpoint's step (a last line torn
             start_metrics(self.path, first_step)  # by a crash dropped); afresh: none. faults.py
         self.bar = progress(total=steps, initial=first_step, desc="training", unit="step",
@@ -236,6 +236,7 @@ class MetricsLog:
                                    if clean[k] is None and figures[k] is not None]
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **clean}, allow_nan=False) + "\n")
+        self.tracker.send(step, clean)  # the same record to W&B, TensorBoard: tracking.py
         recent = self.step_times[-20:]
         eta = (self.steps - step) * sum(recent) / max(1, len(recent))
         shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"

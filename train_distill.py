@@ -221,7 +221,7 @@ def main(argv=None):
     questions_per_step = args.batch_size * args.grad_accum
     # --resume continues after the checkpoint's step, bit for bit; a fresh run is evaluated first
     first_step = load_checkpoint(args.out_dir, student, optimizer) if args.resume else 0
-    metrics = MetricsLog(args.out_dir, args.steps, first_step)
+    metrics = MetricsLog(args.out_dir, args.steps, first_step, args=args)
     print(f"{args.signal} signal on {args.states} states: {args.steps} steps of "
           f"{questions_per_step} questions per GPU")
     if first_step == 0:

@@ -139,7 +139,7 @@ def main(argv=None):
         resolve_warmup(args, f"{args.steps} steps for --epochs {args.epochs}")
     # --resume continues after the checkpoint's step, bit for bit; a fresh run is evaluated first
     first_step = load_checkpoint(args.out_dir, model, optimizer) if args.resume else 0
-    metrics = MetricsLog(args.out_dir, args.steps, first_step)
+    metrics = MetricsLog(args.out_dir, args.steps, first_step, args=args)
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{args.states} states, {args.steps} steps of {questions_per_step} questions per GPU, "
           f"{n_trained:,} trainable parameters")

@@ -5,6 +5,7 @@ teacher, light RL, each evaluated on the paper's subsets with its state drift fr
     python runs/paper.py --source ~/releases              # offline: data/prepare.py --source first
     python runs/paper.py --smoke --source ../shared/data  # the pipeline on a tiny model (CPU)
     python runs/paper.py --only base,sft_mild             # some rows; the table shows what exists
+    python runs/paper.py --published                      # the paper's own table, with error bars
 
 The steps, in this order; each prints its command, then runs it with this Python (one process per
 step; with --in_process, its main() in this one), and the first failure stops the pipeline there:
@@ -16,8 +17,9 @@ step; with --in_process, its main() in this one), and the first failure stops th
     opd_mild    train_distill.py --teacher OUT/sft_mild (student: MODEL), then its eval
     opd_stress  train_distill.py --teacher OUT/sft_stress, then its eval
     rl          train_rl.py, then its eval
-    table       eval.py --report OUT/results/base.json ... > OUT/table.md  (Forgetting,
-                Retention, MMD²)
+    table       eval.py --report OUT/results/base.json ... > OUT/table.md  (every score ± its
+                standard error, Forgetting, Retention, MMD² with its permutation p-value; then
+                each run's paired differences from the base, with 95% intervals)
 
 Every trainer starts from MODEL with its own defaults (see its --help); --steps overrides them all.
 Re-running resumes: a run whose folder holds a final model (model.safetensors, config.json,
@@ -98,6 +100,19 @@ SMOKE_TRAINING = {
 SMOKE_EVAL = ["--limit", "gsm8k=2,mmlu=12,truthfulqa=2", "--gsm8k_shots", "1", "--mmlu_shots", "0",
               "--max_new_tokens", "8", "--drift_prompts", "4", "--drift_max_new_tokens", "8"]
 
+# The paper's Table 2 as published (Qwen3-0.6B-Base): accuracies on GSM8K, TruthfulQA and MMLU, of
+# 500, 200 and 500 questions. Its questions and per-question scores are not published, so its
+# differences can be read only unpaired.
+PUBLISHED = {"base": (0.448, 0.300, 0.436),
+             "mild SFT": (0.512, 0.295, 0.444),
+             "stress SFT": (0.420, 0.245, 0.364),
+             "OPD from the stress teacher": (0.466, 0.275, 0.430),
+             "light RL": (0.472, 0.290, 0.442)}
+PUBLISHED_TASKS = (("GSM8K", 500), ("TruthfulQA", 200), ("MMLU", 500))
+# Its claimed gains on GSM8K: (run, against)
+PUBLISHED_CLAIMS = (("mild SFT", "base"), ("OPD from the stress teacher", "stress SFT"),
+                    ("light RL", "base"))
+
 
 def get_args(argv=None):
     parser = ArgumentParser(description=__doc__,
@@ -123,11 +138,16 @@ def get_args(argv=None):
                              f"--smoke: {SMOKE_STEPS})")
     parser.add_argument("--only",
                         help=f"comma-separated runs to do, of {','.join(RUNS)} (default: all)")
+    parser.add_argument("--published", action="store_true",
+                        help="print the paper's published Table 2 read with error bars (unpaired, "
+                             "from its accuracies and numbers of questions) and exit")
     parser.add_argument("--in_process", action="store_true",
                         help="call each step's main() in this process instead of a new Python: no "
                              "isolation, but no "
                              "start-up cost per step (the tests use it for --smoke)")
     args = parser.parse_args(argv)
+    if args.published:  # nothing to run, nothing written
+        return args
     args.out = Path(args.out
                     or os.path.relpath(ROOT / "runs" / "out" / ("smoke" if args.smoke else "")))
     args.data_dir = Path(args.data_dir)
@@ -343,7 +363,8 @@ def table(args):
     if not paths or paths[0].stem != "base":
         say("no table: the base model has no results yet")
         return
-    rows = [line.split("|")[1].strip() for line in out.read_text().splitlines()[2:]
+    # the first table's rows (the differences from the base follow it, after a blank line)
+    rows = [line.split("|")[1].strip() for line in out.read_text().split("\n\n")[0].splitlines()[2:]
             if line.startswith("| ")] \
         if out.exists() else []
     if rows == [p.stem for p in paths] and all(out.stat().st_mtime >= p.stat().st_mtime
@@ -357,8 +378,42 @@ def table(args):
         say(f"the table lacks {', '.join(missing)}: run paper.py again to add them")
 
 
+def published_with_errors() -> str:
+    """The paper's Table 2 read with error bars, from its accuracies and numbers of questions alone
+    (markdown): each score ± lm-eval's standard error, then each claimed GSM8K gain and each run's
+    Forgetting (base - run, averaged over TruthfulQA and MMLU) with its unpaired error and 95%
+    interval. TruthfulQA counts as a proportion: exact for MC1; for MC2, a mean of probabilities,
+    its standard error is at most that."""
+    from report import format_difference, format_score
+    from stats import average_of_differences, proportion_stderr, unpaired_difference
+
+    def score(run, task):  # (percent, its standard error in points)
+        accuracy, n = PUBLISHED[run][task], PUBLISHED_TASKS[task][1]
+        return 100 * accuracy, 100 * proportion_stderr(accuracy, n)
+
+    def difference(a, b, task):
+        return unpaired_difference(*score(a, task), *score(b, task))
+    lines = ["| run | " + " | ".join(f"{name} (n = {n})" for name, n in PUBLISHED_TASKS) + " |",
+             "|---" * (len(PUBLISHED_TASKS) + 1) + "|"]
+    for run in PUBLISHED:
+        lines.append(f"| {run} | " + " | ".join(format_score(*score(run, task))
+                                                for task in range(len(PUBLISHED_TASKS))) + " |")
+    lines += ["", "| difference, in points | Δ ± its standard error [95% interval] |", "|---|---|"]
+    for run, against in PUBLISHED_CLAIMS:
+        gain = difference(run, against, 0)
+        lines.append(f"| {run} - {against}, GSM8K | {format_difference(gain)} |")
+    for run in list(PUBLISHED)[1:]:
+        forgot = average_of_differences([difference("base", run, task) for task in (1, 2)])
+        lines.append(f"| Forgetting of {run} | {format_difference(forgot)} |")
+    lines.append("\n* the 95% interval excludes 0; † unpaired (the standard errors in quadrature).")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     args = get_args(argv)
+    if args.published:
+        print(published_with_errors())
+        return
     began = time.time()
     check_settings(args)
     prepare_data(args)

@@ -6,6 +6,7 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 
 import drift as D
 from conftest import ByteTokenizer, tiny_model
@@ -58,6 +59,54 @@ def test_mmd2_is_zero_without_drift_and_grows_with_the_shift():
     assert shifted[1] > 0.01
 
 
+def swapped(x, y, labels, swap):
+    """x and y with the states of every label in `swap` traded between them, one pair at a time."""
+    x, y = x.copy(), y.copy()
+    for i, label in enumerate(labels):
+        if label in swap:
+            x[i], y[i] = y[i].copy(), x[i].copy()
+    return x, y
+
+
+def test_mmd2_of_splits_is_mmd2_of_the_swapped_sets():
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(6), 3)  # 6 prompts, 3 states each, on both sides
+    x, y = rng.normal(size=(18, 4)), rng.normal(0.3, 1.0, size=(18, 4))
+    swaps = np.zeros((3, 6), dtype=bool)
+    swaps[1, [0, 4]] = True
+    swaps[2] = [True, False, True, True, False, True]
+    got = D.mmd2_of_splits(x, y, (labels, labels), 0.9, swaps)
+    for k, row in enumerate(swaps):
+        a, b = swapped(x, y, labels, set(np.flatnonzero(row)))
+        assert got[k] == pytest.approx(mmd2_loops(a, b, 0.9, True, labels, labels), abs=1e-12)
+    assert got[0] == pytest.approx(D.mmd2(x, y, 0.9, groups=(labels, labels))[0], abs=1e-12)
+    # swapping every prompt swaps x and y, which MMD² does not see
+    assert D.mmd2_of_splits(x, y, (labels, labels), 0.9, np.ones((1, 6), bool))[0] == \
+        pytest.approx(got[0], abs=1e-12)
+
+
+def test_permutation_test_is_calibrated_and_finds_a_real_difference():
+    """Two samples of one distribution: p-values spread over (0, 1], seldom small; two clearly
+    different state sets: p < 0.01. Seeded."""
+    labels = np.repeat(np.arange(25), 4)  # 25 prompts, 4 states each
+    p_values = []
+    for seed in range(50):
+        rng = np.random.default_rng(seed)
+        prompt_means = rng.normal(size=(25, 5)).repeat(4, axis=0)  # states of a prompt are alike
+        x = prompt_means + 0.5 * rng.normal(size=(100, 5))
+        y = prompt_means + 0.5 * rng.normal(size=(100, 5))
+        bandwidth = D.mmd2(x, y, groups=(labels, labels))[1]
+        p_values.append(D.mmd2_permutation_test(x, y, (labels, labels), bandwidth, 200, seed))
+    assert sum(p < 0.05 for p in p_values) <= 6  # 2.5 expected
+    assert 0.35 < np.mean(p_values) < 0.65
+    assert all(1 / 201 <= p <= 1 for p in p_values)
+    shifted = y + np.array([0.5, 0, 0, 0, 0])  # drift in every prompt's states
+    bandwidth = D.mmd2(x, shifted, groups=(labels, labels))[1]
+    assert D.mmd2_permutation_test(x, shifted, (labels, labels), bandwidth, 200, 0) < 0.01
+    # the same states on both sides: no split is smaller than the observed 0
+    assert D.mmd2_permutation_test(x, x.copy(), (labels, labels), bandwidth, 200, 0) == 1.0
+
+
 def test_centroid_and_sliced_wasserstein():
     rng = np.random.default_rng(2)
     x = rng.normal(size=(50, 6))
@@ -100,7 +149,6 @@ def test_prefix_lengths():
 
 
 def test_hidden_features_pool_each_prefix_of_one_forward_pass():
-    import torch
     model = tiny_model()
     prompts, rollouts = [[5, 6, 7], [8]], [[9, 10, 11, 12, 13], [14, 15]]
     # padded batch: one row is shorter
@@ -117,14 +165,17 @@ def test_hidden_features_pool_each_prefix_of_one_forward_pass():
 
 
 class Policy:
-    """Only a model's generate(), its tokens optionally mapped: state_drift featurises with the
-    reference alone."""
-    def __init__(self, model, token_map=lambda t: t):
+    """Only a model's generate(), its tokens optionally mapped, or sampled with its own random
+    numbers (another seed): state_drift featurises with the reference alone."""
+    def __init__(self, model, token_map=lambda t: t, seed=None):
         self.model, self.token_map = model, token_map
+        self.stream = None if seed is None else torch.Generator().manual_seed(seed)
 
-    def generate(self, prompts, *args, **kwargs):
+    def generate(self, prompts, *args, uniforms=None, **kwargs):
+        if self.stream is not None:
+            uniforms = torch.rand(uniforms.shape, generator=self.stream)
         return [[self.token_map(t) for t in row]
-                for row in self.model.generate(prompts, *args, **kwargs)]
+                for row in self.model.generate(prompts, *args, uniforms=uniforms, **kwargs)]
 
 
 def test_state_drift_of_a_model_against_itself_and_others():
@@ -140,6 +191,7 @@ def test_state_drift_of_a_model_against_itself_and_others():
         assert same[kind]["centroid"] == 0.0
         assert same[kind]["sliced_wasserstein"] == 0.0
         assert same[kind]["bandwidth"] > 0
+        assert same[kind]["p_value"] == 1.0
     # another random model: other states (random text from both, so no drift common to all prompts)
     drift = D.state_drift(other, base, tok, prompts, max_new_tokens=6, temperature=0.3, seed=3,
                           batch_size=8)
@@ -155,4 +207,11 @@ def test_state_drift_of_a_model_against_itself_and_others():
     for kind in ("lexical", "hidden"):
         assert collapsed[kind]["mmd2"] > 0.15
         assert collapsed[kind]["mmd2_biased"] > collapsed[kind]["mmd2"]
+        assert collapsed[kind]["p_value"] < 0.01  # 1 / 501 at least: no split reaches it
+    # the same model, sampled with other random numbers: no drift to find
+    reseeded = D.state_drift(Policy(base, seed=7), base, tok, prompts, max_new_tokens=6, seed=3,
+                             batch_size=8)
+    for kind in ("lexical", "hidden"):
+        assert reseeded[kind]["mmd2_biased"] > 0  # other samples
+        assert reseeded[kind]["p_value"] > 0.05
     assert json.loads(json.dumps(drift)) == drift  # goes into results.json as it is

@@ -267,7 +267,7 @@ def test_loglikelihoods_match_transformers(make_checkpoint):
         assert got == pytest.approx(expected, abs=1e-4)
 
 
-def test_evaluate_end_to_end_through_the_cli(make_checkpoint, prepared_data, tmp_path):
+def test_evaluate_end_to_end_through_the_cli(make_checkpoint, prepared_data, tmp_path, capsys):
     folder = make_checkpoint(with_tokenizer=True, vocab_size=151936)
     out = tmp_path / "results.json"
     ev.main(["--model", str(folder), "--limit", "gsm8k=2,mmlu=3,truthfulqa=1", "--max_new_tokens",
@@ -291,6 +291,11 @@ def test_evaluate_end_to_end_through_the_cli(make_checkpoint, prepared_data, tmp
         assert set(s["pred"]) == {"strict", "flexible", "completion"}
     flexible = ev.mean(s["exact_match"]["flexible"] for s in gsm["samples"])
     assert gsm["metrics"]["exact_match_flexible"] == flexible
+    # lm-eval's stderr beside each metric: sample std / sqrt(n); with n = 1, none (lm-eval: N/A)
+    for mode in ("strict", "flexible"):
+        hits = [s["exact_match"][mode] for s in gsm["samples"]]
+        assert gsm["metrics"][f"exact_match_{mode}_stderr"] == pytest.approx(
+            math.sqrt(sum((h - ev.mean(hits)) ** 2 for h in hits) / 1) / math.sqrt(2))
 
     mmlu = tasks["mmlu"]
     rows = ev.load_mmlu("test", prepared_data)
@@ -299,6 +304,9 @@ def test_evaluate_end_to_end_through_the_cli(make_checkpoint, prepared_data, tmp
         assert s["pred"] == ev.argmax(s["logliks"])
         assert s["gold"] == rows[s["index"]]["answer"]
     assert mmlu["metrics"]["acc"] == ev.mean(s["pred"] == s["gold"] for s in mmlu["samples"])
+    acc = mmlu["metrics"]["acc"]  # of 3 questions: sample variance 3/2 acc (1 - acc)
+    assert mmlu["metrics"]["acc_stderr"] == pytest.approx(math.sqrt(acc * (1 - acc) / 2))
+    assert mmlu["metrics"]["acc_stderr_clustered"] is not None
     assert set(mmlu["metrics"]["acc_per_subject"]) == {s["subject"] for s in mmlu["samples"]}
 
     mc1, mc2 = tasks["truthfulqa_mc1"], tasks["truthfulqa_mc2"]
@@ -313,6 +321,13 @@ def test_evaluate_end_to_end_through_the_cli(make_checkpoint, prepared_data, tmp
         first = row["mc1_targets"]["choices"][0]
         in_mc2 = row["mc2_targets"]["choices"].index(first)
         assert s1["logliks"][0] == pytest.approx(s2["logliks"][in_mc2], abs=1e-4)
+    assert mc1["metrics"]["acc_stderr"] is None and mc2["metrics"]["mc2_stderr"] is None  # n = 1
+    # the summary line: each score ± its standard error, in points (none for one question)
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"gsm8k_flexible {100 * flexible:.1f} ± "
+                           f"{100 * gsm['metrics']['exact_match_flexible_stderr']:.1f}, ")
+    assert f"mmlu {100 * acc:.1f} ± {100 * mmlu['metrics']['acc_stderr']:.1f}, " in line
+    assert line.endswith(f"truthfulqa_mc2 {100 * mc2['metrics']['mc2']:.1f} ± – -> {out}")
 
 
 def test_missing_data_offline_exits_with_a_clear_message(tmp_path, monkeypatch):
@@ -327,6 +342,8 @@ def test_missing_data_offline_exits_with_a_clear_message(tmp_path, monkeypatch):
 # Table 2
 
 def fake_results(path, mmlu, mc1, mc2, gsm8k=0.3):
+    """A results file as eval.py wrote them before error bars: samples without per-question
+    scores."""
     samples = [{"index": 0}]
     tasks = {"gsm8k": {"metrics": {"exact_match_strict": gsm8k - 0.1,
                                    "exact_match_flexible": gsm8k}, "samples": samples},
@@ -341,12 +358,15 @@ def test_report_forgetting_and_retention(tmp_path, capsys):
     base = fake_results(tmp_path / "base.json", mmlu=0.50, mc1=0.25, mc2=0.40)
     run = fake_results(tmp_path / "rl.json", mmlu=0.45, mc1=0.30, mc2=0.42, gsm8k=0.6)
     table = ev.report([base, run], truthfulqa="mc2")
-    # Forgetting = mean(50 - 45, 40 - 42) = 1.5 points; Retention = mean(45/50, 42/40) = 97.5%
-    assert "| base | 30.0 | 20.0 | 50.0 | 25.0 | 40.0 | – | – |" in table
-    assert "| rl | 60.0 | 50.0 | 45.0 | 30.0 | 42.0 | 1.5 | 97.5% |" in table
-    assert "TruthfulQA MC2" in table.splitlines()[-1]
+    # Forgetting = mean(50 - 45, 40 - 42) = 1.5 points; Retention = mean(45/50, 42/40) = 97.5%;
+    # no per-question scores in these files: no error bars, a dash
+    assert "| base | 30.0 ± – | 20.0 ± – | 50.0 ± – | 25.0 ± – | 40.0 ± – | – | – |" in table
+    assert ("| rl | 60.0 ± – | 50.0 ± – | 45.0 ± – | 30.0 ± – | 42.0 ± – | 1.5 ± – | 97.5% |"
+            in table)
+    assert "| rl | +30.0 ± – | +30.0 ± – | -5.0 ± – | +5.0 ± – | +2.0 ± – | +1.5 ± – |" in table
+    assert "Forgetting and Retention average MMLU and TruthfulQA MC2" in table
     # with MC1: mean(5, 25 - 30) = 0.0; mean(0.9, 1.2) = 105.0%
-    assert "| 0.0 | 105.0% |" in ev.report([base, run], truthfulqa="mc1")
+    assert "| 0.0 ± – | 105.0% |" in ev.report([base, run], truthfulqa="mc1")
     ev.main(["--report", base, run, "--truthfulqa_metric", "mc1"])
     assert "| rl |" in capsys.readouterr().out
 
@@ -385,11 +405,12 @@ def test_drift_through_the_cli(make_checkpoint, tmp_path, capsys):
     assert results["tasks"] == {}
     assert drift["reference"] == str(base)
     assert (drift["n_prompts"], drift["n_states"], drift["max_new_tokens"], drift["temperature"],
-            drift["seed"]) == \
-        (3, 12, 6, 0.5, 1)
+            drift["seed"], drift["n_permutations"]) == \
+        (3, 12, 6, 0.5, 1, 500)
     for kind in ("lexical", "hidden"):
-        assert set(drift[kind]) == {"mmd2", "mmd2_biased", "bandwidth", "centroid",
+        assert set(drift[kind]) == {"mmd2", "mmd2_biased", "bandwidth", "p_value", "centroid",
                                     "sliced_wasserstein"}
+        assert 0 < drift[kind]["p_value"] <= 1
         assert drift[kind]["mmd2_biased"] > 0
         assert drift[kind]["centroid"] > 0
     assert f"drift: MMD² lexical {drift['lexical']['mmd2']:.4f}" in capsys.readouterr().err
@@ -421,11 +442,10 @@ def test_report_has_the_drift_column(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].endswith("| Retention ↑ | Drift (MMD²) |")
     assert lines[1].count("|") == 10
-    assert lines[2] == "| base | – | – | 50.0 | – | – | – | – | – |"
-    assert lines[3] == "| rl | – | – | 50.0 | – | – | – | – | 0.0123 |"
-    assert lines[-1] == ("Drift: lexical state MMD² against Qwen/Qwen3-0.6B-Base (100 GSM8K "
-                         "prompts, 128 new tokens, "
-                         "temperature 1.0, seed 0).")
+    assert lines[2] == "| base | – | – | 50.0 ± – | – | – | – | – | – |"
+    assert lines[3] == "| rl | – | – | 50.0 ± – | – | – | – | – | 0.0123 |"
+    assert ("Drift: lexical state MMD² against Qwen/Qwen3-0.6B-Base (100 GSM8K prompts, 128 new "
+            "tokens, temperature 1.0, seed 0).") in lines
 
 
 def test_kl_to_start_is_zero_for_the_start_and_positive_for_another_model():

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli import load_safetensors
+from model import load_safetensors
 from conftest import ROOT, tiny_model, train_lines, write_byte_tokenizer
 from test_bad_input import FORK_CASE, checkpoint_of, write_jsonl, write_tiny_data
 

@@ -2,12 +2,16 @@
 the checkpoint format, Qwen's tokenizer ids, and the definitions of the sampler's masks."""
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DEVICES, tiny_config, tiny_model, write_byte_tokenizer
+from conftest import DEVICES, ROOT, TINY, tiny_config, tiny_model, write_byte_tokenizer
 import model as M
 from model import (Qwen3, Qwen3Config, Tokenizer, add_lora, completion_logprobs, rollout,
                    sample_next)
@@ -321,3 +325,66 @@ def test_stop_fn_ends_rows_at_the_next_check_with_the_same_tokens():
     stopped = model.generate(prompts, max_new_tokens=40, temperature=0, stop_fn=stop_fn)
     assert seen == [[16, 16], [32, 32]]  # the batch ran until both rows were done, then stopped
     assert stopped == [row[:32] for row in full]
+
+
+STANDALONE = """
+import json, sys
+from pathlib import Path
+import importlib.abc
+import torch
+
+class NoProjectModules(importlib.abc.MetaPathFinder):  # as if model.py were copied alone
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in PROJECT_MODULES:
+            raise ImportError(f"{name} is a project module: model.py must not need it")
+
+sys.meta_path.insert(0, NoProjectModules())
+import model as M
+
+folder = Path(sys.argv[1])
+torch.manual_seed(0)
+net = M.Qwen3(M.Qwen3Config(**TINY))
+net.save_pretrained(folder)
+loaded = M.Qwen3.from_pretrained(folder)
+assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(),
+                                             loaded.state_dict().values()))
+tok = M.Tokenizer.from_pretrained(folder)
+prompts = tok.encode_batch(["2 + 2 =", "Hello"])
+(folder / "config.json").write_text("{ torn")
+try:
+    M.Qwen3.from_pretrained(folder)
+    error = None
+except ValueError as e:
+    error = str(e)
+print(json.dumps({"modules": sorted(set(sys.modules) & PROJECT_MODULES), "error": error,
+                  "greedy": loaded.generate(prompts, 6, temperature=0),
+                  "rollout": M.rollout(loaded, tok, prompts, 6, temperature=1.0, seed=3)}))
+"""
+
+
+def test_model_py_stands_alone(tmp_path):
+    """model.py copied alone into an empty folder, every other module of this project unimportable
+    (a student's notebook): it builds, saves, loads, generates and names a damaged file, and its
+    tokens are this project's model.py's, bit for bit."""
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(ROOT / "model.py", alone / "model.py")
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    write_byte_tokenizer(folder / "tokenizer.json")
+    project = {p.stem for p in ROOT.glob("*.py")} - {"model"}
+    script = f"PROJECT_MODULES = {project!r}\nTINY = {TINY!r}\n" + STANDALONE
+    done = subprocess.run([sys.executable, "-E", "-s", "-c", script, str(folder)], cwd=alone,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["modules"] == []
+    assert result["error"].startswith(f"{folder / 'config.json'}: not a valid JSON file")
+    # the same weights (seed 0) in this project's model.py give the same tokens
+    torch.manual_seed(0)
+    net = Qwen3(tiny_config())
+    tok = Tokenizer.from_pretrained(folder)
+    prompts = tok.encode_batch(["2 + 2 =", "Hello"])
+    assert result["greedy"] == net.generate(prompts, 6, temperature=0)
+    assert result["rollout"] == rollout(net, tok, prompts, 6, temperature=1.0, seed=3)

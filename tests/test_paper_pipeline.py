@@ -16,14 +16,21 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on 
 
 paper = load_script("runs/paper.py")
 
-NUMBER = re.compile(r"-?\d+\.\d+%?")
+# a score or Forgetting ± its standard error, a Retention, an MMD² with its p-value
+NUMBER = re.compile(r"-?\d+\.\d+( ± \d+\.\d+|%| \(p [01]\.\d{3}\))")
+# a difference from the base ± its standard error [95% interval], maybe marked
+DIFFERENCE = re.compile(r"[+-]\d+\.\d+ ± \d+\.\d+ \[-?\d+\.\d+, -?\d+\.\d+\]( \*)?")
 
 
-def table_rows(out):
-    """{run: its cells} from OUT/table.md, in the table's order."""
-    lines = (out / "table.md").read_text().splitlines()
-    assert lines[0].startswith("| run | GSM8K (flex) |")
-    assert lines[0].endswith("| Retention ↑ | " "Drift (MMD²) |")
+def table_rows(out, table=0):
+    """{run: its cells} from OUT/table.md's Table 2 (table=0) or its differences from the base (1),
+    in the table's order."""
+    lines = [text for text in (out / "table.md").read_text().split("\n\n")
+             if text.startswith("| run |")][table].splitlines()
+    first, last = ("GSM8K (flex)", "Retention ↑ | Drift (MMD²)") if table == 0 else \
+        ("Δ GSM8K (flex)", "Forgetting ↓")
+    assert lines[0].startswith(f"| run | {first} |")
+    assert lines[0].endswith(f"| {last} |")
     return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")]
                                               for line in lines[2:] if line.startswith("| "))}
 
@@ -54,6 +61,11 @@ def test_smoke_pipeline_makes_the_table_then_skips_then_resumes(shared_data, tmp
         filled = cells[:5] if name == "base" else cells
         assert all(NUMBER.fullmatch(c) for c in filled), (name, cells)
         assert name != "base" or cells[5:] == ["–", "–", "–"]
+    # each run's paired differences from the base, on the same questions
+    differences = table_rows(out, table=1)
+    assert list(differences) == list(rows)[1:]
+    assert all(DIFFERENCE.fullmatch(c) for cells in differences.values() for c in cells), \
+        differences
     # each row scores its own model, on the same seeded subsets, drift against the base
     for name in rows:
         results = json.loads((out / "results" / f"{name}.json").read_text())

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, train_lines
-from cli import load_safetensors
-from model import Qwen3
+from model import Qwen3, load_safetensors
 
 pytestmark = pytest.mark.slow
 
