@@ -28,12 +28,13 @@ import random
 
 import torch
 
-from checkpoint import load_checkpoint, prepare_out_dir, save_checkpoint
-from cli import check_training_args, positive_float, positive_int
+from checkpoint import load_checkpoint, prepare_out_dir, save_when_due
+from cli import check_other_model, check_training_args, fail, positive_float, positive_int
 from eval import GSM8K_STOP_STRINGS, gsm8k_prompt, load_gsm8k, state_nll
+from faults import training_run
 from model import Qwen3, Tokenizer, completion_logprobs, in_row_chunks, rollout
 from parallel import gathered, global_rows, micro_batches, tokens_per_rank
-from train_common import (MetricsLog, autocast, batch_at, due, finish, optimizer_step,
+from train_common import (MetricsLog, autocast, batch_at, finish, optimizer_step,
                           periodic_eval, setup, step_seed, training_args)
 
 
@@ -60,6 +61,7 @@ def get_args(argv=None):
       help="sequences sampled at once (memory: the KV cache)")
     args = parser.parse_args(argv)
     check_training_args(parser, args)
+    check_other_model("--teacher", args.teacher, "--model (the student)", args.model)
     if args.signal == "token_kl" and args.states == "teacher":  # needs the student's samples
         parser.error("--signal token_kl needs --states student; use full_kl or continuation on "
                      "teacher states")
@@ -73,16 +75,16 @@ def load_teacher(args, student, student_tokenizer, device, dtype):
         teacher_tokenizer = Tokenizer.from_pretrained(args.teacher)
         teacher = Qwen3.from_pretrained(args.teacher, device=device, dtype=dtype)
     except (FileNotFoundError, ValueError) as e:  # bad input: one line naming the flag
-        raise SystemExit(f"--teacher: {e}")
+        fail(f"--teacher: {e}")
     teacher.requires_grad_(False)
     teacher_vocab = teacher_tokenizer.tok.get_vocab(True)  # with the added tokens
     if teacher_vocab != student_tokenizer.tok.get_vocab(True):
-        raise SystemExit(f"--teacher {args.teacher}: its tokenizer differs from the student's "
-                         f"({args.model}); distillation compares the models token by token, so "
-                         "they must share one tokenizer")
+        fail(f"--teacher {args.teacher}: its tokenizer differs from the student's "
+             f"({args.model}); distillation compares the models token by token, so they must "
+             "share one tokenizer")
     if teacher.config.vocab_size != student.config.vocab_size:
-        raise SystemExit(f"--teacher {args.teacher}: vocab_size {teacher.config.vocab_size} "
-                         f"differs from the student's {student.config.vocab_size}")
+        fail(f"--teacher {args.teacher}: vocab_size {teacher.config.vocab_size} differs from "
+             f"the student's {student.config.vocab_size}")
     return teacher
 
 
@@ -208,6 +210,7 @@ def apply_teacher(student, teacher, batch, args, dtype, n_real_tokens=None):
     return figures if continuation else {**figures, "kl": kl_sum}
 
 
+@training_run  # faults.py: SIGINT, SIGTERM end it in one line; the --out_dir lock goes
 def main(argv=None):
     # Set-up: flags, the --out_dir guard, student + tokenizer + AdamW, the teacher, the questions
     args = get_args(argv)
@@ -239,8 +242,7 @@ def main(argv=None):
         metrics.log(step + 1, **figures, lr=lr, grad_norm=grad_norm,
                     tokens=sum(map(len, batch["seqs"])))
         periodic_eval(step + 1, student, tokenizer, metrics, args, dtype)
-        if due(step + 1, args.save_every):
-            save_checkpoint(args.out_dir, student, optimizer, step + 1)
+        save_when_due(args, student, optimizer, step + 1)  # and at SIGTERM's stop
     finish(student, tokenizer, args.out_dir)
 
 
