@@ -1,16 +1,21 @@
 """
-Checkpoints, and what a run finds in its --out_dir: an earlier run is never overwritten by accident
-(--resume continues it, --overwrite replaces it), the folder is known to be writable before the
-first step, and a checkpoint is verified before the one before it goes and checked again when
---resume loads it.
+Checkpoints, and what a run finds in its --out_dir: one run at a time there (faults.hold_out_dir),
+an earlier run is never overwritten by accident (--resume continues it, --overwrite replaces it),
+the folder is known to be writable before the first step, and a checkpoint is verified before the
+one before it goes and checked again when --resume loads it.
 
-    prepare_out_dir   before any work: refuse or clear an earlier run, prove the folder writable
+    prepare_out_dir   before any work: lock the folder, refuse or clear an earlier run, prove the
+                      folder writable
+    save_when_due     the end of a step: a checkpoint every --save_every steps, and at SIGTERM's
+                      stop
     save_checkpoint   trained weights, AdamW state and RNG in safetensors, renamed in whole
     load_checkpoint   --resume: the newest readable checkpoint of this run, bit-identical
 
 Under --fsdp each GPU holds a shard of the weights and AdamW state, and writes it: the checkpoint
 is torch.distributed.checkpoint's, in its Hugging Face safetensors format (one file per GPU, the
-layout in their headers), and --resume loads it on the same number of GPUs.
+layout in their headers), and --resume loads it on the same number of GPUs. Either kind is flushed
+to disk and read back before it counts, and meta.json names how it was written (one process, DDP
+or FSDP, and how many processes), so that a run of another kind is told, not left guessing.
 """
 import json
 import os
@@ -28,36 +33,69 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
                                                      set_state_dict)
 from torch.distributed.fsdp import FSDPModule
 
-from cli import check_writable_dir, fail
+from cli import Stop, check_writable_dir, fail
+from faults import hold_out_dir, same_flags, stop_requested
 from model import load_safetensors, make_readable
-from train_common import rank_and_world, unwrap
+from train_common import due, rank_and_world, unwrap
 
 KEEP_CHECKPOINTS = 2  # the newest and the one before it, in case the newest turns out unreadable
 
 
 def prepare_out_dir(args):
-    """Before any work: refuse an --out_dir holding an earlier run (a finished model, checkpoints,
-    or the metrics of a run stopped before its first checkpoint) unless --resume continues it or
-    --overwrite replaces it; prove the folder writable; clear what an interrupted save left."""
+    """Before any work: hold the folder's lock for this run (rank 0), then refuse an --out_dir
+    holding an earlier run (a finished model, checkpoints, or the metrics of a run stopped before
+    its first checkpoint) unless --resume continues it or --overwrite replaces it. A run stopped
+    before its first checkpoint starts over by --resume or by the same command. Prove the folder
+    writable; clear what an interrupted save left."""
     out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
         fail(f"--out_dir {out}: is a file, not a folder")
+    first = rank_and_world()[0] == 0
+    hold_out_dir(args)  # a second run into this folder stops here
     checkpoints = sorted((out / "checkpoints").glob("step_*"))
     finished = (out / "model.safetensors").exists() or (out / "config.json").exists()
-    held = ("a finished model" if finished else "checkpoints" if checkpoints
-            else "metrics.jsonl" if (out / "metrics.jsonl").exists() else None)
+    stopped_early = (out / "metrics.jsonl").exists() and not (checkpoints or finished)
     if args.resume and not checkpoints:
-        fail(f"--resume: no checkpoint in {out / 'checkpoints'} to continue from")
-    if held and not (args.resume or args.overwrite):
-        fail(f"--out_dir {out}: holds {held} of an earlier run; pass --resume to continue it, "
-             "--overwrite to replace it, or another --out_dir")
+        if finished:
+            fail(f"--resume: {out} holds a finished model and no checkpoint to continue from; "
+                 "pass --overwrite to replace it")
+        args.resume = False  # nothing to continue from: start over
+        if first:
+            print(f"--resume: no checkpoint in {out / 'checkpoints'}: the run starts over")
+    elif (finished or checkpoints) and not (args.resume or args.overwrite):
+        fail(f"--out_dir {out}: holds {'a finished model' if finished else 'checkpoints'} of an "
+             "earlier run; pass --resume to continue it, --overwrite to replace it, or another "
+             "--out_dir")
+    elif stopped_early and not args.overwrite:
+        if not same_flags(args):
+            fail(f"--out_dir {out}: holds metrics.jsonl of an earlier run, stopped before its "
+                 "first checkpoint, with other flags; pass --resume or --overwrite to start over "
+                 "(replacing it), or another --out_dir")
+        if first:
+            print(f"{out}: the same command, stopped before its first checkpoint: it starts over")
     check_writable_dir(out / "checkpoints", "--out_dir")
-    if rank_and_world()[0] == 0:  # what an interrupted save (model or checkpoint) left: removed
+    if first:  # what an interrupted save (model, checkpoint, metrics) left: removed
         for stale in [*out.glob(".tmp-*"), *(out / "checkpoints").glob(".tmp-*")]:
-            shutil.rmtree(stale, ignore_errors=True)
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
         if args.overwrite:  # the old run's checkpoints would pass for this one's; its final model
             for old in checkpoints:  # stays until this run's replaces it
                 shutil.rmtree(old)
+
+
+def save_when_due(args, model, optimizer, steps_done: int):
+    """The end of a step: a checkpoint every --save_every steps. When SIGTERM asked the run to
+    stop (faults.stop_requested: any of its processes), a checkpoint now if this step has none,
+    then the stop, which says what was kept (cli.stops_cleanly)."""
+    saved = due(steps_done, args.save_every)
+    if saved:
+        save_checkpoint(args.out_dir, model, optimizer, steps_done)
+    if stop_requested():
+        if not saved:
+            save_checkpoint(args.out_dir, model, optimizer, steps_done)
+        raise Stop("SIGTERM")
 
 
 def save_checkpoint(out_dir, model, optimizer, step: int):
@@ -66,6 +104,7 @@ def save_checkpoint(out_dir, model, optimizer, step: int):
     read back, then renamed into place; only then does the oldest go: the newest two are whole."""
     if isinstance(model, FSDPModule):
         return save_sharded(out_dir, model, optimizer, step)
+    kind = run_kind(model)
     model = unwrap(model)  # DDP: the model's own parameter names
     if rank_and_world()[0] != 0:
         return
@@ -78,20 +117,30 @@ def save_checkpoint(out_dir, model, optimizer, step: int):
         for k, v in optimizer.state.get(p, {}).items():
             tensors[f"adam.{i}.{k}"] = v.detach().cpu().contiguous()
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    final = root / f"step_{step:07d}"
     save_file(tensors, tmp / "state.safetensors")
-    (tmp / "meta.json").write_text(json.dumps({"step": step}))
-    for path in (tmp / "state.safetensors", tmp / "meta.json", tmp):
+    (tmp / "meta.json").write_text(json.dumps({"step": step, **kind}))
+    problem = seal(tmp, root / f"step_{step:07d}", tensors.keys())
+    if problem:
+        fail(problem)
+
+
+def seal(tmp: Path, final: Path, keys):
+    """Make the checkpoint written in tmp the newest: flush its files to disk, read them back,
+    rename tmp to final (rank 0). Only then does the oldest go. Returns what is wrong instead,
+    if its files do not read back whole (and nothing is renamed or removed)."""
+    for path in [*tmp.iterdir(), tmp]:
         fsync(path)  # on disk before the rename makes it the newest
         make_readable(path)
-    problem = read_back_problem(tmp, tensors.keys())
+    problem = read_back_problem(tmp, keys)
     if problem:
-        fail(f"{tmp}: the checkpoint just written does not read back whole ({problem}); "
-             "is the disk full?")
+        return (f"{tmp}: the checkpoint just written does not read back whole ({problem}); is "
+                "the disk full?")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for old in sorted(root.glob("step_*"))[:-KEEP_CHECKPOINTS]:
+    fsync(final.parent)  # the rename itself
+    for old in sorted(final.parent.glob("step_*"))[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old)
+    return None
 
 
 def fsync(path: Path):
@@ -103,14 +152,25 @@ def fsync(path: Path):
 
 
 def read_back_problem(folder: Path, keys=None):
-    """What is wrong with a checkpoint folder's files (None: nothing). safetensors checks that its
-    header covers the file exactly, so a truncated file shows here without reading the tensors."""
+    """What is wrong with a checkpoint folder's files (None: nothing): meta.json, then the
+    safetensors files it names (state.safetensors, or one shard per FSDP process), and with keys
+    that they hold exactly those tensors. safetensors checks that a file's header covers the file
+    exactly, so a truncated file shows here without reading the tensors."""
     if not (folder / "meta.json").exists():
         return "no meta.json: an incomplete save"
     try:
-        json.loads((folder / "meta.json").read_text())["step"]
-        with safe_open(folder / "state.safetensors", "pt") as f:
-            found = set(f.keys())
+        meta = json.loads((folder / "meta.json").read_text())
+        meta["step"]  # (a KeyError without it)
+        kind = kind_of(meta)
+        files = [folder / "state.safetensors"]
+        if kind["kind"] == "fsdp":  # a shard per process
+            files = sorted(folder.glob("*.safetensors"))
+            if len(files) != kind["processes"]:
+                raise ValueError(f"{len(files)} shard files for {kind['processes']} processes")
+        found = set()
+        for file in files:
+            with safe_open(file, "pt") as f:
+                found |= set(f.keys())
     except Exception as e:  # JSON, a missing file, safetensors' own error
         return f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     if keys is not None and found != set(keys):
@@ -118,30 +178,71 @@ def read_back_problem(folder: Path, keys=None):
     return None
 
 
+def run_kind(model) -> dict:
+    """How this run holds the model, as meta.json records it: {"kind": "plain" (one process),
+    "ddp" or "fsdp", "processes": how many}. A run resumes only a checkpoint of its own kind: the
+    files differ under FSDP, and the number of processes sets each step's questions."""
+    world = rank_and_world()[1]
+    kind = "fsdp" if isinstance(model, FSDPModule) else "ddp" if world > 1 else "plain"
+    return {"kind": kind, "processes": world}
+
+
+def kind_of(meta: dict) -> dict:
+    """A checkpoint's kind from its meta.json; one from before kinds were recorded is FSDP's if it
+    has a world_size, else one process's or DDP's (processes None: either)."""
+    if "kind" in meta:
+        return {"kind": meta["kind"], "processes": meta["processes"]}
+    if "world_size" in meta:
+        return {"kind": "fsdp", "processes": meta["world_size"]}
+    return {"kind": "plain", "processes": None}
+
+
+def described(kind: dict) -> str:
+    n = kind["processes"]
+    if n is None:
+        return "one process or DDP (a checkpoint from before kinds were recorded)"
+    return {"plain": "one process (no torchrun)", "ddp": f"{n} DDP processes (torchrun)",
+            "fsdp": f"{n} FSDP processes (torchrun --fsdp)"}[kind["kind"]]
+
+
+def check_kind(folder: Path, model):
+    """A checkpoint written by another kind of run (one process, DDP, FSDP, another number of
+    processes) is refused with both kinds named, before anything loads."""
+    saved = kind_of(json.loads((folder / "meta.json").read_text()))
+    this_run = run_kind(model)
+    if saved["processes"] is None and this_run["kind"] != "fsdp":
+        return  # from before kinds were recorded: unsharded, loadable by either
+    if saved != this_run:
+        fail(f"--resume {folder}: written by {described(saved)}, and this run has "
+             f"{described(this_run)}; resume it as it was written")
+
+
 def load_checkpoint(out_dir, model, optimizer) -> int:
     """Restore the newest readable checkpoint in out_dir/checkpoints (a damaged newest one is
     reported and the one before it used); returns how many steps it had done. A checkpoint of
-    another run (another model shape, LoRA against full fine-tuning) is refused with what
-    differs."""
+    another run (another model shape, LoRA against full fine-tuning) or of another kind of run
+    (one process, DDP, FSDP) is refused with what differs."""
     found = sorted((Path(out_dir) / "checkpoints").glob("step_*"), reverse=True)
     if not found:
         fail(f"--resume: no checkpoint in {out_dir}/checkpoints")
-    if isinstance(model, FSDPModule):
-        return load_sharded(found[0], model, optimizer)
-    model = unwrap(model)
     problems = []
+    sharded = isinstance(model, FSDPModule)
     for folder in found:
         try:
             problem = read_back_problem(folder)
             if problem:
                 raise ValueError(f"{folder}: {problem}")
-            tensors = load_safetensors(folder / "state.safetensors")
+            check_kind(folder, model)  # another kind of run's: refused, not passed over
+            tensors = None if sharded else load_safetensors(folder / "state.safetensors")
         except ValueError as e:
             problems.append(str(e))
             continue
         for problem in problems:  # a damaged newer one: say so, and use this one
             print(f"warning: {problem}; resuming from the checkpoint before it", file=sys.stderr)
-        restore(folder, tensors, model, optimizer)
+        if sharded:
+            load_sharded(folder, model, optimizer)
+        else:
+            restore(folder, tensors, unwrap(model), optimizer)
         print(f"resumed from {folder}")
         return json.loads((folder / "meta.json").read_text())["step"]
     fail(f"--resume: no readable checkpoint in {out_dir}/checkpoints: {'; '.join(problems)}")
@@ -195,39 +296,30 @@ def sharded_state(model, optimizer):
 
 
 def save_sharded(out_dir, model, optimizer, step: int):
-    """Every GPU writes its shards into one temporary folder, then rank 0 renames it in."""
+    """Every GPU writes its shards into one temporary folder; then rank 0 flushes, reads back and
+    renames it in (seal), as for an unsharded checkpoint, and tells every GPU how that went."""
     root = Path(out_dir) / "checkpoints"
     tmp = [str(root / f".tmp-step_{step:07d}")]
     dist.broadcast_object_list(tmp)  # one folder for all, rank 0's name
     tmp = Path(tmp[0])
+    flat = sharded_state(model, optimizer)[0]
     writer = dcp.HuggingFaceStorageWriter(str(tmp), save_distributed=True)
-    dcp.save(sharded_state(model, optimizer)[0], storage_writer=writer)
+    dcp.save(flat, storage_writer=writer)
     dist.barrier()  # every shard is written
+    problem = [None]
     if rank_and_world()[0] == 0:
-        meta = {"step": step, "world_size": rank_and_world()[1]}
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        final = root / f"step_{step:07d}"
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in sorted(root.glob("step_*"))[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old)
-    dist.barrier()
+        (tmp / "meta.json").write_text(json.dumps({"step": step, **run_kind(model)}))
+        problem = [seal(tmp, root / f"step_{step:07d}", flat.keys())]  # every GPU's tensors
+    dist.broadcast_object_list(problem)  # all stop together if it failed
+    if problem[0]:
+        fail(problem[0])
 
 
-def load_sharded(folder: Path, model, optimizer) -> int:
-    """--resume under --fsdp: the newest sharded checkpoint, on the same number of GPUs."""
-    meta_file = folder / "meta.json"
-    if not meta_file.exists():
-        fail(f"--resume {folder}: no meta.json (an incomplete save?)")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("world_size") != rank_and_world()[1]:
-        fail(f"--resume {folder}: written by {meta.get('world_size')} --fsdp processes (or "
-             f"without --fsdp), this run has {rank_and_world()[1]}")
+def load_sharded(folder: Path, model, optimizer):
+    """--resume under --fsdp: a sharded checkpoint, on the same number of GPUs (check_kind)."""
     optimizer.zero_grad(set_to_none=True)
     # The tensors to load into (AdamW's as after one step), filled in place by dcp.load
     flat, weights, adam = sharded_state(model, optimizer)
     dcp.load(flat, storage_reader=dcp.HuggingFaceStorageReader(str(folder)))
     set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=adam,
                    options=StateDictOptions(strict=False))  # a tied head is the embedding
-    print(f"resumed from {folder}")
-    return meta["step"]

@@ -1,22 +1,30 @@
 """
 What every entry point shares for bad input: check it all before any work starts, and end a bad
-flag or file with one line that names it, never a traceback.
+flag or file with one line that names it, never a traceback. An interrupt ends in one line too.
 
     parser = ArgumentParser(description=...)
     parser.add_argument("--steps", type=positive_int)   # "--steps: must be >= 1, got 0"
     args = parser.parse_args()
-    check_device(args.device)      # "error: --device cuda: CUDA is not available on this machine"
+    check_device(args.device)   # "eval.py: error: --device cuda: CUDA is not available on ..."
+
+    stops_cleanly(main, kept="...")()   # Ctrl-C: "eval.py: stopped by SIGINT; ...; run it again"
 """
 import argparse
+import functools
 import math
 import os
+import shlex
+import signal
+import sys
 import tempfile
+import threading
 from pathlib import Path
 
 
 def fail(message: str):
-    """End the program with one line on stderr and exit status 1."""
-    raise SystemExit(f"error: {message}")
+    """End the program with one line on stderr and exit status 1, prefixed as argparse prefixes
+    its errors: "train_rl.py: error: ..."."""
+    raise SystemExit(f"{os.path.basename(sys.argv[0])}: error: {message}")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -115,6 +123,15 @@ def check_writable_file(path, flag: str):
         fail(f"{flag} {path}: the file exists and cannot be written")
 
 
+def check_other_model(flag: str, name: str, other_flag: str, other: str):
+    """A model flag that must name another model than other_flag does (a --teacher is not the
+    student): the same name, or the same folder by another path, is refused."""
+    folders = Path(name).is_dir() and Path(other).is_dir()
+    same = os.path.samefile(name, other) if folders else name == other
+    if same:
+        fail(f"{flag} {name}: is {other_flag} itself; it must be another model")
+
+
 DEFAULT_WARMUP = 10  # a trainer's steps of linear warmup unless --warmup says otherwise
 
 
@@ -150,3 +167,104 @@ def finite_or_null(x):
         values = {k: v for k, (v, _) in cleaned.items()}
         return (values if isinstance(x, dict) else list(values.values())), found
     return x, 0
+
+
+
+# Interrupts: one line, saying what was kept and the command that continues ----------------------
+
+
+class Stop(KeyboardInterrupt):
+    """The stop a signal asked for. A KeyboardInterrupt, so that what cleans up after Ctrl-C
+    (subprocess, tqdm) cleans up after SIGTERM's stop too."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal = signal_name
+
+
+RECEIVED = set()  # the signals this process received in the current main(): {"SIGTERM"}, ...
+
+
+def stops_cleanly(main, kept, sigterm_waits=False, at_end=None):
+    """main(argv) of a script, ended by SIGINT (Ctrl-C) or SIGTERM with one line on stderr and exit
+    status 128 + the signal's number, instead of a traceback: what was kept, and the command that
+    continues. kept: a text (and the same command runs it again), or a function (script, argv) ->
+    the rest of the line (a trainer's: its last checkpoint and the command with --resume).
+    sigterm_waits: SIGTERM only notes the stop, which a trainer makes at the end of its step
+    (faults.stop_requested). at_end: run however main ended (a trainer's lock goes). Under
+    torchrun every process stops and rank 0 alone says so."""
+    script = Path(getattr(sys.modules.get(main.__module__), "__file__", None) or sys.argv[0])
+    if main.__module__ == "__main__":  # the script as it was typed
+        script = Path(sys.argv[0])
+
+    @functools.wraps(main)
+    def run(argv=None):
+        argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+        previous = catch_signals(sigterm_waits)
+        try:
+            return main(argv)
+        except BaseException as error:
+            name = getattr(error, "signal", "SIGINT" if isinstance(error, KeyboardInterrupt)
+                           else None)
+            rank = int(os.environ.get("RANK", 0))  # parallel.rank_and_world's, without torch
+            if name is None and RECEIVED and rank != 0 and not isinstance(error, SystemExit):
+                name = min(RECEIVED)  # a stop elsewhere broke this process's collective call
+            if name is None:  # an error of the program's own: as it is
+                raise
+            if rank == 0:
+                rest = kept(script, argv) if callable(kept) else (
+                    f"{kept}; run it again with: {command_line(script, argv)}")
+                print(f"{script.name}: stopped by {name}; {rest}", file=sys.stderr, flush=True)
+            raise SystemExit(128 + signal.Signals[name].value) from None
+        finally:
+            for signum in previous:  # nothing stops the end itself
+                signal.signal(signum, signal.SIG_IGN)
+            if at_end:
+                at_end()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            RECEIVED.clear()
+    return run
+
+
+def catch_signals(sigterm_waits: bool) -> dict:
+    """Handle SIGINT and SIGTERM (from the main thread, the only one that can; a signal the
+    process was started ignoring, as a background job ignores SIGINT, stays ignored). Returns the
+    handlers they replace."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {signal.SIGINT: stop_now, signal.SIGTERM: note if sigterm_waits else stop_now}
+    for signum, handler in handlers.items():
+        if previous[signum] not in (signal.SIG_IGN, None):
+            signal.signal(signum, handler)
+    return {s: h for s, h in previous.items() if h is not None}
+
+
+def stop_now(signum, frame):
+    """Stop where the program is. Further signals are ignored while it ends (torchrun passes a
+    Ctrl-C on to its processes, which had it already from the terminal)."""
+    note(signum, frame)
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    raise Stop(signal.Signals(signum).name)
+
+
+def note(signum, frame):
+    RECEIVED.add(signal.Signals(signum).name)
+
+
+def command_line(script, argv, resume=False) -> str:
+    """The command that runs script with argv again (under torchrun, a torchrun command); with
+    resume, continuing the run (--resume in place of --overwrite)."""
+    if resume:
+        argv = [a for a in argv if a != "--overwrite"]
+        if "--resume" not in argv:
+            argv.append("--resume")
+    launcher = ["python"]
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        nodes = [f"--nnodes={world // per_node}"] if world > per_node else []
+        launcher = ["torchrun", *nodes, f"--nproc_per_node={per_node}"]
+    return shlex.join([*launcher, str(script), *argv])

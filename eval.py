@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from cli import (ArgumentParser, check_device, check_writable_file, fail, finite_or_null,
-                 nonnegative_float, nonnegative_int, positive_int)
+                 nonnegative_float, nonnegative_int, positive_int, stops_cleanly)
 from drift import state_drift
 from model import Qwen3, Tokenizer, completion_logprobs, progress, rollout
 from report import format_score, headline, headline_stderrs, report, task_means, with_stderrs
@@ -63,7 +63,7 @@ def read_data(data_dir, dataset: str, filename: str) -> list:
             prepare.prepare(out_dir=data_dir, datasets=[dataset])
         return prepare.read_prepared(path, dataset)
     except prepare.DataError as e:  # offline, or a damaged file: one line for whichever script
-        raise SystemExit(f"error: {e}")
+        fail(str(e))
 
 
 @functools.lru_cache(maxsize=1)
@@ -563,7 +563,7 @@ def load_for_eval(name, device, dtype, flag):
         tokenizer = Tokenizer.from_pretrained(name)
         model = Qwen3.from_pretrained(name, device=device, dtype=dtype).eval()
     except (FileNotFoundError, ValueError) as e:  # bad input: one line naming the flag
-        raise SystemExit(f"{flag}: {e}")
+        fail(f"{flag}: {e}")
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         fail(f"{flag} {name}: its weights hold NaN or infinite values, so every score would be "
              "meaningless")
@@ -585,4 +585,4 @@ def no_nan(results: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    stops_cleanly(main, kept="no results written (--out is written whole, at the end)")()

@@ -9,11 +9,13 @@ tokenizer.json) or a Hugging Face hub id. Each completion is printed as soon as 
 written.)
 """
 import argparse
+import signal
 from pathlib import Path
 
 import torch
 
-from cli import ArgumentParser, check_device, nonnegative_float, positive_int, probability
+from cli import (ArgumentParser, check_device, nonnegative_float, positive_int, probability,
+                 stops_cleanly)
 from model import Qwen3, Tokenizer, progress, resolve_model_dir
 
 parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,13 +52,23 @@ def main(argv=None) -> list:
     args = parser.parse_args(argv)
     check_device(args.device)
     dtype = DTYPES[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
+    source = "--prompt"  # the flag an empty prompt is blamed on
     if args.prompt_file is not None:
-        if not Path(args.prompt_file).is_file():
-            parser.error(f"--prompt_file {args.prompt_file}: no such file")
-        try:
+        source = f"--prompt_file {args.prompt_file}"
+        if Path(args.prompt_file).is_dir():
+            parser.error(f"{source}: is a folder, expected a file")
+        if not Path(args.prompt_file).exists():
+            parser.error(f"{source}: no such file")
+        try:  # a named pipe (--prompt_file <(command)) is read to its end
             args.prompt = Path(args.prompt_file).read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError) as e:
-            parser.error(f"--prompt_file {args.prompt_file}: cannot read it as UTF-8 text ({e})")
+            parser.error(f"{source}: cannot read it as UTF-8 text ({e})")
+    try:  # bytes the shell passed that are not UTF-8 reach Python as lone surrogates
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        parser.error("--prompt: not valid UTF-8 text")
+    if not args.prompt:
+        parser.error(f"{source}: the prompt is empty")
     try:
         folder = resolve_model_dir(args.model)
         tokenizer = Tokenizer.from_pretrained(folder)
@@ -65,7 +77,7 @@ def main(argv=None) -> list:
         parser.error(f"--model: {e}")
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
-        parser.error("--prompt: the prompt is empty")
+        parser.error(f"{source}: the prompt is empty")
     if len(prompt) + args.max_new_tokens > model.config.max_position_embeddings:
         parser.error(f"--max_new_tokens {args.max_new_tokens}: with the prompt's {len(prompt)} "
                      f"tokens, more than "
@@ -93,4 +105,5 @@ def main(argv=None) -> list:
 
 
 if __name__ == "__main__":
-    main()
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `sample.py | head`: end quietly, as head wants
+    stops_cleanly(main, kept="the completions printed above")()

@@ -17,6 +17,7 @@ very states the signal is applied to:
 """
 import torch
 
+from cli import fail
 from eval import GSM8K_STRICT, gsm8k_reward
 from model import Qwen3, Tokenizer, in_row_chunks
 
@@ -28,16 +29,16 @@ def load_teacher(args, student, student_tokenizer, device, dtype):
         teacher_tokenizer = Tokenizer.from_pretrained(args.teacher)
         teacher = Qwen3.from_pretrained(args.teacher, device=device, dtype=dtype)
     except (FileNotFoundError, ValueError) as e:  # bad input: one line naming the flag
-        raise SystemExit(f"--teacher: {e}")
+        fail(f"--teacher: {e}")
     teacher.requires_grad_(False)
     teacher_vocab = teacher_tokenizer.tok.get_vocab(True)  # with the added tokens
     if teacher_vocab != student_tokenizer.tok.get_vocab(True):
-        raise SystemExit(f"--teacher {args.teacher}: its tokenizer differs from the student's "
-                         f"({args.model}); distillation compares the models token by token, so "
-                         "they must share one tokenizer")
+        fail(f"--teacher {args.teacher}: its tokenizer differs from the student's "
+             f"({args.model}); distillation compares the models token by token, so they must "
+             "share one tokenizer")
     if teacher.config.vocab_size != student.config.vocab_size:
-        raise SystemExit(f"--teacher {args.teacher}: vocab_size {teacher.config.vocab_size} "
-                         f"differs from the student's {student.config.vocab_size}")
+        fail(f"--teacher {args.teacher}: vocab_size {teacher.config.vocab_size} differs from "
+             f"the student's {student.config.vocab_size}")
     return teacher
 
 

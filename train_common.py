@@ -9,9 +9,10 @@ them holds only its method (where its states come from, and the signal it applie
                            kl_to_start
     due, finish            when --eval_every / --save_every act; the final model
 
-Checkpoints are checkpoint.py's; DDP and FSDP (torchrun, --fsdp) parallel.py's. Imports go one
-way: model.py <- eval.py, parallel.py <- train_common.py <- checkpoint.py <- the trainers (cli.py,
-which checks bad input, imports none of them).
+Checkpoints are checkpoint.py's; DDP and FSDP (torchrun, --fsdp) parallel.py's; the --out_dir lock,
+stops and metrics.jsonl's repair faults.py's. Imports go one way: model.py <- eval.py, parallel.py
+<- faults.py <- train_common.py <- checkpoint.py <- the trainers (cli.py, which checks bad input
+and ends a stop in one line, imports none of them).
 """
 import argparse
 import datetime
@@ -26,9 +27,10 @@ from pathlib import Path
 
 import torch
 
-from cli import (ArgumentParser, finite_or_null, nonnegative_float, nonnegative_int,
+from cli import (ArgumentParser, fail, finite_or_null, nonnegative_float, nonnegative_int,
                  positive_float, positive_int, subset_of)
 from eval import TASKS, evaluate, gsm8k_prompt, kl_to_start, load_gsm8k
+from faults import check_run_fits, how_to_continue, start_metrics
 from model import Qwen3, Tokenizer, add_lora, progress
 from parallel import all_finite, gathered, rank_and_world, unwrap, wrap
 from tracking import Tracker, add_tracking_flags
@@ -112,7 +114,8 @@ def setup(args):
         tokenizer = Tokenizer.from_pretrained(args.model)  # first: it is quick to find broken
         model = Qwen3.from_pretrained(args.model, device=device, dtype=weights_dtype)
     except (FileNotFoundError, ValueError) as e:  # bad input: one line naming the flag
-        raise SystemExit(f"--model: {e}")
+        fail(f"--model: {e}")
+    check_run_fits(args, model.config, tokenizer)  # --max_new_tokens, --eval_shots: faults.py
     if args.lora_rank:  # the adapters are created in fp32
         add_lora(model, args.lora_rank, args.lora_alpha or 2 * args.lora_rank)
     model = wrap(model, fsdp=args.fsdp, device=device, dtype=dtype)
@@ -185,12 +188,8 @@ def optimizer_step(optimizer, step: int, args, loss: float):
     if hasattr(grad_norm, "full_tensor"):  # FSDP: a norm over every GPU's shards
         grad_norm = grad_norm.full_tensor()
     if not (all_finite(loss) and torch.isfinite(grad_norm)):
-        saved = sorted(Path(args.out_dir, "checkpoints").glob("step_*"))
-        kept = "no checkpoint was saved yet (rerun"
-        if saved:
-            kept = f"the last good checkpoint is {saved[-1]} (--resume"
-        raise SystemExit(f"step {step + 1}: loss {loss}, gradient norm {grad_norm.item()}: not "
-                         f"finite, stopping; {kept}, perhaps with a lower --lr)")
+        fail(f"step {step + 1}: loss {loss}, gradient norm {grad_norm.item()}: not finite, "
+             f"stopping; {how_to_continue(args.out_dir)}, perhaps with a lower --lr")
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, args)
     optimizer.step()
@@ -212,13 +211,8 @@ class MetricsLog:
         self.steps = steps
         self.on = rank_and_world()[0] == 0
         self.tracker = Tracker(args if self.on else None, first_step)  # args: --wandb, ...
-        if self.on:  # after --resume: the lines up to the checkpoint's step; afresh: none
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            kept = []
-            if self.path.exists() and first_step:
-                kept = self.path.read_text().splitlines()
-            kept = [line + "\n" for line in kept if json.loads(line)["step"] <= first_step]
-            self.path.write_text("".join(kept))
+        if self.on:  # after --resume: the lines up to the checkpoint's step (a last line torn
+            start_metrics(self.path, first_step)  # by a crash dropped); afresh: none. faults.py
         self.bar = progress(total=steps, initial=first_step, desc="training", unit="step",
                             disable=not self.on or None)
         self.t_last = time.time()

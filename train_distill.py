@@ -29,13 +29,15 @@ import random
 
 import torch
 
-from checkpoint import load_checkpoint, prepare_out_dir, save_checkpoint
-from cli import check_training_args, nonnegative_float, positive_float, positive_int
+from checkpoint import load_checkpoint, prepare_out_dir, save_when_due
+from cli import (check_other_model, check_training_args, nonnegative_float, positive_float,
+                 positive_int)
 from eval import GSM8K_STOP_STRINGS, gsm8k_prompt, load_gsm8k, state_nll
+from faults import training_run
 from model import completion_logprobs, in_row_chunks, rollout
 from parallel import gathered, global_rows, micro_batches, tokens_per_rank
 from teacher import continuation_quality, greedy_token_nll_sum, load_teacher
-from train_common import (MetricsLog, autocast, batch_at, due, finish, optimizer_step,
+from train_common import (MetricsLog, autocast, batch_at, finish, optimizer_step,
                           periodic_eval, setup, step_seed, training_args)
 
 
@@ -64,6 +66,7 @@ def get_args(argv=None):
       help="sequences sampled at once (memory: the KV cache)")
     args = parser.parse_args(argv)
     check_training_args(parser, args)
+    check_other_model("--teacher", args.teacher, "--model (the student)", args.model)
     if args.signal == "token_kl" and args.states == "teacher":  # needs the student's samples
         parser.error("--signal token_kl needs --states student; use full_kl or continuation on "
                      "teacher states")
@@ -179,25 +182,22 @@ def apply_teacher(student, teacher, batch, args, dtype, n_real_tokens=None):
             state = mask & ~is_signal if continuation else mask
             if continuation:  # the teacher's tokens are the targets: plain cross-entropy
                 loss = -(logprobs * signal).sum() / n_signal
-                kl = torch.zeros(())
                 signal_nll = loss.item()  # the loss is the student's NLL of the teacher's tokens
             elif args.signal == "token_kl":
                 loss = token_kl_loss(logprobs, teacher_logprobs, signal, n_signal)
-                # the KL estimated from the sampled tokens, for the log
-                kl = ((logprobs.detach() - teacher_logprobs) * signal).sum() / n_signal
+                kl = (logprobs.detach() - teacher_logprobs) * signal  # estimated on samples
+                sums["kl"] += kl.sum().item() / n_signal
             else:  # full_kl: the exact KL at each of the N positions, summed
-                kl_sum_mb = full_kl_sum(student, rows, teacher, teacher_rows,
-                                        forward=args.kl_direction == "forward",
-                                        temperature=args.temperature,
-                                        n_real_tokens=n_real_tokens)
-                loss = kl_sum_mb / n_signal
-                kl = loss.detach()
+                loss = full_kl_sum(student, rows, teacher, teacher_rows,
+                                   forward=args.kl_direction == "forward",
+                                   temperature=args.temperature,
+                                   n_real_tokens=n_real_tokens) / n_signal
+                sums["kl"] += loss.item()
             if not continuation:  # the student's NLL of the teacher's greedy tokens (N of them)
                 signal_nll = greedy_token_nll_sum(student, rows.detach(), teacher, teacher_rows,
                                                   n_real_tokens=n_real_tokens) / n_signal
         loss.backward()  # gradients add up over micro-batches
         sums["loss"] += loss.item()
-        sums["kl"] += kl.item()
         sums["signal_nll"] += signal_nll
         sums["teacher_nll"] += -(teacher_logprobs * signal).sum().item() / n_signal
         # state_nll: the student's NLL of the state tokens (its own answers, or the teacher's)
@@ -210,6 +210,7 @@ def apply_teacher(student, teacher, batch, args, dtype, n_real_tokens=None):
     return {**figures, "kl": sums["kl"]}
 
 
+@training_run  # faults.py: SIGINT, SIGTERM end it in one line; the --out_dir lock goes
 def main(argv=None):
     # Set-up: flags, the --out_dir guard, student + tokenizer + AdamW, the teacher, the questions
     args = get_args(argv)
@@ -241,8 +242,7 @@ def main(argv=None):
         metrics.log(step + 1, **figures, lr=lr, grad_norm=grad_norm,
                     tokens=sum(map(len, batch["seqs"])))
         periodic_eval(step + 1, student, tokenizer, metrics, args, dtype)
-        if due(step + 1, args.save_every):
-            save_checkpoint(args.out_dir, student, optimizer, step + 1)
+        save_when_due(args, student, optimizer, step + 1)  # and at SIGTERM's stop
     finish(student, tokenizer, args.out_dir)
 
 

@@ -26,12 +26,13 @@ ratio comes in. No value network.
 """
 import torch
 
-from checkpoint import load_checkpoint, prepare_out_dir, save_checkpoint
+from checkpoint import load_checkpoint, prepare_out_dir, save_when_due
 from cli import check_training_args, nonnegative_float, positive_float, positive_int
 from eval import GSM8K_STOP_STRINGS, gsm8k_prompt, gsm8k_reward, load_gsm8k, state_nll
+from faults import training_run
 from model import completion_logprobs, rollout
 from parallel import gathered, global_rows, micro_batches, tokens_per_rank
-from train_common import (MetricsLog, autocast, batch_at, due, finish, optimizer_step,
+from train_common import (MetricsLog, autocast, batch_at, finish, optimizer_step,
                           periodic_eval, setup, starting_model, step_seed, training_args)
 
 
@@ -167,6 +168,7 @@ def apply_reward(model, ref_model, batch, args, dtype, n_real_tokens=None):
     return figures
 
 
+@training_run  # faults.py: SIGINT, SIGTERM end it in one line; the --out_dir lock goes
 def main(argv=None):
     # Set-up: flags, the --out_dir guard, model + tokenizer + AdamW, the training questions
     args = get_args(argv)
@@ -200,8 +202,7 @@ def main(argv=None):
         metrics.log(step + 1, **figures, lr=lr, grad_norm=grad_norm,
                     tokens=sum(map(len, batch["seqs"])))
         periodic_eval(step + 1, model, tokenizer, metrics, args, dtype)
-        if due(step + 1, args.save_every):
-            save_checkpoint(args.out_dir, model, optimizer, step + 1)
+        save_when_due(args, model, optimizer, step + 1)  # and at SIGTERM's stop
     finish(model, tokenizer, args.out_dir)
 
 

@@ -34,13 +34,14 @@ Both use 32 sequences a step (8 x 4 micro-batches): 234 steps an epoch.
 import argparse
 import math
 
-from checkpoint import load_checkpoint, prepare_out_dir, save_checkpoint
+from checkpoint import load_checkpoint, prepare_out_dir, save_when_due
 from cli import (check_training_args, nonnegative_float, positive_float, positive_int,
                  resolve_warmup)
 from eval import GSM8K_STOP_STRINGS, gsm8k_prompt, gsm8k_reward, load_gsm8k
+from faults import training_run
 from model import completion_logprobs, rollout
 from parallel import gathered, global_rows, micro_batches, tokens_per_rank
-from train_common import (MetricsLog, autocast, batch_at, due, finish, optimizer_step,
+from train_common import (MetricsLog, autocast, batch_at, finish, optimizer_step,
                           periodic_eval, rank_and_world, setup, step_seed, training_args)
 
 PRESETS = {"mild": dict(epochs=1, lr=1e-4, lora_rank=64, lora_alpha=128),
@@ -124,6 +125,7 @@ def fit_states(model, seqs, starts, args, dtype, n_real_tokens=None):
     return nll_sum / max(n_tokens, 1)
 
 
+@training_run  # faults.py: SIGINT, SIGTERM end it in one line; the --out_dir lock goes
 def main(argv=None):
     # Set-up: flags, the --out_dir guard, model + tokenizer + AdamW, the training questions
     args = get_args(argv)
@@ -162,8 +164,7 @@ def main(argv=None):
             figures["kept_fraction"] = len(seqs) / (len(questions) * args.samples_per_question)
         metrics.log(step + 1, **figures, tokens=sum(map(len, seqs)))
         periodic_eval(step + 1, model, tokenizer, metrics, args, dtype)
-        if due(step + 1, args.save_every):
-            save_checkpoint(args.out_dir, model, optimizer, step + 1)
+        save_when_due(args, model, optimizer, step + 1)  # and at SIGTERM's stop
     finish(model, tokenizer, args.out_dir)
 
 

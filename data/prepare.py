@@ -322,7 +322,7 @@ def prepare(out_dir=Path(__file__).resolve().parent, source=None, datasets=DATAS
 
 def main(argv=None):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: cli.py
-    from cli import ArgumentParser, check_writable_dir  # a bad flag: one line, not the usage text
+    from cli import ArgumentParser, check_writable_dir, fail  # a bad flag: one line, no usage
     parser = ArgumentParser(description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default=None,
@@ -344,7 +344,7 @@ def main(argv=None):
     try:
         prepare(args.out, args.source, datasets)
     except DataError as e:
-        raise SystemExit(f"error: {e}")
+        fail(str(e))
 
 
 if __name__ == "__main__":

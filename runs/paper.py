@@ -26,6 +26,8 @@ Re-running resumes: a run whose folder holds a final model (model.safetensors, c
 tokenizer.json) is not trained again, one with checkpoints but no final model continues with
 --resume, and a results file newer than its model is not evaluated again. OUT/pipeline.json records
 --model, --smoke and --steps, and a later run with other values is refused rather than mixed in.
+Ctrl-C (SIGINT) or SIGTERM is passed on to the step that runs, which stops as it would alone (a
+trainer after a checkpoint, on SIGTERM), and then the pipeline stops, in one line each.
 
 Layout: OUT/<run>/ (final model, checkpoints/, metrics.jsonl), OUT/results/<run>.json, OUT/table.md.
 
@@ -46,6 +48,7 @@ import io
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -54,6 +57,11 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # cli.py, and the scripts that --in_process runs
+    sys.path.insert(0, str(ROOT))
+from cli import (ArgumentParser, Stop, check_device, check_writable_dir, fail,  # noqa: E402
+                 positive_int, stops_cleanly)
+
 RUNS = ("base", "sft_mild", "sft_stress", "opd_mild", "opd_stress", "rl")
 TASKS = "gsm8k,mmlu,truthfulqa_mc1,truthfulqa_mc2"
 DATA_FILES = ("gsm8k/train.jsonl", "gsm8k/test.jsonl", "mmlu/dev.jsonl", "mmlu/test.jsonl",
@@ -107,10 +115,6 @@ PUBLISHED_CLAIMS = (("mild SFT", "base"), ("OPD from the stress teacher", "stres
 
 
 def get_args(argv=None):
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    # one-line errors
-    from cli import ArgumentParser, check_device, check_writable_dir, positive_int
     parser = ArgumentParser(description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out",
@@ -183,14 +187,21 @@ def run_step(name, script, argv, args, stdout_to=None):
     if args.in_process:
         code = call_main(script, [str(a) for a in argv], captured if stdout_to else None)
     else:
-        done = subprocess.run(command, stdout=subprocess.PIPE if stdout_to else None, text=True)
-        code = done.returncode
-        captured.write(done.stdout or "")
+        step = subprocess.Popen(command, stdout=subprocess.PIPE if stdout_to else None, text=True)
+        try:
+            captured.write(step.communicate()[0] or "")
+        except KeyboardInterrupt as stop:  # SIGINT or SIGTERM (cli.Stop): the step has it too,
+            name = getattr(stop, "signal", "SIGINT")  # or has it now, and stops as it would
+            step.send_signal(signal.Signals[name])  # alone (a trainer: at its end of step)
+            step.wait()
+            raise
+        code = step.returncode
+    stopped_by = {130: "SIGINT", -2: "SIGINT", 143: "SIGTERM", -15: "SIGTERM"}.get(code)
+    if stopped_by:  # the step's own line said what it kept
+        raise Stop(stopped_by)
     if code:
-        raise SystemExit(f"[paper] {name} failed (exit status {code}):\n    {shown}\n[paper] fix "
-                         f"the cause and "
-                         "run paper.py again: what finished is skipped, a trainer continues from "
-                         "its last checkpoint")
+        fail(f"{name} failed (exit status {code}): {shown}; fix the cause and run paper.py again: "
+             "what finished is skipped, a trainer continues from its last checkpoint")
     if stdout_to:
         tmp = Path(str(stdout_to) + ".tmp")
         tmp.write_text(captured.getvalue())
@@ -202,8 +213,6 @@ def call_main(script, argv, stdout=None):
     """main(argv) of ROOT/script in this process; returns an exit status as a new process would."""
     import importlib
     import runpy
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     redirect = contextlib.redirect_stdout(stdout) if stdout else contextlib.nullcontext()
     try:
         with redirect:
@@ -250,8 +259,8 @@ def check_settings(args):
     path = args.out / "pipeline.json"
     old = json.loads(path.read_text()) if path.exists() else settings
     if old != settings:
-        raise SystemExit(f"[paper] {args.out} holds a pipeline run with {old}, and this one asks "
-                         f"for {settings}: use another --out (or delete that folder)")
+        fail(f"{args.out} holds a pipeline run with {old}, and this one asks for {settings}: "
+             "use another --out (or delete that folder)")
     args.out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(settings) + "\n")
 
@@ -286,8 +295,6 @@ def build_smoke_base(args, seed=0):
         say(f"skip smoke_base: {folder} exists")
         return
     import torch
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     from model import Qwen3, Qwen3Config
     say(f"smoke_base: a random {SMOKE_CONFIG['num_hidden_layers']}-layer Qwen3 (hidden "
         f"{SMOKE_CONFIG['hidden_size']}, "
@@ -319,8 +326,8 @@ def train(name, args):
     flags = [f.format(out=args.out) for f in flags]
     teacher = flags[flags.index("--teacher") + 1] if "--teacher" in flags else None
     if teacher and not has_final_model(Path(teacher)):
-        raise SystemExit(f"[paper] {name} needs its teacher {teacher}: run {Path(teacher).name} "
-                         f"first (e.g. --only {Path(teacher).name},{name})")
+        fail(f"{name} needs its teacher {teacher}: run {Path(teacher).name} first (e.g. --only "
+             f"{Path(teacher).name},{name})")
     argv = [*flags, "--model", args.model, "--out_dir", out_dir, *common_flags(args)]
     if args.steps:
         argv += ["--steps", args.steps]
@@ -422,4 +429,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    stops_cleanly(main, kept="what finished is kept (run again, it is skipped, and a stopped "
+                  "trainer continues from its last checkpoint)")()

@@ -122,6 +122,7 @@ def world(byte_model_dir, tmp_path_factory):
         tok.add_special_tokens(["<|other|>"])
         tok.save(str(folder / "tokenizer.json"))
     paths["other_tokenizer"] = model_variant(w, model, "other_tokenizer", other_tokenizer)
+    paths["teacher"] = model_variant(w, model, "teacher", lambda f: None)  # another folder
 
     # --out_dir folders holding an earlier run's work
     paths["finished"] = model_variant(w, model, "finished",
@@ -181,7 +182,7 @@ CASES = [
     ("out_dir_finished_sft", "train_sft.py", f"{TRAIN} --out_dir {{finished}}",
      "holds a finished model", ("finished",)),
     ("out_dir_finished_opd", "train_distill.py",
-     f"{TRAIN} --out_dir {{finished}} --teacher {{model}}", "--overwrite", ("finished",)),
+     f"{TRAIN} --out_dir {{finished}} --teacher {{teacher}}", "--overwrite", ("finished",)),
     ("out_dir_checkpoints", "train_rl.py", f"{TRAIN} --out_dir {{ckpt_only}}", "holds checkpoints",
      ("ckpt_only",)),
     ("out_dir_metrics", "train_sft.py", f"{TRAIN} --out_dir {{metrics_only}}",
@@ -191,8 +192,9 @@ CASES = [
      "cannot write there", ("a_file",)),
     ("resume_and_overwrite", "train_rl.py", f"{TRAIN} --out_dir {{ckpt_only}} --resume --overwrite",
      "choose one", ("ckpt_only",)),
-    ("resume_nothing", "train_distill.py", f"{TRAIN} {FRESH} --teacher {{model}} --resume",
-     "--resume: no checkpoint", ()),
+    ("resume_finished_without_checkpoints", "train_distill.py",
+     f"{TRAIN} --out_dir {{finished}} --teacher {{teacher}} --resume",
+     "holds a finished model and no checkpoint", ("finished",)),
     ("resume_no_meta", "train_rl.py", f"{TRAIN} --out_dir {{ckpt_no_meta}} --resume",
      "no meta.json", ("ckpt_no_meta",)),
     ("resume_lora_into_full", "train_rl.py", f"{TRAIN} --out_dir {{ckpt_lora}} --resume",
@@ -203,7 +205,7 @@ CASES = [
     ("steps_0", "train_rl.py", f"{TRAIN} {FRESH} --steps 0", "--steps", ()),
     ("batch_size_0", "train_sft.py", f"{TRAIN} {FRESH} --batch_size 0", "--batch_size", ()),
     ("grad_accum_negative", "train_distill.py",
-     f"{TRAIN} {FRESH} --teacher {{model}} --grad_accum -1", "--grad_accum", ()),
+     f"{TRAIN} {FRESH} --teacher {{teacher}} --grad_accum -1", "--grad_accum", ()),
     ("lr_nan", "train_rl.py", f"{TRAIN} {FRESH} --lr nan", "--lr", ()),
     ("lr_0", "train_sft.py", f"{TRAIN} {FRESH} --lr 0", "--lr", ()),
     ("group_size_1", "train_rl.py", f"{TRAIN} {FRESH} --group_size 1", "--group_size", ()),
@@ -219,10 +221,10 @@ CASES = [
     ("epochs_0", "train_sft.py", f"{TRAIN} {FRESH} --epochs 0", "--epochs", ()),
     ("rft_greedy_group", "train_sft.py", f"{TRAIN} {FRESH} --states self --temperature 0",
      "--temperature", ()),
-    ("opd_greedy", "train_distill.py", f"{TRAIN} {FRESH} --teacher {{model}} --temperature 0",
+    ("opd_greedy", "train_distill.py", f"{TRAIN} {FRESH} --teacher {{teacher}} --temperature 0",
      "--temperature", ()),
     ("states_per_rollout_0", "train_distill.py",
-     f"{TRAIN} {FRESH} --teacher {{model}} --states_per_rollout 0", "--states_per_rollout", ()),
+     f"{TRAIN} {FRESH} --teacher {{teacher}} --states_per_rollout 0", "--states_per_rollout", ()),
     ("kl_coef_negative", "train_rl.py", f"{TRAIN} {FRESH} --kl_coef -1", "--kl_coef", ()),
     ("lora_rank_negative", "train_sft.py", f"{TRAIN} {FRESH} --lora_rank -4", "--lora_rank", ()),
     # data files that are damaged name their file (and line)
@@ -294,37 +296,54 @@ def digest(path: Path) -> str:
 # ~70 Pythons that each import torch would take minutes on two cores, so one driver process imports
 # the libraries once and forks a child per case: the child sets sys.argv and sys.path[0] as the
 # interpreter would, runs the script with runpy, and ends as the interpreter ends (a SystemExit's
-# message on stderr and status 1; any other exception's traceback and status 1). Nothing of the
-# project is imported before the fork, so every script loads its own modules.
-DRIVER = r"""
+# message on stderr and its status; any other exception's traceback and status 1). Nothing of the
+# project is imported before the fork, so every script loads its own modules. (test_faults.py's
+# launcher forks its children the same way.)
+FORK_CASE = r"""
 import json, os, runpy, signal, sys, traceback
 import huggingface_hub, numpy, safetensors.torch, tokenizers, torch, tqdm  # the slow imports, once
+import torch.distributed.checkpoint, torch.distributed.fsdp  # (checkpoint.py's, 0.8 s)
+with torch.device("meta"):  # what torch imports when a model is first built on the meta device
+    torch.nn.Embedding(2, 2)
+
+def fork_case(case, stdout_fd=None, close=()):
+    # A child running case["script"] with case["argv"]; returns its pid. stdout_fd: its stdout
+    # (a pipe), else the file case["log"] + ".out"; stderr goes to case["log"] + ".err". close:
+    # the parent's file descriptors the child must not hold (a pipe's other end)
+    pid = os.fork()
+    if pid:
+        return pid
+    for fd in close:
+        os.close(fd)
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    if stdout_fd is None:
+        stdout_fd = os.open(case["log"] + ".out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(stdout_fd, 1)
+    os.dup2(os.open(case["log"] + ".err", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+    os.chdir(case["cwd"])
+    sys.argv, sys.path[0] = [case["script"], *case["argv"]], os.path.dirname(case["script"])
+    signal.alarm(60)  # a case that started real work: killed, and the test says so
+    code = 0
+    try:
+        runpy.run_path(case["script"], run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+"""
+DRIVER = FORK_CASE + r"""
 cases, results = json.load(sys.stdin), {}
 for case in cases:
-    out, err = case["log"] + ".out", case["log"] + ".err"
-    pid = os.fork()
-    if pid == 0:
-        for fd, name in ((1, out), (2, err)):
-            os.dup2(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-        os.chdir(case["cwd"])
-        sys.argv, sys.path[0] = [case["script"], *case["argv"]], os.path.dirname(case["script"])
-        signal.alarm(60)  # a case that started real work: killed, and the test says so
-        code = 0
-        try:
-            runpy.run_path(case["script"], run_name="__main__")
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-            if not isinstance(e.code, (int, type(None))):
-                print(e.code, file=sys.stderr)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
+    _, status = os.waitpid(fork_case(case), 0)
     code = os.waitstatus_to_exitcode(status)
-    results[case["id"]] = dict(returncode=code, stdout=open(out).read(), stderr=open(err).read())
+    results[case["id"]] = dict(returncode=code, stdout=open(case["log"] + ".out").read(),
+                               stderr=open(case["log"] + ".err").read())
 print(json.dumps(results))
 """
 
@@ -361,6 +380,7 @@ def test_bad_input_ends_in_one_line_naming_it_and_loses_nothing(case, outcomes):
     assert done.returncode != 0, done.stdout[-2000:]
     assert "Traceback" not in done.stderr + done.stdout, done.stderr[-3000:]
     assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"{Path(case[1]).name}: error: ")  # one prefix, argparse's
     assert expected in lines[0]
     for key in (*protected, *KEPT):
         assert before[key] == after[key], f"{key} changed"
@@ -416,7 +436,7 @@ def test_an_unreachable_hub_is_one_line_that_says_so(monkeypatch, tmp_path):
         train_rl.main(["--out_dir", str(tmp_path / "out"), "--device", "cpu"])
     message = str(stop.value.code)
     assert "\n" not in message
-    assert message.startswith("--model: Qwen/Qwen3-0.6B-Base: ")
+    assert ": error: --model: Qwen/Qwen3-0.6B-Base: " in message
     assert "Hugging Face hub could not be reached" in message
 
 

@@ -128,7 +128,7 @@ def test_opd_without_its_teacher_stops_before_training(tmp_path, capsys):
 def test_a_failing_step_stops_the_pipeline_with_its_command(tmp_path, capsys):
     missing = tmp_path / "no_such_model"
     with pytest.raises(SystemExit,
-                       match=r"base eval failed \(exit status 1\):\n .*eval\.py --model "
+                       match=r"base eval failed \(exit status 1\): .*eval\.py --model "
                              r".*no_such_model"):
         paper.main(fake_data(tmp_path) + ["--model", str(missing), "--only", "base,rl"])
     assert "rl training" not in capsys.readouterr().out  # nothing after the failure ran
