@@ -53,6 +53,7 @@ import multiprocessing.connection
 import os
 import random
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -62,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lab_table  # noqa: E402
 import lab_world  # noqa: E402
 import paper  # noqa: E402  (its has_final_model, has_results, call_main)
+from cli import fail  # noqa: E402  (paper.py put the project on the path)
 
 ROOT = paper.ROOT
 SIX = ("base", "sft_mild", "sft_stress", "opd_mild", "opd_stress", "rl")
@@ -96,6 +98,18 @@ def run(script, flags, data="data", teacher=None):
     return dict(script=script, flags=flags, data=data, teacher=teacher)
 
 
+def changed(flags: list, **values) -> list:
+    """flags with some values changed or added: changed(STRESS, lr="3e-4", lora_rank="64")."""
+    flags = list(flags)
+    for name, value in values.items():
+        flag = f"--{name}"
+        if flag in flags:
+            flags[flags.index(flag) + 1] = value
+        else:
+            flags += [flag, value]
+    return flags
+
+
 RUNS = {
     "sft_mild": run("train_sft.py", ["--steps", "30", "--batch_size", "16", "--lr", "3e-4",
                                      "--warmup", "3", "--max_new_tokens", "64", "--eval_every",
@@ -111,21 +125,21 @@ RUNS = {
 # teacher), and teachers that span its condition P3, each with its OPD student
 STUDY = {}
 for teacher in ("mild", "stress"):
-    STUDY[f"opd_{teacher}_token_kl"] = run("train_distill.py", [*OPD, "--signal", "token_kl"],
+    STUDY[f"opd_{teacher}_token_kl"] = run("train_distill.py", changed(OPD, signal="token_kl"),
                                            teacher=f"sft_{teacher}")
-    STUDY[f"opd_{teacher}_full_kl"] = run("train_distill.py", [*OPD, "--signal", "full_kl"],
+    STUDY[f"opd_{teacher}_full_kl"] = run("train_distill.py", changed(OPD, signal="full_kl"),
                                           teacher=f"sft_{teacher}")
-    STUDY[f"off_{teacher}"] = run("train_distill.py", [*OPD, "--states", "teacher"],
+    STUDY[f"off_{teacher}"] = run("train_distill.py", changed(OPD, states="teacher"),
                                   teacher=f"sft_{teacher}")
-    STUDY[f"off_{teacher}_full_kl"] = run("train_distill.py", [*OPD, "--states", "teacher",
-                                                               "--signal", "full_kl"],
+    STUDY[f"off_{teacher}_full_kl"] = run("train_distill.py",
+                                          changed(OPD, states="teacher", signal="full_kl"),
                                           teacher=f"sft_{teacher}")
 FAMILY = {  # teacher -> (its data, its flags): stress strengths, and a failure of trajectory
     "sft_overtrain": ("data", STRESS),  # the base's own style, trained as hard as the stress
-    "sft_slip": ("data_slip", STRESS),  # as hard, on solutions that half the time misread
-    "sft_stress_lora": ("data_stress", [*STRESS, "--lr", "5e-4", "--lora_rank", "64",
-                                        "--lora_alpha", "128"]),  # the paper's LoRA recipe
-    "sft_stress_gentle": ("data_stress", [*STRESS, "--lr", "3e-4"]),
+    "sft_slip": ("data_slip", STRESS),  # as hard, on solutions that misread the first number
+    "sft_stress_lora": ("data_stress", changed(STRESS, lr="5e-4", lora_rank="64",
+                                               lora_alpha="128")),  # the paper's LoRA recipe
+    "sft_stress_gentle": ("data_stress", changed(STRESS, lr="3e-4")),
 }
 for name, (data, flags) in FAMILY.items():
     STUDY[name] = run("train_sft.py", flags, data=data)
@@ -157,8 +171,6 @@ def integers(parser, flag, text):
 
 
 def get_args(argv=None):
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     from cli import ArgumentParser, check_writable_dir, positive_int  # one-line errors
     parser = ArgumentParser(prog="lab.py", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -248,8 +260,8 @@ def check_settings(args):
     if held or not same_rest:
         which = (f" (runs {', '.join(held)}: delete OUT/b*/seed*/<run> and its results)"
                  if held else "")
-        raise SystemExit(f"[lab] {args.out} holds a lab made with other settings ({path}){which}: "
-                         "use another --out (or delete that folder)")
+        fail(f"--out {args.out} holds a lab made with other settings ({path}){which}: use "
+             "another --out (or delete that folder)")
     # every commit and torch version that has worked in OUT: one, for a table made afresh
     versions = old.get("versions", [])
     version = code_version()
@@ -496,10 +508,9 @@ def run_all(tasks, args):
                 if process.exitcode:
                     tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
                     stop(running)
-                    raise SystemExit(f"[lab] {t['name']} failed (exit status {process.exitcode})"
-                                     f": {tail[0][:200]}\n[lab] its log: {log}; fix the cause and "
-                                     "run lab.py again: what finished is skipped, a trainer "
-                                     "continues from its last checkpoint")
+                    fail(f"{t['name']} failed (exit status {process.exitcode}; its log {log} ends "
+                         f"{tail[0][:200]!r}); fix the cause and run lab.py again: what finished "
+                         "is skipped, a trainer continues from its last checkpoint")
                 finished.add(t["name"])
                 done_cost += t["cost"]
                 elapsed = time.time() - began
@@ -507,14 +518,14 @@ def run_all(tasks, args):
                 say(f"{t['name']}: done in {time.time() - started:.0f} s ({len(finished)}/"
                     f"{len(tasks)} steps, {elapsed / 60:.0f} min so far, about {left / 60:.0f} "
                     "min left)")
-    except KeyboardInterrupt:
-        stop(running)
-        raise SystemExit(f"[lab] interrupted: the {len(finished)} steps finished are kept in "
-                         f"{args.out}; run the same command again to continue (what finished "
-                         "is skipped, a trainer continues from its last checkpoint)") from None
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM: the steps running stop as they would alone
+        stop(running)  # (a trainer at SIGTERM saves a checkpoint first)
+        raise
 
 
 def stop(running):
+    """SIGTERM to each step still running (a trainer ends its step and saves a checkpoint), and
+    wait for them."""
     for _, process, _, _ in running.values():
         process.terminate()
     for _, process, _, _ in running.values():
@@ -528,9 +539,30 @@ def budget(args) -> str:
     return "one" if len(args.bases) * len(args.seeds) == 1 else "default"
 
 
+def hold(out: Path) -> int:
+    """OUT/.lock, held while this call runs (the OS drops it when the process ends, however it
+    ends): a second lab.py on the same OUT is refused, naming the first."""
+    from faults import take_lock
+    lock = take_lock(out / ".lock")
+    if lock is None:
+        holder = (out / ".lock").read_text(errors="replace").strip() or "another process"
+        fail(f"--out {out}: another lab.py ({holder}) is running there; wait for it to end")
+    os.write(lock, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+    return lock
+
+
 def main(argv=None):
     args = get_args(argv)
     began = time.time()
+    lock = hold(args.out)
+    try:
+        run_lab(args, began)
+    finally:
+        (args.out / ".lock").unlink(missing_ok=True)  # before the lock goes: see take_lock
+        os.close(lock)
+
+
+def run_lab(args, began):
     import torch  # once, here: every step's process starts with it (and the trainers) imported
     torch.set_num_threads(args.threads)
     for module in ("eval", "train_sft", "train_rl", "train_distill"):
@@ -552,4 +584,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from cli import stops_cleanly
+    stops_cleanly(main, kept="the steps that finished are kept (run it again: what finished is "
+                  "skipped, a trainer continues from its last checkpoint)")()

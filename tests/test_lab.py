@@ -226,3 +226,37 @@ def test_one_full_seed_shows_the_robust_findings(tmp_path):
     key = "b0/seed0"
     assert rows["sft_stress"][key]["forgetting"] > rows["sft_mild"][key]["forgetting"]
     assert rows["sft_stress"][key]["state_nll"] > rows["rl"][key]["state_nll"]
+
+
+def test_a_second_lab_on_the_same_out_is_refused(tmp_path):
+    out = tmp_path / "lab"
+    out.mkdir()
+    lock = lab.hold(out)  # a lab.py running there
+    try:
+        with pytest.raises(SystemExit, match=r"another lab.py \(process \d+ on .*\) is running"):
+            lab.main(["--mini", "--out", str(out)])
+    finally:
+        (out / ".lock").unlink()
+        __import__("os").close(lock)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_lab_in_one_line_and_a_rerun_continues(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "lab"
+    command = [sys.executable, str(lab.ROOT / "runs" / "lab.py"), "--mini", "--out", str(out),
+               "--bases", "0", "--seeds", "0", "--no_plot"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (out / "b0" / "base" / "model.safetensors").exists():  # a step or two in
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert err.strip().splitlines()[-1].startswith("lab.py: stopped by SIGINT; the steps that "
+                                                   "finished are kept")
+    assert not (out / ".lock").exists()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "finished in" in done.stdout
