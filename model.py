@@ -1,8 +1,8 @@
 """
 Qwen3 in one file, and only the model: the config and architecture (Qwen3Config, Qwen3), Hugging
 Face weights and tokenizer in and out (from_pretrained, save_pretrained, Tokenizer), LoRA
-(add_lora), generation over a KV cache with a fused sampler and a CUDA-graph decode (generate,
-sample_next; rollout for lists of prompts with stop strings), and completion_logprobs for training
+(add_lora), generation over a KV cache with a CUDA-graph decode and sampler.py's fused sampler
+(generate; rollout for lists of prompts with stop strings), and completion_logprobs for training
 and scoring. It matches transformers' Qwen3ForCausalLM (modeling_qwen3.py is the ground truth) for
 every dense Qwen3 size, 0.6B to 32B.
 
@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
 from cli import make_readable, progress, read_json, read_safetensors
+from sampler import sample_next
 
 # Config -------------------------------------------------------------------------------------------
 
@@ -497,47 +498,6 @@ def in_row_chunks(fn, *rows):
     recompute = torch.is_grad_enabled()
     run = (lambda *c: checkpoint(fn, *c, use_reentrant=False)) if recompute else fn
     return torch.cat([run(*chunk) for chunk in chunks])
-
-
-# The fused sampler --------------------------------------------------------------------------------
-
-
-TOP_P_CANDIDATES = 1024  # on CPU, top-p first looks for the nucleus among this many top tokens
-
-
-def sample_next(logits, temperature: float, top_k=None, top_p=None, n_real_tokens=None,
-                u=None):
-    """One sampling step for a batch of next-token logits (B, vocab) -> (tokens (B,), logprobs
-    (B,)). Drops rows past the tokenizer (n_real_tokens), applies temperature, keeps the top_k
-    tokens, then the fewest most likely tokens whose probability reaches top_p (the one crossing p
-    is kept), and draws by inverting the kept CDF at one uniform number per row (u (B, 1), else
-    torch's; no host sync); log-probs are under that distribution."""
-    logits = logits[:, :n_real_tokens].float()  # a prefix of the vocabulary: ids are unchanged
-    if temperature == 0:
-        tokens = logits.argmax(-1)
-        return tokens, logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
-    logits = logits / temperature
-    ids = None  # the vocabulary ids of the candidates, once they are sorted or cut to the top
-    if top_k is not None:
-        values, ids = torch.topk(logits, min(top_k, logits.shape[-1]))
-        probs = values.softmax(-1)
-    elif top_p is not None and top_p < 1.0:
-        if logits.device.type == "cpu":  # a full sort dominates a CPU step: try the top first
-            values, ids = torch.topk(logits, min(TOP_P_CANDIDATES, logits.shape[-1]))
-            probs = (values - logits.logsumexp(-1, keepdim=True)).exp()  # their true probabilities
-        if ids is None or not bool((probs.sum(-1) >= top_p).all()):  # the nucleus reaches past them
-            values, ids = logits.sort(-1, descending=True)
-            probs = values.softmax(-1)
-    else:
-        probs = logits.softmax(-1)
-    if top_p is not None and top_p < 1.0:
-        # drop the tokens whose more likely tokens already hold p of the mass
-        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
-    cdf = probs.cumsum(-1)
-    u = (torch.rand(len(cdf), 1, device=cdf.device) if u is None else u) * cdf[:, -1:]
-    pick = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)  # never p = 0
-    logprobs = (probs.gather(-1, pick) / cdf[:, -1:]).log().squeeze(-1)
-    return (pick if ids is None else ids.gather(-1, pick)).squeeze(-1), logprobs
 
 
 # LoRA ---------------------------------------------------------------------------------------------
