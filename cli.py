@@ -74,6 +74,16 @@ def probability(text):
 # Checks that need more than one flag, or the machine
 
 
+def list_of(parse):
+    """An argument type: a comma-separated list of values, each checked by parse, as a tuple."""
+    def parse_list(text):
+        items = [item for item in text.split(",") if item]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        return tuple(parse(item) for item in items)
+    return parse_list
+
+
 def subset_of(choices):
     """An argument type: a comma-separated list of some of `choices`, returned as a tuple."""
     def parse(text):
