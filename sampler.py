@@ -1,6 +1,7 @@
 """
 The fused sampler of model.generate: one step of temperature, top-k, top-p and a draw, for a batch
-of next-token logits, with no host sync (a CUDA graph can hold it) and no sort of the vocabulary.
+of next-token logits, with no sort of the vocabulary and, on CUDA, no host sync (a CUDA graph can
+hold it).
 
 top-k and top-p keep the first tokens of a stable sort by probability (the most likely first;
 equal probabilities in id order), and the draw inverts the kept CDF, in that order, at one uniform
@@ -88,7 +89,7 @@ def draw(order: SortedOrder, threshold, u):
     threshold (B, 1) (top-p's nucleus; at most all of them) and invert their CDF, in that order,
     at the uniform numbers u (B, 1) -> (the drawn positions (B, 1), their log-probs (B, 1) under
     the kept distribution)."""
-    threshold = torch.minimum(threshold, order.total)
+    threshold = torch.minimum(threshold, order.total)  # the masses sum to a hair off 2^52
     _, _, kept = order.crossing(threshold - 1)  # integers: "exceeds threshold - 1" is ">= it"
     bits, j, _ = order.crossing((u.double() * kept.double()).long())  # floor: in [0, kept)
     pick = order.position(bits, j)
@@ -114,8 +115,8 @@ def sample_next(logits, temperature: float, top_k=None, top_p=None, n_real_token
         cdf = probs.cumsum(-1)
         pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=cdf.shape[-1] - 1)
         return pick.squeeze(-1), (probs.gather(-1, pick) / cdf[:, -1:]).log().squeeze(-1)
-    # top-p in masses: the nucleus ends at the token whose cumulative mass reaches top_p * 2^52
-    # (the first token at least)
+    # top-p in masses: the nucleus ends at the token whose cumulative mass reaches top_p * 2^52,
+    # top_p of the whole probability (the first token at least; at most the row's mass, draw())
     threshold = torch.full_like(u, max(math.ceil(top_p * MASS_UNIT), 1), dtype=torch.long)
     # On CPU a topk is cheaper than a search: first the C most likely tokens (unless even C
     # tokens as likely as the most likely one fall short of top_p), in id order (B, C). If the
