@@ -293,7 +293,7 @@ def sorted_reference(logits, temperature, top_k=None, top_p=1.0, u=None):
     probs = (logits.float() / temperature).softmax(-1)
     order = probs.sort(dim=-1, descending=True, stable=True).indices
     mass = S.masses(probs).gather(1, order)  # (B, V) in sorted order
-    keep = torch.arange(probs.shape[-1]) < (top_k or probs.shape[-1])
+    keep = torch.arange(probs.shape[-1], device=probs.device) < (top_k or probs.shape[-1])
     if top_k is None:
         threshold = mass.sum(-1, keepdim=True).clamp(max=math.ceil(top_p * 2 ** 52))
     else:
@@ -355,19 +355,21 @@ def test_sort_free_nucleus_at_a_threshold_equal_to_a_cumulative_mass():
             assert torch.equal(keep, first), (k, extra)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("top_k, top_p, candidates, vocab",
                          [(None, 0.9, 1024, 5000), (None, 0.9, 2, 5000), (None, 0.2, 1024, 5000),
                           (None, 1e-9, 1024, 5000), (40, None, 1024, 5000), (40, 0.8, 1024, 5000),
                           (3000, 0.95, 1024, 5000), (None, 0.9, 1024, 151936)])
-def test_sort_free_draws_equal_the_sorted_reference(monkeypatch, top_k, top_p, candidates, vocab):
+def test_sort_free_draws_equal_the_sorted_reference(monkeypatch, top_k, top_p, candidates, vocab,
+                                                    device):
     # Fixed uniform numbers draw the same tokens, with the same log-probs, as the sort-based
     # definition: top-k, top-p and both; on CPU through the top candidates (1024) or the whole
     # vocabulary's search (2 candidates, or a near-uniform row), at u = 0, u = 1 - 2^-24 and
     # random u, at temperature 0.7.
     monkeypatch.setattr(S, "TOP_P_CANDIDATES", candidates)
     draws = 4 if vocab > 10000 else 24
-    logits = varied_logits(4, vocab, seed=vocab + 1).repeat_interleave(draws, 0)
-    u = uniform(len(logits), 2)
+    logits = varied_logits(4, vocab, seed=vocab + 1).repeat_interleave(draws, 0).to(device)
+    u = uniform(len(logits), 2).to(device)
     u[::draws], u[1::draws] = 0.0, 1 - 2 ** -24
     tokens, logprobs = sample_next(logits, 0.7, top_k=top_k, top_p=top_p, u=u)
     ref_tokens, ref_logprobs, _ = sorted_reference(logits, 0.7, top_k, top_p or 1.0, u)
@@ -391,6 +393,19 @@ def test_candidates_cut_through_equal_probabilities(monkeypatch):
     ref_tokens, ref_logprobs, keep = sorted_reference(logits, 1.0, top_p=top_p, u=u)
     assert keep[0].nonzero().flatten()[:3].tolist() == [0, 7, 14]
     assert torch.equal(tokens, ref_tokens) and torch.equal(logprobs, ref_logprobs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sampler_never_waits_for_the_gpu():
+    # No host sync (no .item(), no shape that depends on the data): a CUDA graph can hold it
+    logits = varied_logits(4, 5000, seed=3).cuda()
+    u = uniform(4, 0).cuda()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for top_k, top_p in ((None, 0.9), (40, None), (40, 0.9), (None, None)):
+            sample_next(logits, 0.7, top_k=top_k, top_p=top_p, u=u)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_generate_draws_the_same_tokens_through_the_candidates_or_the_search(monkeypatch):
