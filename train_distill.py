@@ -32,8 +32,9 @@ from checkpoint import load_checkpoint, prepare_out_dir, save_when_due
 from cli import check_other_model, check_training_args, fail, positive_float, positive_int
 from eval import GSM8K_STOP_STRINGS, gsm8k_prompt, load_gsm8k, state_nll
 from faults import training_run
-from model import Qwen3, Tokenizer, completion_logprobs, in_row_chunks, rollout
+from model import Qwen3, Tokenizer, completion_logprobs, in_row_chunks
 from parallel import gathered, global_rows, micro_batches, tokens_per_rank
+from sampler import rollout
 from train_common import (MetricsLog, autocast, batch_at, finish, optimizer_step,
                           periodic_eval, setup, step_seed, training_args)
 
