@@ -2,6 +2,8 @@
 Speed, side by side with transformers: generation, training steps, evaluation.
 
     python bench.py --preset tiny                          # CPU: ~2 minutes on 2 cores
+    python bench.py --temperature 0.7,1 --logit_std 3,0 --batch_size 16 --skip_train --threads 1
+                                                           # CPU: both spreads, both temperatures
     python bench.py --preset 0.6b --batch_size 1,16,64     # one GPU, bf16: + a training step
     python bench.py --suite gpu --tokenizer TOKENIZER_JSON --data_dir data --json gpu.json
                                                            # one GPU, ~9 min on an H200: all below
@@ -22,9 +24,11 @@ Presets: `0.6b` is the Qwen3-0.6B shape (hidden 1024, 28 layers, 16 heads, 8 KV 
 `micro` (hidden 64, 2 layers) is for the tests.
 
 The weights are N(0, 0.02) (transformers' init), except the final norm's weight, which is set so
-the logits spread with a standard deviation of --logit_std (default 3): plain random init gives
-near-uniform next-token distributions, unlike any trained model; with std 3 the top token has ~25%
-of the mass and the nucleus a few hundred tokens, closer to real rollouts. The stop tokens'
+the logits spread with a standard deviation of --logit_std (default 3; a list measures a model
+each): plain random init (0) gives near-uniform next-token distributions, unlike any trained
+model, a top-p 0.9 nucleus of ~120,000 tokens; with std 3 the top token has ~25% of the mass and
+the nucleus a few hundred tokens at temperature 0.7 (a few thousand at 1), closer to real
+rollouts. Every --temperature is measured on each. The stop tokens'
 embedding rows are zero, so a random model never stops early: every row decodes to full length.
 
 Batch-1 decode: decode-only tokens/s = (new_tokens - 1) / (time of the full run - time of a run
@@ -71,7 +75,8 @@ from pathlib import Path
 import torch
 
 import model as model_module
-from cli import ArgumentParser, check_device, check_writable_file
+from cli import (ArgumentParser, check_device, check_writable_file, list_of, nonnegative_float,
+                 positive_int, probability)
 from model import Qwen3, Qwen3Config, Tokenizer, completion_logprobs
 from train_common import autocast
 
@@ -86,12 +91,14 @@ a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda
 a("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
   help="weights dtype for generation, autocast dtype for training "
   "(default: bf16 on cuda, fp32 on cpu)")
-a("--batch_size", default=None, help="comma-separated generation batch sizes "
+a("--batch_size", type=list_of(positive_int), default=None,
+  help="comma-separated generation batch sizes "
   "(default: 1,16 on cpu, 1,16,64 on cuda, 1,16,64,128 for --suite gpu)")
 a("--prompt_len", type=int, default=None, help="prompt tokens per row (default 32 cpu, 128 cuda)")
 a("--new_tokens", type=int, default=None, help="new tokens per row (default 32 cpu, 256 cuda)")
-a("--temperature", type=float, default=0.7, help="sampling temperature for both (0 = greedy)")
-a("--top_p", type=float, default=0.9, help="top-p for both (1.0 = off)")
+a("--temperature", type=list_of(nonnegative_float), default=(0.7,),
+  help="comma-separated sampling temperatures for both (0 = greedy), e.g. 0.7,1")
+a("--top_p", type=probability, default=0.9, help="top-p for both (1.0 = off)")
 a("--repeats", type=int, default=None,
   help="timed runs per measurement, the fastest is reported (default 2 cpu, 3 cuda, 2 --suite gpu)")
 a("--train_batch_size", type=int, default=None, help="training rows (default 2 cpu, 8 cuda)")
@@ -105,8 +112,9 @@ a("--peak_bw_gbs", type=float, default=None,
   help="GPU memory bandwidth in GB/s for the batch-1 bound (default: from the GPU's name)")
 a("--peak_tflops", type=float, default=None,
   help="GPU dense bf16 TFLOP/s for MFU (default: from the GPU's name)")
-a("--logit_std", type=float, default=3.0, help="spread of the random model's logits "
-  "(sets the final norm weight; 0 = plain init, near-uniform next-token distributions)")
+a("--logit_std", type=list_of(nonnegative_float), default=(3.0,),
+  help="comma-separated spreads of the random model's logits, one model each (sets the final "
+  "norm weight; 0 = plain init, near-uniform next-token distributions), e.g. 3,0")
 a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice); "
   "1 makes CPU numbers steadier on a shared machine")
 a("--seed", type=int, default=0, help="seed for the weights, prompts and sampling")
@@ -210,15 +218,15 @@ def random_checkpoint(config, folder, device, dtype, seed, logit_std=0.0, silent
 
 
 def generators(args, folder, device, dtype):
-    """{name: generate(prompts, new_tokens) -> new-token lists}: ours (with its CUDA graph on CUDA),
-    ours_eager (on CUDA, when the graph is on) and transformers."""
+    """{name: generate(prompts, new_tokens, temperature) -> new-token lists}: ours (with its CUDA
+    graph on CUDA), ours_eager (on CUDA, when the graph is on) and transformers."""
     ours = Qwen3.from_pretrained(folder, device=device, dtype=dtype)
-    top_p = args.top_p if args.temperature > 0 else None
 
     def ours_with(cuda_graph):
-        def generate(prompts, n):
+        def generate(prompts, n, temperature):
             return ours.generate(prompts, n, seed=args.seed, cuda_graph=cuda_graph,
-                                 temperature=args.temperature, top_p=top_p)
+                                 temperature=temperature,
+                                 top_p=args.top_p if temperature > 0 else None)
         return generate
     fns = {"ours": ours_with(args.cuda_graph)}
     models = {"ours": ours}
@@ -237,12 +245,11 @@ def generators(args, folder, device, dtype):
     hf = transformers.Qwen3ForCausalLM.from_pretrained(folder, dtype=dtype,
                                                        attn_implementation="sdpa")
     hf = hf.to(device).eval()
-    if args.temperature > 0:
-        hf_sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0)
-    else:
-        hf_sampling = dict(do_sample=False)
 
-    def hf_generate(prompts, n):  # all prompts have the same length: no padding, an all-ones mask
+    def hf_generate(prompts, n, temperature):  # one length: no padding, an all-ones mask
+        hf_sampling = dict(do_sample=False)
+        if temperature > 0:
+            hf_sampling = dict(do_sample=True, temperature=temperature, top_p=args.top_p, top_k=0)
         idx = torch.tensor(prompts, device=device)
         torch.manual_seed(args.seed)
         with torch.no_grad():
@@ -265,59 +272,76 @@ def decode_bound(args, config, model, context: float) -> float:
     return args.peak_bw_gbs * 1e9 / (weight_bytes + kv_bytes_per_token * context)
 
 
-def bench_generation(args, folder, config, device, dtype, result, save=lambda: None):
+def bench_generation(args, folder, config, device, dtype, result, logit_std, save=lambda: None):
+    """Every --temperature and --batch_size, on the checkpoint whose logits spread by logit_std:
+    a row each in result["generation"]."""
     fns, models = generators(args, folder, device, dtype)
-    g = torch.Generator().manual_seed(args.seed)
-    for B in args.batch_sizes:
-        prompts = torch.randint(0, config.vocab_size, (B, args.prompt_len), generator=g).tolist()
-        for fn in fns.values():  # warm-up
-            fn(prompts, min(args.new_tokens, 8))
-        times = {name: [] for name in fns}
-        cpu_times = {name: [] for name in fns}
-        mem, outputs = {}, {}
-        for _ in range(args.repeats):  # interleaved, so that all see the same machine
-            for name, fn in fns.items():
-                base = reset_peak(device)
-                seconds, out = timed(lambda: fn(prompts, args.new_tokens), device, cpu_times[name])
-                assert all(len(row) == args.new_tokens for row in out), f"{name}: too few tokens"
-                times[name].append(seconds)
-                mem[name] = peak_mib(device, base)
-                outputs.setdefault(name, out)
-        row = {"batch_size": B}
-        for name in fns:
-            row[name] = {"tokens_per_s": B * args.new_tokens / min(times[name]),
-                         "seconds": times[name], "cpu_seconds": cpu_times[name],
-                         "peak_mib": mem[name]}
-        if "ours_eager" in fns:  # the same seed: the same tokens with and without the graph?
-            same_rows = [a == b for a, b in zip(outputs["ours"], outputs["ours_eager"])]
-            row["graph_tokens_equal_eager"] = all(same_rows)
-            row["graph_rows_equal_eager"] = sum(same_rows) / len(same_rows)
-            row["graph_speedup"] = row["ours"]["tokens_per_s"] / row["ours_eager"]["tokens_per_s"]
-        if "transformers" in fns:
-            row["ratio"] = row["ours"]["tokens_per_s"] / row["transformers"]["tokens_per_s"]
-            # the same ratio by process CPU time: steadier than wall time on a shared CPU
-            row["cpu_time_ratio"] = min(cpu_times["transformers"]) / min(cpu_times["ours"])
-        if B == 1 and args.new_tokens > 1:  # decode only: subtract a prefill + one-token run
-            for name, fn in fns.items():
-                prefill = min(timed(lambda: fn(prompts, 1), device)[0] for _ in range(args.repeats))
-                decode = (args.new_tokens - 1) / max(min(times[name]) - prefill, 1e-9)
-                row[name]["decode_tokens_per_s"] = decode
-                if device.type == "cuda" and args.peak_bw_gbs:
-                    context = args.prompt_len + args.new_tokens / 2
-                    bound = decode_bound(args, config, models[name], context)
-                    row[name].update(bandwidth_bound_tokens_per_s=bound,
-                                     fraction_of_bound=decode / bound)
-        result["generation"].append(row)
-        save()
-        shown = ", ".join(f"{n} {row[n]['tokens_per_s']:.1f} tok/s" for n in fns)
-        if "ratio" in row:
-            shown += f", ratio {row['ratio']:.2f} (by CPU time {row['cpu_time_ratio']:.2f})"
-        if "graph_tokens_equal_eager" in row:
-            shown += f", graph tokens equal eager: {row['graph_tokens_equal_eager']}"
-        print(f"batch {B}: {shown}", flush=True)
+    for temperature in args.temperature:
+        g = torch.Generator().manual_seed(args.seed)  # the same prompts at every setting
+        for B in args.batch_sizes:
+            prompts = torch.randint(0, config.vocab_size, (B, args.prompt_len),
+                                    generator=g).tolist()
+            row = {"logit_std": logit_std, "temperature": temperature, "batch_size": B}
+            row.update(measure_generation(args, fns, models, config, device, prompts,
+                                          temperature))
+            result["generation"].append(row)
+            save()
+            shown = ", ".join(f"{n} {row[n]['tokens_per_s']:.1f} tok/s" for n in fns)
+            if "ratio" in row:
+                shown += f", ratio {row['ratio']:.2f} (by CPU time {row['cpu_time_ratio']:.2f})"
+            if "graph_tokens_equal_eager" in row:
+                shown += f", graph tokens equal eager: {row['graph_tokens_equal_eager']}"
+            print(f"logit std {logit_std:g}, temperature {temperature:g}, batch {B}: {shown}",
+                  flush=True)
     del fns, models
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def measure_generation(args, fns, models, config, device, prompts, temperature) -> dict:
+    """Each generator's tokens/s, CPU seconds and peak memory on these prompts, the ratios, and
+    at batch 1 the decode-only speed (and its bandwidth bound on CUDA)."""
+    B = len(prompts)
+    for fn in fns.values():  # warm-up
+        fn(prompts, min(args.new_tokens, 8), temperature)
+    times = {name: [] for name in fns}
+    cpu_times = {name: [] for name in fns}
+    mem, outputs = {}, {}
+    for _ in range(args.repeats):  # interleaved, so that all see the same machine
+        for name, fn in fns.items():
+            base = reset_peak(device)
+            seconds, out = timed(lambda: fn(prompts, args.new_tokens, temperature), device,
+                                 cpu_times[name])
+            assert all(len(row) == args.new_tokens for row in out), f"{name}: too few tokens"
+            times[name].append(seconds)
+            mem[name] = peak_mib(device, base)
+            outputs.setdefault(name, out)
+    row = {}
+    for name in fns:
+        row[name] = {"tokens_per_s": B * args.new_tokens / min(times[name]),
+                     "seconds": times[name], "cpu_seconds": cpu_times[name],
+                     "peak_mib": mem[name]}
+    if "ours_eager" in fns:  # the same seed: the same tokens with and without the graph?
+        same_rows = [a == b for a, b in zip(outputs["ours"], outputs["ours_eager"])]
+        row["graph_tokens_equal_eager"] = all(same_rows)
+        row["graph_rows_equal_eager"] = sum(same_rows) / len(same_rows)
+        row["graph_speedup"] = row["ours"]["tokens_per_s"] / row["ours_eager"]["tokens_per_s"]
+    if "transformers" in fns:
+        row["ratio"] = row["ours"]["tokens_per_s"] / row["transformers"]["tokens_per_s"]
+        # the same ratio by process CPU time: steadier than wall time on a shared CPU
+        row["cpu_time_ratio"] = min(cpu_times["transformers"]) / min(cpu_times["ours"])
+    if B == 1 and args.new_tokens > 1:  # decode only: subtract a prefill + one-token run
+        for name, fn in fns.items():
+            prefill = min(timed(lambda: fn(prompts, 1, temperature), device)[0]
+                          for _ in range(args.repeats))
+            decode = (args.new_tokens - 1) / max(min(times[name]) - prefill, 1e-9)
+            row[name]["decode_tokens_per_s"] = decode
+            if device.type == "cuda" and args.peak_bw_gbs:
+                context = args.prompt_len + args.new_tokens / 2
+                bound = decode_bound(args, config, models[name], context)
+                row[name].update(bandwidth_bound_tokens_per_s=bound,
+                                 fraction_of_bound=decode / bound)
+    return row
 
 
 # --------------------------------------------------------------------------------------------------
@@ -536,12 +560,13 @@ def markdown(args, result):
     if "transformers" in result["versions"]:
         header += f", transformers {result['versions']['transformers']}"
     header += (f"; {args.dtype_name}, prompt {args.prompt_len} + {args.new_tokens} new tokens, "
-               f"temperature {args.temperature}, top_p {args.top_p}")
-    columns = [f"{n} tok/s" for n in names] + ratios + graph + mem
-    lines = [header, "", "| batch | " + " | ".join(columns) + " |",
-             "|---" * (1 + len(columns)) + "|"]
+               f"top_p {args.top_p}")
+    columns = ["logit std", "temperature", "batch"]
+    columns += [f"{n} tok/s" for n in names] + ratios + graph + mem
+    lines = [header, "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for row in result["generation"]:
-        cells = [f"{row[n]['tokens_per_s']:.0f}" for n in names]
+        cells = [f"{row['logit_std']:g}", f"{row['temperature']:g}", f"{row['batch_size']}"]
+        cells += [f"{row[n]['tokens_per_s']:.0f}" for n in names]
         if ratios:
             cells += [f"**{row['ratio']:.2f}x**", f"{row['cpu_time_ratio']:.2f}x"][:len(ratios)]
         if graph:
@@ -551,13 +576,14 @@ def markdown(args, result):
             cells += [f"{row[n]['peak_mib']:.0f}" for n in names]
         else:
             cells.append(f"{row['ours']['peak_mib']:.0f}")
-        lines.append(f"| {row['batch_size']} | " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     for row in result["generation"]:
         for n in names:
             if "decode_tokens_per_s" not in row[n]:
                 continue
-            line = f"- batch-1 decode, {n}: {row[n]['decode_tokens_per_s']:.0f} tok/s"
+            line = (f"- batch-1 decode (logit std {row['logit_std']:g}, temperature "
+                    f"{row['temperature']:g}), {n}: {row[n]['decode_tokens_per_s']:.0f} tok/s")
             if "fraction_of_bound" in row[n]:
                 line += (f" = {100 * row[n]['fraction_of_bound']:.0f}% of the memory-bandwidth"
                          f" bound ({row[n]['bandwidth_bound_tokens_per_s']:.0f} tok/s at "
@@ -594,8 +620,8 @@ def resolve_defaults(args, device):
     args.preset = args.preset or ("0.6b" if gpu_suite_run else "tiny")
     args.dtype_name = args.dtype or ("bf16" if on_cuda else "fp32")
     args.cuda_graph = args.cuda_graph and on_cuda
-    default_batches = "1,16,64,128" if gpu_suite_run else ("1,16,64" if on_cuda else "1,16")
-    args.batch_sizes = [int(b) for b in (args.batch_size or default_batches).split(",")]
+    default_batches = (1, 16, 64, 128) if gpu_suite_run else ((1, 16, 64) if on_cuda else (1, 16))
+    args.batch_sizes = list(args.batch_size or default_batches)
     args.prompt_len = args.prompt_len or (128 if on_cuda else 32)
     args.new_tokens = args.new_tokens or (256 if on_cuda else 32)
     args.repeats = args.repeats or (2 if gpu_suite_run else 3 if on_cuda else 2)
@@ -615,12 +641,6 @@ def check_args(args):
     for flag in counts:
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag}: must be >= 1, got {getattr(args, flag)}")
-    sizes = (args.batch_size or "1").split(",")
-    if not all(size.isdigit() and int(size) > 0 for size in sizes):
-        parser.error(f"--batch_size {args.batch_size!r}: expected comma-separated positive "
-                     "integers, e.g. 1,16")
-    if not (args.temperature >= 0 and 0 < args.top_p <= 1 and args.logit_std >= 0):
-        parser.error("--temperature must be >= 0, --top_p in (0, 1] and --logit_std >= 0")
     for flag in ("peak_bw_gbs", "peak_tflops"):
         if getattr(args, flag) is not None and not getattr(args, flag) > 0:
             parser.error(f"--{flag}: must be > 0, got {getattr(args, flag)}")
@@ -658,18 +678,22 @@ def main(argv=None) -> dict:
               "device": str(device), "hardware": hardware(device), "versions": versions,
               "dtype": args.dtype_name, "prompt_len": args.prompt_len,
               "new_tokens": args.new_tokens, "temperature": args.temperature,
-              "top_p": args.top_p, "peak_bw_gbs": args.peak_bw_gbs,
+              "logit_std": args.logit_std, "top_p": args.top_p, "peak_bw_gbs": args.peak_bw_gbs,
               "peak_tflops": args.peak_tflops, "generation": []}
 
     def save():
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2))
 
-    with tempfile.TemporaryDirectory() as folder:
-        random_checkpoint(config, folder, device, dtype, args.seed, args.logit_std, silent_ids)
-        if args.suite == "gpu":
-            shutil.copy(args.tokenizer, Path(folder) / "tokenizer.json")
-        bench_generation(args, folder, config, device, dtype, result, save)
+    with tempfile.TemporaryDirectory() as root:
+        # A model per --logit_std; the training step and the gpu suite use the first
+        for i, logit_std in enumerate(args.logit_std):
+            folder = str(Path(root) / f"logit_std_{i}")
+            random_checkpoint(config, folder, device, dtype, args.seed, logit_std, silent_ids)
+            if args.suite == "gpu":
+                shutil.copy(args.tokenizer, Path(folder) / "tokenizer.json")
+            bench_generation(args, folder, config, device, dtype, result, logit_std, save)
+        folder = str(Path(root) / "logit_std_0")
         if not args.skip_train:
             bench_training(args, folder, device, dtype, result)
             save()

@@ -1,6 +1,7 @@
 """
 What every entry point shares for bad input: check it all before any work starts, and end a bad
 flag or file with one line that names it, never a traceback. An interrupt ends in one line too.
+Long work shows a progress bar with an ETA (progress).
 
     parser = ArgumentParser(description=...)
     parser.add_argument("--steps", type=positive_int)   # "--steps: must be >= 1, got 0"
@@ -79,6 +80,16 @@ def probability(text):
 # Checks that need more than one flag, or the machine
 
 
+def list_of(parse):
+    """An argument type: a comma-separated list of values, each checked by parse, as a tuple."""
+    def parse_list(text):
+        items = [item for item in text.split(",") if item]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        return tuple(parse(item) for item in items)
+    return parse_list
+
+
 def subset_of(choices):
     """An argument type: a comma-separated list of some of `choices`, returned as a tuple."""
     def parse(text):
@@ -153,6 +164,13 @@ def resolve_warmup(args, length: str):
     if args.warmup is not None and args.warmup > args.steps:
         fail(f"--warmup {args.warmup}: longer than the run ({length})")
     args.warmup = min(DEFAULT_WARMUP, args.steps) if args.warmup is None else args.warmup
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm bar with rate and ETA on stderr, shown only on a terminal (never in logs or tests).
+    tqdm comes with huggingface_hub."""
+    from tqdm import tqdm
+    return tqdm(iterable, **{"disable": None, "dynamic_ncols": True, **kwargs})
 
 
 def finite_or_null(x):

@@ -16,7 +16,7 @@ import zlib
 import numpy as np
 import torch
 
-from model import rollout
+from sampler import rollout
 from stats import permutation_p_value
 
 DRIFT_CUTS = (0.25, 0.5, 0.75, 1.0)

@@ -39,9 +39,10 @@ from pathlib import Path
 import torch
 
 from cli import (ArgumentParser, check_device, check_writable_file, fail, finite_or_null,
-                 nonnegative_float, nonnegative_int, positive_int, stops_cleanly)
+                 nonnegative_float, nonnegative_int, positive_int, progress, stops_cleanly)
 from drift import state_drift
-from model import Qwen3, Tokenizer, completion_logprobs, progress, rollout
+from model import Qwen3, Tokenizer, completion_logprobs
+from sampler import rollout
 from report import format_score, headline, headline_stderrs, report, task_means, with_stderrs
 from stats import mean
 

@@ -1,11 +1,11 @@
 """
 Qwen3 in one file, and only the model: the config and architecture (Qwen3Config, Qwen3), Hugging
 Face weights and tokenizer in and out (from_pretrained, save_pretrained, Tokenizer), LoRA
-(add_lora), generation over a KV cache with a fused sampler and a CUDA-graph decode (generate,
-sample_next; rollout for lists of prompts with stop strings), and completion_logprobs for training
-and scoring. It matches transformers' Qwen3ForCausalLM (modeling_qwen3.py is the ground truth) for
-every dense Qwen3 size, 0.6B to 32B. It stands alone (copy it anywhere): it imports torch,
-safetensors, tokenizers and huggingface_hub (with its tqdm), nothing of this project.
+(add_lora), generation over a KV cache with a CUDA-graph decode and a fused sampler (generate,
+sample_next), and completion_logprobs for training and scoring. It matches transformers'
+Qwen3ForCausalLM (modeling_qwen3.py is the ground truth) for every dense Qwen3 size, 0.6B to 32B.
+It stands alone (copy it anywhere): it imports torch, safetensors, tokenizers and huggingface_hub,
+nothing of this project (beside it, sampler.py's top-k and top-p draw the same tokens, faster).
 
     model = Qwen3.from_pretrained("Qwen/Qwen3-0.6B-Base", device="cuda", dtype=torch.bfloat16)
     tok = Tokenizer.from_pretrained("Qwen/Qwen3-0.6B-Base")
@@ -400,54 +400,63 @@ class Qwen3(nn.Module):
         return step
 
 
-# Rollouts: generate() for whole lists of prompts, as every script samples ------------------------
+# The fused sampler, by its definition (sampler.py draws the same tokens without sorting) --------
+
+MASS_UNIT = 2.0 ** 52  # p * 2^52 is exact in fp32 and floors exactly to int64; a row sums < 2^53
 
 
-@torch.no_grad()
-def rollout(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float = 0.0,
-            seed: int = 0, stop_strings=(), batch_size: int = 128, desc: str = "sampling",
-            rows=None) -> list:
-    """One completion (token ids) per prompt: the sampler every script shares. Prompts go through
-    model.generate batch_size at a time, longest first (less padding). Prompt i draws with row
-    rows[i] (default i) of seed's uniform numbers (its index among every GPU's prompts, say), so
-    a sample depends neither on its batch nor on how many GPUs share the work. A completion ends
-    with a stop token, with the token that completes one of stop_strings (text such as
-    "Question:"; checked every 16 steps), or at max_new_tokens. A progress bar (`desc`) counts
-    rows x tokens on a terminal. Autocast is the caller's."""
-    if not prompts:
-        return []
-    rows = list(range(len(prompts))) if rows is None else list(rows)
-    stream = torch.Generator().manual_seed(seed)
-    uniforms = torch.rand(max(rows) + 1, max_new_tokens, generator=stream)[rows]  # (n, steps)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    completions = [None] * len(prompts)
-    bar = progress(total=len(prompts) * max_new_tokens, desc=desc, unit="tok", unit_scale=True,
-                   leave=False)  # rows x steps, at most: the ETA is an upper bound
+def masses(probs):
+    """fp32 probabilities -> int64 masses floor(p * 2^52), exactly. top-k and top-p count in these
+    units: integer sums are exact in any order, so any search keeps the same tokens, to the bit."""
+    return (probs * MASS_UNIT).long()
 
-    def has_stop(tokens):  # does their text hold a stop string?
-        return any(stop in tokenizer.decode(tokens) for stop in stop_strings)
 
-    def every_16_steps(rows):  # generate's stop_fn: move the bar, end the rows with a stop string
-        bar.update(16 * len(rows))
-        return list(map(has_stop, rows))
-    for first in range(0, len(order), batch_size):
-        batch = order[first:first + batch_size]
-        new_tokens = model.generate([prompts[i] for i in batch], max_new_tokens,
-                                    temperature=temperature, stop_token_ids=tokenizer.stop_ids,
-                                    uniforms=uniforms[batch], n_real_tokens=tokenizer.n_real_tokens,
-                                    stop_fn=every_16_steps if stop_strings or not bar.disable
-                                    else None)
-        bar.update((first + len(batch)) * max_new_tokens - bar.n)  # early stops: their budget
-        for i, tokens in zip(batch, new_tokens):
-            if has_stop(tokens):  # binary search for the shortest prefix that holds one
-                lo, hi = 1, len(tokens)
-                while lo < hi:
-                    mid = (lo + hi) // 2
-                    lo, hi = (lo, mid) if has_stop(tokens[:mid]) else (mid + 1, hi)
-                tokens = tokens[:hi]
-            completions[i] = tokens
-    bar.close()
-    return completions
+def sample_next(logits, temperature: float, top_k=None, top_p=None, n_real_tokens=None,
+                u=None):
+    """One sampling step for a batch of next-token logits (B, vocab) -> (tokens (B,), logprobs
+    (B,)). Drops rows past the tokenizer (n_real_tokens), applies temperature, keeps the top_k
+    most likely tokens, then the fewest most likely tokens whose probability reaches top_p (of
+    what top-k kept; the token crossing p is kept; equal probabilities in id order), and draws by
+    inverting the kept CDF at one uniform number per row (u (B, 1), else torch's; no host sync);
+    log-probs are under that distribution."""
+    logits = logits[:, :n_real_tokens].float()  # a prefix of the vocabulary: ids are unchanged
+    if temperature == 0:
+        tokens = logits.argmax(-1)
+        return tokens, logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+    probs = (logits / temperature).softmax(-1)  # (B, vocab)
+    u = torch.rand(len(probs), 1, device=probs.device) if u is None else u
+    top_p = 1.0 if top_p is None else min(top_p, 1.0)
+    if top_k is None and top_p >= 1:  # plain sampling: the CDF in vocabulary order
+        cdf = probs.cumsum(-1)
+        pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=cdf.shape[-1] - 1)
+        return pick.squeeze(-1), (probs.gather(-1, pick) / cdf[:, -1:]).log().squeeze(-1)
+    try:  # sampler.py, beside this file: the same draw without sorting the vocabulary (faster)
+        from sampler import nucleus_draw
+    except ImportError:  # model.py copied alone: the draw by its definition
+        nucleus_draw = sorted_nucleus_draw
+    tokens, logprobs = nucleus_draw(probs, top_k, top_p, u)
+    return tokens.squeeze(-1), logprobs.squeeze(-1)
+
+
+def sorted_nucleus_draw(probs, top_k, top_p: float, u):
+    """top-k, top-p and the draw by their definition, on probs (B, V): a stable sort by probability
+    (ties: the lower id first); top-k keeps its first k tokens, top-p those whose mass before them
+    is below top_p of the row's (of top-k's, with top-k; one at least); the draw inverts the kept
+    CDF in that order at floor(u * kept mass). -> tokens (B, 1), log-probs of the kept (B, 1)."""
+    order = probs.sort(dim=-1, descending=True, stable=True).indices  # (B, V)
+    mass = masses(probs).gather(1, order)  # (B, V), in that order
+    keep = torch.arange(probs.shape[-1], device=probs.device) < (top_k or probs.shape[-1])
+    if top_k is None:
+        threshold = mass.sum(-1, keepdim=True).clamp(max=math.ceil(top_p * MASS_UNIT))
+    else:
+        kept_by_k = torch.where(keep, mass, 0).sum(-1, keepdim=True)
+        threshold = (kept_by_k.double() * top_p).ceil().long()
+    keep = keep & (mass.cumsum(-1) - mass < threshold.clamp(min=1))
+    kept = torch.where(keep, mass, 0)
+    cdf = kept.cumsum(-1)  # (B, V): integers, exact
+    pick = torch.searchsorted(cdf, (u.double() * cdf[:, -1:].double()).long(), right=True)
+    logprobs = (kept.gather(1, pick).double() / cdf[:, -1:].double()).log().float()
+    return order.gather(1, pick), logprobs
 
 
 # Log-probabilities of given tokens, for the trainers and eval -------------------------------------
@@ -496,47 +505,6 @@ def in_row_chunks(fn, *rows):
     recompute = torch.is_grad_enabled()
     run = (lambda *c: checkpoint(fn, *c, use_reentrant=False)) if recompute else fn
     return torch.cat([run(*chunk) for chunk in chunks])
-
-
-# The fused sampler --------------------------------------------------------------------------------
-
-
-TOP_P_CANDIDATES = 1024  # on CPU, top-p first looks for the nucleus among this many top tokens
-
-
-def sample_next(logits, temperature: float, top_k=None, top_p=None, n_real_tokens=None,
-                u=None):
-    """One sampling step for a batch of next-token logits (B, vocab) -> (tokens (B,), logprobs
-    (B,)). Drops rows past the tokenizer (n_real_tokens), applies temperature, keeps the top_k
-    tokens, then the fewest most likely tokens whose probability reaches top_p (the one crossing p
-    is kept), and draws by inverting the kept CDF at one uniform number per row (u (B, 1), else
-    torch's; no host sync); log-probs are under that distribution."""
-    logits = logits[:, :n_real_tokens].float()  # a prefix of the vocabulary: ids are unchanged
-    if temperature == 0:
-        tokens = logits.argmax(-1)
-        return tokens, logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
-    logits = logits / temperature
-    ids = None  # the vocabulary ids of the candidates, once they are sorted or cut to the top
-    if top_k is not None:
-        values, ids = torch.topk(logits, min(top_k, logits.shape[-1]))
-        probs = values.softmax(-1)
-    elif top_p is not None and top_p < 1.0:
-        if logits.device.type == "cpu":  # a full sort dominates a CPU step: try the top first
-            values, ids = torch.topk(logits, min(TOP_P_CANDIDATES, logits.shape[-1]))
-            probs = (values - logits.logsumexp(-1, keepdim=True)).exp()  # their true probabilities
-        if ids is None or not bool((probs.sum(-1) >= top_p).all()):  # the nucleus reaches past them
-            values, ids = logits.sort(-1, descending=True)
-            probs = values.softmax(-1)
-    else:
-        probs = logits.softmax(-1)
-    if top_p is not None and top_p < 1.0:
-        # drop the tokens whose more likely tokens already hold p of the mass
-        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
-    cdf = probs.cumsum(-1)
-    u = (torch.rand(len(cdf), 1, device=cdf.device) if u is None else u) * cdf[:, -1:]
-    pick = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)  # never p = 0
-    logprobs = (probs.gather(-1, pick) / cdf[:, -1:]).log().squeeze(-1)
-    return (pick if ids is None else ids.gather(-1, pick)).squeeze(-1), logprobs
 
 
 # LoRA ---------------------------------------------------------------------------------------------
@@ -620,14 +588,6 @@ def make_readable(path: Path):
     umask = os.umask(0)
     os.umask(umask)
     path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-def progress(iterable=None, **kwargs):
-    """A tqdm bar with rate and ETA on stderr, shown only on a terminal (never in logs or tests).
-    tqdm comes with huggingface_hub."""
-    from tqdm import tqdm
-    return tqdm(iterable, **{"disable": None, "dynamic_ncols": True, **kwargs})
-
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name: Qwen/Qwen3-0.6B-Base

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from cli import (ArgumentParser, check_device, nonnegative_float, positive_int, probability,
-                 stops_cleanly)
-from model import Qwen3, Tokenizer, progress, resolve_model_dir
+                 progress, stops_cleanly)
+from model import Qwen3, Tokenizer, resolve_model_dir
 
 parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="Qwen/Qwen3-0.6B-Base",

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 from cli import (ArgumentParser, fail, finite_or_null, nonnegative_float, nonnegative_int,
-                 positive_float, positive_int, subset_of)
+                 positive_float, positive_int, progress, subset_of)
 from eval import TASKS, evaluate, gsm8k_prompt, kl_to_start, load_gsm8k
 from faults import check_run_fits, how_to_continue, start_metrics
-from model import Qwen3, Tokenizer, add_lora, progress
+from model import Qwen3, Tokenizer, add_lora
 from parallel import all_finite, gathered, rank_and_world, unwrap, wrap
 from tracking import Tracker, add_tracking_flags
 

@@ -34,8 +34,9 @@ from cli import (check_other_model, check_training_args, nonnegative_float, posi
                  positive_int)
 from eval import GSM8K_STOP_STRINGS, gsm8k_prompt, load_gsm8k, state_nll
 from faults import training_run
-from model import completion_logprobs, in_row_chunks, rollout
+from model import completion_logprobs, in_row_chunks
 from parallel import gathered, global_rows, micro_batches, tokens_per_rank
+from sampler import rollout
 from teacher import continuation_quality, greedy_token_nll_sum, load_teacher
 from train_common import (MetricsLog, autocast, batch_at, finish, optimizer_step,
                           periodic_eval, setup, step_seed, training_args)
@@ -157,8 +158,7 @@ def apply_teacher(student, teacher, batch, args, dtype, n_real_tokens=None):
     # continuation fits the teacher's tokens with the student's own policy (temperature 1); the
     # KL signals compare the two distributions at the sampling temperature
     temperature = 1.0 if continuation else args.temperature
-    sums = dict(loss=0.0, kl=0.0, signal_nll=0.0, teacher_nll=0.0)
-    nll_sum = n_state = 0.0
+    sums = dict(loss=0.0, kl=0.0, signal_nll=0.0, teacher_nll=0.0, state_nll=0.0, n_state=0.0)
     for i in micro_batches(student, len(seqs), micro):  # gradients sync over GPUs in the last
         mb_seqs, mb_starts = seqs[i:i + micro], starts[i:i + micro]
         with autocast(student.device, dtype):
@@ -201,9 +201,9 @@ def apply_teacher(student, teacher, batch, args, dtype, n_real_tokens=None):
         sums["signal_nll"] += signal_nll
         sums["teacher_nll"] += -(teacher_logprobs * signal).sum().item() / n_signal
         # state_nll: the student's NLL of the state tokens (its own answers, or the teacher's)
-        nll_sum += state_nll(logprobs, state) * state.sum().item()
-        n_state += state.sum().item()
-    figures = dict(loss=sums["loss"], state_nll=nll_sum / max(1, n_state),
+        sums["state_nll"] += state_nll(logprobs, state) * state.sum().item()
+        sums["n_state"] += state.sum().item()
+    figures = dict(loss=sums["loss"], state_nll=sums["state_nll"] / max(1, sums["n_state"]),
                    answer_len=batch["answer_len"], signal_nll=sums["signal_nll"])
     if continuation:  # the teacher's own NLL, and where its continuations led (teacher.py)
         return {**figures, "teacher_nll": sums["teacher_nll"], **batch["quality"]}

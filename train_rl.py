@@ -30,8 +30,9 @@ from checkpoint import load_checkpoint, prepare_out_dir, save_when_due
 from cli import check_training_args, nonnegative_float, positive_float, positive_int
 from eval import GSM8K_STOP_STRINGS, gsm8k_prompt, gsm8k_reward, load_gsm8k, state_nll
 from faults import training_run
-from model import completion_logprobs, rollout
+from model import completion_logprobs
 from parallel import gathered, global_rows, micro_batches, tokens_per_rank
+from sampler import rollout
 from train_common import (MetricsLog, autocast, batch_at, finish, optimizer_step,
                           periodic_eval, setup, starting_model, step_seed, training_args)
 

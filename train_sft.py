@@ -39,8 +39,9 @@ from cli import (check_training_args, nonnegative_float, positive_float, positiv
                  resolve_warmup)
 from eval import GSM8K_STOP_STRINGS, gsm8k_prompt, gsm8k_reward, load_gsm8k
 from faults import training_run
-from model import completion_logprobs, rollout
+from model import completion_logprobs
 from parallel import gathered, global_rows, micro_batches, tokens_per_rank
+from sampler import rollout
 from train_common import (MetricsLog, autocast, batch_at, finish, optimizer_step,
                           periodic_eval, rank_and_world, setup, step_seed, training_args)
 

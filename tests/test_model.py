@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 
 from conftest import DEVICES, ROOT, TINY, tiny_config, tiny_model, write_byte_tokenizer
 import model as M
-from model import (Qwen3, Qwen3Config, Tokenizer, add_lora, completion_logprobs, rollout,
-                   sample_next)
+import sampler as S
+from model import Qwen3, Qwen3Config, Tokenizer, add_lora, completion_logprobs, sample_next
+from sampler import rollout
 
 SHAPES = {  # tied and untied heads, MHA and GQA, head_dim != hidden/heads, other rope theta
     "tied-gqa": {},
@@ -193,10 +194,8 @@ def test_rollout_ends_at_the_token_that_completes_a_stop_string(tmp_path):
 def test_sampler_masks_equal_their_definitions():
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 3.0]])
     probs = logits.softmax(-1)[0]
-    def support(**kw):
-        draws = {sample_next(logits, 1.0, u=uniform(len(logits), s), **kw)[0].item()
-                 for s in range(300)}
-        return draws
+    def support(**kw):  # the tokens drawn at 300 uniform numbers
+        return set(sample_next(logits.expand(300, -1), 1.0, u=uniform(300, 0), **kw)[0].tolist())
     assert support(top_k=2) == {0, 5}
     # top_p: the smallest set of most likely tokens whose mass reaches p, including the one crossing
     # p
@@ -289,12 +288,148 @@ def test_static_decode_step_for_cuda_graphs_gives_the_same_tokens(device):
     assert torch.allclose(torch.tensor(static[1]), torch.tensor(eager[1]), atol=1e-5)
 
 
+def sorted_reference(logits, temperature, top_k=None, top_p=1.0, u=None):
+    """The sort-based definition the sampler keeps, in sampler.masses' integer units: a stable
+    sort by probability (ties: the lower id first); top-k's first k tokens; then those whose
+    cumulative mass before them is below the threshold (top_p * 2^52 capped at the row's mass, or
+    top_p of top-k's mass; at least 1); the draw inverts the kept CDF at floor(u * kept mass).
+    -> tokens (B,), logprobs (B,), keep (B, V) by vocabulary id."""
+    probs = (logits.float() / temperature).softmax(-1)
+    order = probs.sort(dim=-1, descending=True, stable=True).indices
+    mass = M.masses(probs).gather(1, order)  # (B, V) in sorted order
+    keep = torch.arange(probs.shape[-1], device=probs.device) < (top_k or probs.shape[-1])
+    if top_k is None:
+        threshold = mass.sum(-1, keepdim=True).clamp(max=math.ceil(top_p * 2 ** 52))
+    else:
+        kept_by_k = torch.where(keep, mass, 0).sum(-1, keepdim=True)
+        threshold = (kept_by_k.double() * top_p).ceil().long()
+    keep = keep & (mass.cumsum(-1) - mass < threshold.clamp(min=1))
+    kept = torch.where(keep, mass, 0)
+    cdf = kept.cumsum(-1)
+    pick = torch.searchsorted(cdf, (u.double() * cdf[:, -1:].double()).long(), right=True)
+    logprobs = (kept.gather(1, pick).double() / cdf[:, -1:].double()).log().float()
+    keep_by_id = torch.zeros_like(keep).scatter(1, order, keep)
+    return order.gather(1, pick).squeeze(-1), logprobs.squeeze(-1), keep_by_id
+
+
+def varied_logits(rows, vocab, seed):
+    """Random logits of spreads from near-uniform (a nucleus of most of the vocabulary) to 3 (a
+    trained model's), every other row rounded to whole numbers: many equal probabilities."""
+    g = torch.Generator().manual_seed(seed)
+    spread = torch.tensor([3.0, 0.3, 1.0, 0.05])[torch.arange(rows) % 4, None]
+    logits = spread * torch.randn(rows, vocab, generator=g)
+    logits[::2] = (logits[::2] * 4).round() / 4
+    return logits
+
+
+def searched_nucleus(probs, threshold):
+    """SortedOrder's nucleus: keep (B, V), the tokens up to and including the first whose
+    cumulative mass in the order reaches threshold (B, 1), and their mass (B, 1)."""
+    order = S.SortedOrder(probs, M.masses(probs))
+    bits, j, kept = order.crossing(threshold - 1)
+    ties = order.bits == bits.int()
+    return (order.bits > bits) | (ties & (ties.cumsum(-1) <= j + 1)), kept
+
+
+@pytest.mark.parametrize("vocab, top_p", [(5000, 0.9), (5000, 1e-9), (5000, 1 - 1e-9),
+                                          (700, 0.5), (151936, 0.9)])
+def test_sort_free_nucleus_equals_the_sorted_reference(vocab, top_p):
+    logits = varied_logits(4, vocab, seed=vocab)
+    probs = logits.softmax(-1)
+    mass = M.masses(probs)
+    threshold = mass.sum(-1, keepdim=True).clamp(max=math.ceil(top_p * 2 ** 52))
+    keep, kept = searched_nucleus(probs, threshold.clamp(min=1))
+    reference = sorted_reference(logits, 1.0, top_p=top_p, u=torch.zeros(4, 1))[2]
+    assert torch.equal(keep, reference)
+    assert torch.equal(kept, torch.where(reference, mass, 0).sum(-1, keepdim=True))
+    assert keep.any(-1).all() and (top_p > 0.99 or not keep.all())
+
+
+def test_sort_free_nucleus_at_a_threshold_equal_to_a_cumulative_mass():
+    # Masses are integers, so "reaches the threshold" has no rounding: at exactly the cumulative
+    # mass through the k-th token of a stable sort the nucleus is k tokens, one more past it.
+    logits = varied_logits(2, 3000, seed=5)[:, :3000]
+    probs = logits.softmax(-1)
+    order = probs.sort(dim=-1, descending=True, stable=True).indices
+    cum = M.masses(probs).gather(1, order).cumsum(-1)
+    for k in (1, 2, 17, 300, 2999):  # row 0 has ties (rounded logits)
+        for extra, size in ((0, k), (1, k + 1), (-1, k)):
+            keep, _ = searched_nucleus(probs, cum[:, k - 1:k] + extra)
+            first = torch.zeros_like(keep).scatter(1, order[:, :size], True)
+            assert torch.equal(keep, first), (k, extra)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("top_k, top_p, candidates, vocab",
+                         [(None, 0.9, 1024, 5000), (None, 0.9, 2, 5000), (None, 0.2, 1024, 5000),
+                          (None, 1e-9, 1024, 5000), (40, None, 1024, 5000), (40, 0.8, 1024, 5000),
+                          (3000, 0.95, 1024, 5000), (None, 0.9, 1024, 151936)])
+def test_sort_free_draws_equal_the_sorted_reference(monkeypatch, top_k, top_p, candidates, vocab,
+                                                    device):
+    # Fixed uniform numbers draw the same tokens, with the same log-probs, as the sort-based
+    # definition: top-k, top-p and both; on CPU through the top candidates (1024) or the whole
+    # vocabulary's search (2 candidates, or a near-uniform row), at u = 0, u = 1 - 2^-24 and
+    # random u, at temperature 0.7.
+    monkeypatch.setattr(S, "TOP_P_CANDIDATES", candidates)
+    draws = 4 if vocab > 10000 else 24
+    logits = varied_logits(4, vocab, seed=vocab + 1).repeat_interleave(draws, 0).to(device)
+    u = uniform(len(logits), 2).to(device)
+    u[::draws], u[1::draws] = 0.0, 1 - 2 ** -24
+    tokens, logprobs = sample_next(logits, 0.7, top_k=top_k, top_p=top_p, u=u)
+    ref_tokens, ref_logprobs, _ = sorted_reference(logits, 0.7, top_k, top_p or 1.0, u)
+    assert torch.equal(tokens, ref_tokens)
+    assert torch.equal(logprobs, ref_logprobs)
+    # model.py alone (no sampler.py beside it) draws by the sort: the same tokens
+    monkeypatch.setitem(sys.modules, "sampler", None)
+    alone_tokens, alone_logprobs = sample_next(logits, 0.7, top_k=top_k, top_p=top_p, u=u)
+    assert torch.equal(alone_tokens, ref_tokens) and torch.equal(alone_logprobs, ref_logprobs)
+
+
+def test_candidates_cut_through_equal_probabilities(monkeypatch):
+    # 9 likely tokens, then 715 of one probability (ids 0, 7, 14, ...) and the nucleus ends at
+    # the third of those: 20 candidates hold 11 of them, which ones topk's choice. The search must
+    # still keep the lowest ids, 0, 7 and 14 (the candidates alone hold the nucleus only when the
+    # tokens more likely than the least of them reach top_p).
+    monkeypatch.setattr(S, "TOP_P_CANDIDATES", 20)
+    logits = torch.full((64, 5000), -5.0)
+    logits[:, 4000:4010] = 3.0
+    logits[:, ::7] = 1.0
+    probs = logits[0].softmax(-1)
+    top_p = (probs[4000:4010].sum() + 2.5 * probs[0]).item()
+    u = uniform(64, 0)
+    tokens, logprobs = sample_next(logits, 1.0, top_p=top_p, u=u)
+    ref_tokens, ref_logprobs, keep = sorted_reference(logits, 1.0, top_p=top_p, u=u)
+    assert keep[0].nonzero().flatten()[:3].tolist() == [0, 7, 14]
+    assert torch.equal(tokens, ref_tokens) and torch.equal(logprobs, ref_logprobs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sampler_never_waits_for_the_gpu():
+    # No host sync (no .item(), no shape that depends on the data): a CUDA graph can hold it
+    logits = varied_logits(4, 5000, seed=3).cuda()
+    u = uniform(4, 0).cuda()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for top_k, top_p in ((None, 0.9), (40, None), (40, 0.9), (None, None)):
+            sample_next(logits, 0.7, top_k=top_k, top_p=top_p, u=u)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_generate_draws_the_same_tokens_through_the_candidates_or_the_search(monkeypatch):
+    model = tiny_model(seed=13)
+    prompts = [[5, 6, 7], [1, 2, 3, 4], [42]]
+    sampling = dict(max_new_tokens=12, seed=4, top_p=0.8, return_logprobs=True)
+    candidates = model.generate(prompts, **sampling)
+    monkeypatch.setattr(S, "TOP_P_CANDIDATES", 1)
+    assert model.generate(prompts, **sampling) == candidates
+
+
 @pytest.mark.parametrize("top_p, candidates", [(0.6, 3), (0.95, 3), (0.95, 1024)])
 def test_top_p_draws_follow_the_truncated_distribution(monkeypatch, top_p, candidates):
     # On CPU the nucleus is first looked for among the TOP_P_CANDIDATES most likely tokens; when
-    # their mass falls short of p (0.95 here with 3 candidates) the whole vocabulary is sorted. Both
-    # are exact.
-    monkeypatch.setattr(M, "TOP_P_CANDIDATES", candidates)
+    # their mass falls short of p (0.95 here with 3 candidates) the whole vocabulary is searched.
+    monkeypatch.setattr(S, "TOP_P_CANDIDATES", candidates)
     logits = torch.tensor([1.0, 0.2, -0.5, 2.0, 0.0, -2.0, 1.5, 0.7])
     probs = logits.softmax(-1)
     order = probs.argsort(descending=True)
@@ -358,7 +493,8 @@ except ValueError as e:
     error = str(e)
 print(json.dumps({"modules": sorted(set(sys.modules) & PROJECT_MODULES), "error": error,
                   "greedy": loaded.generate(prompts, 6, temperature=0),
-                  "rollout": M.rollout(loaded, tok, prompts, 6, temperature=1.0, seed=3)}))
+                  "nucleus": loaded.generate(prompts, 6, temperature=1.0, top_k=40, top_p=0.8,
+                                             seed=3)}))
 """
 
 
@@ -387,4 +523,7 @@ def test_model_py_stands_alone(tmp_path):
     tok = Tokenizer.from_pretrained(folder)
     prompts = tok.encode_batch(["2 + 2 =", "Hello"])
     assert result["greedy"] == net.generate(prompts, 6, temperature=0)
-    assert result["rollout"] == rollout(net, tok, prompts, 6, temperature=1.0, seed=3)
+    # alone, top-k and top-p sort the vocabulary (model.sorted_nucleus_draw); here sampler.py
+    # searches it: the same draws
+    assert result["nucleus"] == net.generate(prompts, 6, temperature=1.0, top_k=40, top_p=0.8,
+                                             seed=3)

@@ -58,15 +58,21 @@ def test_bench_micro_runs_both(tmp_path, skip_hf):
     argv = ["--preset", "micro", "--device", "cpu", "--batch_size", "1,2", "--prompt_len", "4",
             "--new_tokens", "4", "--repeats", "1", "--train_batch_size", "2", "--train_len", "8",
             "--json", str(tmp_path / "b.json")]
-    result = bench.main(argv + ["--skip_hf"] * skip_hf)
+    # without transformers (fast), two spreads x two temperatures: a model per spread
+    settings = ["--skip_hf", "--temperature", "0.7,1", "--logit_std", "3,0"] if skip_hf else []
+    result = bench.main(argv + settings)
     names = ["ours"] if skip_hf else ["ours", "transformers"]
-    assert [row["batch_size"] for row in result["generation"]] == [1, 2]
+    rows = [(r["logit_std"], r["temperature"], r["batch_size"]) for r in result["generation"]]
+    if skip_hf:
+        assert rows == [(s, t, b) for s in (3.0, 0.0) for t in (0.7, 1.0) for b in (1, 2)]
+    else:
+        assert rows == [(3.0, 0.7, 1), (3.0, 0.7, 2)]
     for row in result["generation"]:
         assert all(row[n]["tokens_per_s"] > 0 and row[n]["peak_mib"] > 0 for n in names)
         assert ("ratio" in row) == (not skip_hf)
     assert result["generation"][0]["ours"]["decode_tokens_per_s"] > 0
     assert result["training"]["tokens_per_s"] > 0
-    assert "| batch |" in result["markdown"]
+    assert "| logit std | temperature | batch |" in result["markdown"]
     assert (tmp_path / "b.json").exists()
 
 
