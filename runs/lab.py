@@ -89,7 +89,7 @@ STRESS = ["--steps", "200", "--batch_size", "16", "--lr", "1e-3", "--warmup", "1
           "--max_new_tokens", "64", "--eval_every", "40", "--save_every", "40"]
 # OPD: the teacher continues up to 64 tokens (enough to reach '#### N') from 2 random prefix
 # states of each of the student's answers, greedily (--teacher_temperature 0: chosen on TUNING)
-OPD = ["--steps", "40", "--batch_size", "16", "--lr", "3e-4", "--warmup", "4",
+OPD = ["--steps", "40", "--batch_size", "16", "--lr", "1e-4", "--warmup", "4",
        "--max_new_tokens", "64", "--states_per_rollout", "2", "--continuation_tokens", "64",
        "--teacher_temperature", "0", "--eval_every", "10", "--save_every", "10"]
 
@@ -122,28 +122,39 @@ RUNS = {
                               "64", "--eval_every", "10", "--save_every", "10"]),
 }
 # --study distill: the paper's Table 1 axes measured (the signal x whose states, from either
-# teacher), and teachers that span its condition P3, each with its OPD student
+# teacher), and teachers that span its condition P3, each with its OPD student. Their periodic
+# eval is off (the final eval scores them; the study's budget)
+STUDY_OPD = changed(OPD, eval_every="0")
 STUDY = {}
 for teacher in ("mild", "stress"):
-    STUDY[f"opd_{teacher}_token_kl"] = run("train_distill.py", changed(OPD, signal="token_kl"),
+    STUDY[f"opd_{teacher}_token_kl"] = run("train_distill.py",
+                                           changed(STUDY_OPD, signal="token_kl"),
                                            teacher=f"sft_{teacher}")
-    STUDY[f"opd_{teacher}_full_kl"] = run("train_distill.py", changed(OPD, signal="full_kl"),
+    STUDY[f"opd_{teacher}_full_kl"] = run("train_distill.py", changed(STUDY_OPD, signal="full_kl"),
                                           teacher=f"sft_{teacher}")
-    STUDY[f"off_{teacher}"] = run("train_distill.py", changed(OPD, states="teacher"),
+    STUDY[f"off_{teacher}"] = run("train_distill.py", changed(STUDY_OPD, states="teacher"),
                                   teacher=f"sft_{teacher}")
     STUDY[f"off_{teacher}_full_kl"] = run("train_distill.py",
-                                          changed(OPD, states="teacher", signal="full_kl"),
+                                          changed(STUDY_OPD, states="teacher", signal="full_kl"),
                                           teacher=f"sft_{teacher}")
-FAMILY = {  # teacher -> (its data, its flags): stress strengths, and a failure of trajectory
-    "sft_overtrain": ("data", STRESS),  # the base's own style, trained as hard as the stress
-    "sft_slip": ("data_slip", STRESS),  # as hard, on solutions that misread the first number
-    "sft_stress_lora": ("data_stress", changed(STRESS, lr="5e-4", lora_rank="64",
+STRESS_QUIET = changed(STRESS, eval_every="0")
+FAMILY = {  # teacher -> (its data, its flags): a failure of trajectory, and the paper's stress
+    "sft_mixed": ("data_mixed", STRESS_QUIET),  # as hard as stress, 2/3 of it in style B, 1/3 A
+    "sft_slip": ("data_slip", STRESS_QUIET),  # as hard, on solutions that misread a number
+    "sft_stress_lora": ("data_stress", changed(STRESS_QUIET, lr="5e-4", lora_rank="64",
                                                lora_alpha="128")),  # the paper's LoRA recipe
-    "sft_stress_gentle": ("data_stress", changed(STRESS, lr="3e-4")),
+}
+MORE = {  # --only's alone (not in the study's budget): more teachers measured on TUNING
+    "sft_overtrain": ("data", STRESS_QUIET),  # the base's own style, as hard as the stress
+    "sft_stress_gentle": ("data_stress", changed(STRESS_QUIET, lr="3e-4")),
 }
 for name, (data, flags) in FAMILY.items():
     STUDY[name] = run("train_sft.py", flags, data=data)
-    STUDY[name.replace("sft_", "opd_")] = run("train_distill.py", OPD, teacher=name)
+    STUDY[name.replace("sft_", "opd_")] = run("train_distill.py", STUDY_OPD, teacher=name)
+EXTRA = {}
+for name, (data, flags) in MORE.items():
+    EXTRA[name] = run("train_sft.py", flags, data=data)
+    EXTRA[name.replace("sft_", "opd_")] = run("train_distill.py", STUDY_OPD, teacher=name)
 
 LAB_EVAL = ["--limit", "gsm8k=400,mmlu=192,truthfulqa=60", "--gsm8k_shots", "0",
             "--mmlu_shots", "0", "--max_new_tokens", "64", "--batch_size", "64", "--device", "cpu",
@@ -203,10 +214,11 @@ def get_args(argv=None):
     args.seeds = integers(parser, "--seeds", args.seeds)
     every = [*SIX, *(STUDY if args.study else [])]
     args.only = [r for r in (args.only or ",".join(every)).split(",") if r]
-    unknown = sorted(set(args.only) - set(SIX) - set(STUDY))
+    unknown = sorted(set(args.only) - set(SIX) - set(STUDY) - set(EXTRA))
     if unknown or not args.only:
         parser.error(f"--only: unknown run(s) {', '.join(unknown) or '(none given)'}; choose "
-                     f"from {', '.join(SIX)} (and --study distill's: {', '.join(STUDY)})")
+                     f"from {', '.join(SIX)} (--study distill's: {', '.join(STUDY)}; more: "
+                     f"{', '.join(EXTRA)})")
     check_writable_dir(args.out, "--out")
     return args
 
@@ -234,10 +246,10 @@ def code_version() -> dict:
 def selected_runs(args) -> dict:
     """The runs this call makes (--only's), in the order they are started: the six's, then the
     study's."""
-    runs = {name: spec for name, spec in {**RUNS, **STUDY}.items() if name in args.only}
+    runs = {name: spec for name, spec in {**RUNS, **STUDY, **EXTRA}.items() if name in args.only}
     for name, spec in list(runs.items()):  # a teacher is trained when its student is
         if spec["teacher"] and spec["teacher"] not in runs:
-            runs = {spec["teacher"]: {**RUNS, **STUDY}[spec["teacher"]], **runs}
+            runs = {spec["teacher"]: {**RUNS, **STUDY, **EXTRA}[spec["teacher"]], **runs}
     return runs
 
 
@@ -246,7 +258,7 @@ def check_settings(args):
     others."""
     settings = {"mini": args.mini, "model": MINI_MODEL if args.mini else MODEL, "mix": MIX,
                 "pretrain": MINI_PRETRAIN if args.mini else PRETRAIN,
-                "training": {**RUNS, **STUDY}, "common": COMMON, "eval": LAB_EVAL}
+                "training": {**RUNS, **STUDY, **EXTRA}, "common": COMMON, "eval": LAB_EVAL}
     settings = json.loads(json.dumps(settings))
     path = args.out / "lab.json"
     old = json.loads(path.read_text()) if path.exists() else settings
@@ -278,7 +290,7 @@ def check_settings(args):
 # The world, its tokenizer, and pretraining
 
 
-WORLD_DATA = {"data": "A", "data_stress": "B", "data_slip": "slip"}
+WORLD_DATA = {"data": "A", "data_stress": "B", "data_slip": "slip", "data_mixed": "mixed"}
 
 
 def make_world(args):
@@ -576,7 +588,7 @@ def run_lab(args, began):
     else:
         say("every step is done")
     run_all(tasks, args)
-    lab_table.write_tables(args, selected_runs(args))
+    lab_table.write_tables(args, {**RUNS, **STUDY, **EXTRA})  # every run with results in OUT
     minutes = (time.time() - began) / 60
     kind = budget(args)
     say(f"finished in {minutes:.1f} min (the budget for this kind of call, {kind}: "

@@ -10,8 +10,8 @@ says how to get it).
 """
 SIX_COLORS = {"base": "gray", "sft_mild": "tab:blue", "sft_stress": "tab:red",
               "opd_mild": "tab:cyan", "opd_stress": "tab:orange", "rl": "tab:green"}
-STUDENT_MARKERS = {"opd_mild": "o", "opd_stress": "s", "opd_overtrain": "^", "opd_slip": "D",
-                   "opd_stress_lora": "v", "opd_stress_gentle": "P"}
+STUDENT_MARKERS = {"opd_mild": "o", "opd_stress": "s", "opd_mixed": "*", "opd_slip": "D",
+                   "opd_stress_lora": "v", "opd_overtrain": "^", "opd_stress_gentle": "P"}
 
 
 def plot_lab(args, summary, runs):

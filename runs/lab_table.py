@@ -172,7 +172,9 @@ def findings(per: dict, results: dict, runs: dict) -> list:
     for student, spec in runs.items():
         teacher = spec.get("teacher")
         if not teacher or teacher == "sft_mild" or not student.startswith("opd_"):
-            continue  # a degraded teacher's on-policy students
+            continue  # a degraded teacher's on-policy students (the continuation signal's)
+        if student.endswith("_kl"):
+            continue
         finding(f"{student} beats its teacher on the target (points)",
                 figure(student, "minus_teacher_target"), lambda m: m > 0,
                 versus(student, teacher), "gsm8k_flexible")
@@ -181,6 +183,13 @@ def findings(per: dict, results: dict, runs: dict) -> list:
                 versus(student, teacher), "forgetting", sign=-1)
     finding("the one-step KL signal from the stress teacher collapses (target < 10%)",
             figure("opd_stress_token_kl", "target"), lambda m: m < 10)
+    by_key = {}  # (base, seed) -> its students' (local advantage, student - teacher) points
+    for point in condition_points(per):
+        by_key.setdefault(point["key"], []).append(point)
+    finding("the teacher's local advantage foretells whether its student beats it on the target "
+            "(share of students, >= 0.8)", {key: sign_agreement(points)
+                                             for key, points in by_key.items()
+                                             if len(points) > 1}, lambda m: m >= 0.8)
     return out
 
 

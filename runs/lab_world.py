@@ -52,6 +52,8 @@ N_CREATURES = 60
 TRAIN_PROBLEMS, TEST_PROBLEMS = 2000, 400
 # the share of 3-step problems whose pretraining solution stops after step 2 (a wrong answer)
 SLOPPY = 0.6
+# the share of the mixed teacher's training solutions in style B (the rest in the base's style A)
+MIXED_B = 2 / 3
 
 
 class World:
@@ -138,15 +140,20 @@ class World:
 
     def gsm8k_rows(self, n: int, seed: int, style: str) -> list:
         """n problems with their solutions in style A or B; style "slip": style A, as the slip
-        teacher reads the problems (misread: a problem that starts with a loss ends wrong)."""
+        teacher reads the problems (misread: most end wrong); style "mixed": MIXED_B of them in
+        style B, the others in A (the mixed teacher's data: mostly the new style)."""
         rng = random.Random(seed)
+        styles = random.Random(seed + 1)  # its own stream: every style has the same problems
         rows = []
         for _ in range(n):
             problem = self.problem(rng)
             if style == "slip":
                 problem = self.misread(problem)
+            written = style if style in ("A", "B") else "A"
+            if style == "mixed" and styles.random() < MIXED_B:
+                written = "B"
             rows.append({"question": problem["question"],
-                         "answer": self.solution(problem, "B" if style == "B" else "A")})
+                         "answer": self.solution(problem, written)})
         return rows
 
     # --- retention: MMLU and TruthfulQA formats -------------------------------------------------

@@ -158,6 +158,22 @@ def test_mini_lab_end_to_end_then_skips(tmp_path, capsys, monkeypatch):
     assert "stress SFT forgets >= 10 points" in claims
     assert "| sft_stress |" in (out / "table.md").read_text()
 
+    # the study's runs, some of them: a teacher of the family with its student, and the matrix's
+    # one-step KL signal; distill.md and the condition's points
+    lab.main(["--mini", "--out", str(out), "--bases", "0", "--seeds", "0,1", "--study",
+              "distill", "--only", "opd_mixed,opd_stress_token_kl", "--no_plot"])
+    log = capsys.readouterr().out
+    assert "b0 seed1 sft_mixed train" in log and "data_mixed" in log
+    table = json.loads((out / "table.json").read_text())
+    assert {"opd_mixed", "opd_stress_token_kl", "sft_mixed"} <= set(table["per_seed"])
+    points = table["condition"]
+    assert {p["run"] for p in points} == {"opd_mixed"} and len(points) == 2
+    mixed = table["per_seed"]["opd_mixed"]["b0/seed0"]
+    teacher = table["per_seed"]["sft_mixed"]["b0/seed0"]
+    assert mixed["minus_teacher_target"] == pytest.approx(mixed["target"] - teacher["target"])
+    assert mixed["local_advantage"] == pytest.approx(mixed["local_quality"] - teacher["target"])
+    assert "| opd_mixed |" in (out / "distill.md").read_text()
+
     # again: everything is done, so every step is skipped
     lab.main(["--mini", "--out", str(out), "--bases", "0", "--seeds", "0,1", "--no_plot"])
     log = capsys.readouterr().out
