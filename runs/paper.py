@@ -36,11 +36,12 @@ Layout: OUT/<run>/ (final model, checkpoints/, metrics.jsonl), OUT/results/<run>
 2 CPU cores, ~20 s with --in_process (most of the 3 minutes is each new Python importing torch). Its
 numbers mean nothing; it checks that the pipeline runs end to end.
 
-Time on one H200, computed from the measured step and eval times of `bench.py --suite gpu` (README):
-about 1.9 hours. RL 28 min (200 steps of 7.7 s: 128 sampled answers of up to 256 tokens), each OPD
-19 min (200 steps of 5.1 s), stress SFT 29 min (1,170 LoRA steps of 1.2 s), mild SFT 7 min, six
-final evals 10 min, the trainers' periodic GSM8K evals (--eval_every) included. On a 24 GB RTX 3090
-(a fifth of the bandwidth, a fourteenth of the bf16 throughput) expect several times longer.
+Time on one H200, computed from the measured step and eval times of `bench.py --suite gpu`
+(docs/performance.md): about 1.9 hours. RL 28 min (200 steps of 7.7 s: 128 sampled answers of up
+to 256 tokens), each OPD 19 min (200 steps of 5.1 s), stress SFT 29 min (1,170 LoRA steps of
+1.2 s), mild SFT 7 min, six final evals 10 min, the trainers' periodic GSM8K evals (--eval_every)
+included. On a 24 GB RTX 3090 (a fifth of the bandwidth, a fourteenth of the bf16 throughput)
+expect several times longer.
 """
 import argparse
 import contextlib

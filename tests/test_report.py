@@ -231,7 +231,7 @@ def test_summarize_seeds_by_hand(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# The paper's own Table 2, read with error bars (README)
+# The paper's own Table 2, read with error bars (docs/paper.md)
 
 def test_the_published_table_with_error_bars():
     table = load_script("runs/paper.py").published_with_errors()
