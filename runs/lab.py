@@ -10,8 +10,9 @@ several bases and seeds, from one command.
 The steps; each prints its command and how long it took, and is skipped when done:
 
     world       OUT/data: the world in data/prepare.py's layout (runs/lab_world.py), GSM8K train
-                solutions in the base's style A; OUT/data_stress: style B; OUT/data_slip: style A
-                with half the solutions starting from a misread number (the study's slip teacher)
+                solutions in the base's style A; OUT/data_stress: style B; for the study's
+                teachers OUT/data_mixed (2/3 in style B, 1/3 in A) and OUT/data_slip (style A,
+                most problems misread: the second number taken for the first)
     tokenizer   OUT/tokenizer.json: a byte-level BPE trained on the world's text
     for each base B (--bases; a base is a pretraining seed: its initialisation and its corpus):
       pretrain  OUT/bB/base: a tiny Qwen3 (4 layers, width 128) trained from scratch on packed
@@ -24,8 +25,9 @@ The steps; each prints its command and how long it took, and is skipped when don
         opd_stress  train_distill.py --teacher OUT/bB/seedS/sft_stress
         rl          train_rl.py
         each then eval.py --drift_reference OUT/bB/base: OUT/bB/seedS/results/<run>.json
-        --study distill adds the STUDY runs (below): the distillation matrix and a family of
-        teachers, each teacher with its OPD student
+        --study distill adds the STUDY runs (below): the distillation matrix (the three
+        signals x on- and off-policy states, from either teacher) and a family of teachers
+        (sft_mixed, sft_slip, sft_stress_lora), each with its OPD student
     table       OUT/table.md, OUT/table.json (per run, base and seed; mean ± std over every base
                 and seed; the findings, each on every base) and OUT/lab.png; with --study distill
                 also OUT/distill.md and OUT/distill.png (runs/lab_table.py)
@@ -40,8 +42,9 @@ a results file newer than its model is kept. OUT/lab.json records the settings, 
 torch version; a later call with other settings is refused, except that a run's own flags may
 change while no seed holds that run (delete OUT/b*/seed*/<run> and its results to rerun it).
 
-Seeds: the lab's settings (OPD's above all) were chosen on base 0 with seeds 0, 1, 2 (TUNING);
-the default call reports bases and seeds never used for a choice.
+Seeds: the lab's settings (OPD's above all: a greedy teacher, --lr 1e-4) and its world (the
+study's teachers) were chosen on base 0 with seeds 0, 1, 2 (TUNING); the default call reports
+bases 1, 2 and seeds 3, 4, 5, never used for a choice.
 """
 import argparse
 import importlib
@@ -472,9 +475,10 @@ def run_task(task, log_path, threads):
     import torch
     torch.set_num_threads(threads)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:
-        os.dup2(log.fileno(), 1)
+    with open(log_path, "w", buffering=1) as log:
+        os.dup2(log.fileno(), 1)  # what C code and child processes write, too
         os.dup2(log.fileno(), 2)
+        sys.stdout = sys.stderr = log  # (a caller may have replaced them: pytest does)
         if task["command"]:
             script, *argv = task["command"]
             code = paper.call_main(script, [str(a) for a in argv])
