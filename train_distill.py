@@ -61,7 +61,7 @@ def get_args(argv=None):
       help="--signal continuation: tokens the teacher writes per state")
     a("--temperature", type=positive_float, default=1.0,
       help="the states' sampling temperature, also of the distributions the KL signals compare")
-    a("--teacher_temperature", type=nonnegative_float, default=1.0,
+    a("--teacher_temperature", type=nonnegative_float, default=0.0,
       help="--signal continuation: the teacher's sampling temperature (0: greedy)")
     a("--gen_batch_size", type=positive_int, default=128,
       help="sequences sampled at once (memory: the KV cache)")

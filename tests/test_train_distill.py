@@ -98,14 +98,16 @@ def kl_on_student_states(student, teacher, tokenizer, args):
 def test_distillation_shrinks_the_kl_to_the_teacher(signal, tmp_path):
     """Learning test: a near-uniform tiny student and a sharper teacher (its final norm x3); 20
     steps of each signal on the student's own states must cut the KL between them by a fifth or
-    more."""
+    more (continuation: fitting the teacher's samples, at --teacher_temperature 1, is maximum
+    likelihood on them; its greedy tokens would teach the argmax alone)."""
     write_byte_tokenizer(tmp_path / "tokenizer.json")
     tokenizer = M.Tokenizer.from_pretrained(tmp_path / "tokenizer.json")
     torch.manual_seed(0)
     student, teacher = tiny_model(seed=4).requires_grad_(True), tiny_model(seed=5)
     with torch.no_grad():
         teacher.norm.weight.mul_(3.0)
-    args = train_distill.get_args(["--teacher", "x", "--signal", signal, "--lr", "1e-2", "--warmup",
+    args = train_distill.get_args(["--teacher", "x", "--signal", signal, "--teacher_temperature",
+                                   "1", "--lr", "1e-2", "--warmup",
                                    "1", "--steps", "20", "--max_new_tokens", "16",
                                    "--continuation_tokens", "4", "--states_per_rollout", "2",
                                    "--batch_size", "4"])
