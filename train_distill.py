@@ -10,7 +10,7 @@ pass through (apply_teacher). Three signals, run on the same states so that they
 
   --signal continuation (default; the paper's working variant): cut each answer at
       --states_per_rollout random prefix states s, let the teacher write --continuation_tokens
-      tokens c from each, fit them:
+      tokens c from each (sampled at --teacher_temperature; 0: greedy), fit them:
           L(θ) = - E_s E_{c ~ π_T(·|s)} (1/T) Σ_k log π_θ(c_k | s, c_<k)                 (eq. 7)
   --signal token_kl: the per-token reverse KL on the student's sampled tokens, as a policy
       gradient (Thinking Machines' on-policy distillation):
@@ -19,7 +19,8 @@ pass through (apply_teacher). Three signals, run on the same states so that they
   --signal full_kl: the exact KL over the whole vocabulary at every state (GKD-style):
           L = (1/T) Σ_t KL(π_θ(·|s_t) || π_T(·|s_t)),  or KL(π_T || π_θ) with --kl_direction forward
 T counts the tokens that carry the signal in the step. The paper reports that the one-step
-next-token KL signals collapsed where continuations worked.
+next-token KL signals collapsed where continuations worked. teacher.py logs, each step, how good
+the teacher's signal is on the states it is given (signal_nll, signal_correct, ...).
 
     python train_distill.py --teacher out/sft_stress --out_dir out/opd   # student: --model
     python train_distill.py --teacher out/sft_stress --states teacher --out_dir out/offline
@@ -29,12 +30,14 @@ import random
 import torch
 
 from checkpoint import load_checkpoint, prepare_out_dir, save_when_due
-from cli import check_other_model, check_training_args, fail, positive_float, positive_int
+from cli import (check_other_model, check_training_args, nonnegative_float, positive_float,
+                 positive_int)
 from eval import GSM8K_STOP_STRINGS, gsm8k_prompt, load_gsm8k, state_nll
 from faults import training_run
-from model import Qwen3, Tokenizer, completion_logprobs, in_row_chunks
+from model import completion_logprobs, in_row_chunks
 from parallel import gathered, global_rows, micro_batches, tokens_per_rank
 from sampler import rollout
+from teacher import continuation_quality, greedy_token_nll_sum, load_teacher
 from train_common import (MetricsLog, autocast, batch_at, finish, optimizer_step,
                           periodic_eval, setup, step_seed, training_args)
 
@@ -57,7 +60,9 @@ def get_args(argv=None):
     a("--continuation_tokens", type=positive_int, default=32,
       help="--signal continuation: tokens the teacher writes per state")
     a("--temperature", type=positive_float, default=1.0,
-      help="sampling temperature, also of the distributions compared")
+      help="the states' sampling temperature, also of the distributions the KL signals compare")
+    a("--teacher_temperature", type=nonnegative_float, default=0.0,
+      help="--signal continuation: the teacher's sampling temperature (0: greedy)")
     a("--gen_batch_size", type=positive_int, default=128,
       help="sequences sampled at once (memory: the KV cache)")
     args = parser.parse_args(argv)
@@ -67,26 +72,6 @@ def get_args(argv=None):
         parser.error("--signal token_kl needs --states student; use full_kl or continuation on "
                      "teacher states")
     return args
-
-
-def load_teacher(args, student, student_tokenizer, device, dtype):
-    """The frozen teacher, in the compute dtype. Distillation compares the two models token by
-    token, so they must share one vocabulary: anything else is an error, not a silent mismatch."""
-    try:
-        teacher_tokenizer = Tokenizer.from_pretrained(args.teacher)
-        teacher = Qwen3.from_pretrained(args.teacher, device=device, dtype=dtype)
-    except (FileNotFoundError, ValueError) as e:  # bad input: one line naming the flag
-        fail(f"--teacher: {e}")
-    teacher.requires_grad_(False)
-    teacher_vocab = teacher_tokenizer.tok.get_vocab(True)  # with the added tokens
-    if teacher_vocab != student_tokenizer.tok.get_vocab(True):
-        fail(f"--teacher {args.teacher}: its tokenizer differs from the student's "
-             f"({args.model}); distillation compares the models token by token, so they must "
-             "share one tokenizer")
-    if teacher.config.vocab_size != student.config.vocab_size:
-        fail(f"--teacher {args.teacher}: vocab_size {teacher.config.vocab_size} differs from "
-             f"the student's {student.config.vocab_size}")
-    return teacher
 
 
 def collect_states(student, teacher, tokenizer, questions, step, args, dtype):
@@ -112,23 +97,28 @@ def collect_states(student, teacher, tokenizer, questions, step, args, dtype):
     # its continuations' draws follow from its row: the same on any number of GPUs
     states = []
     state_rows = []
-    for row, prompt, answer in zip(rows, prompts, answers):
+    golds = []  # each state's gold answer, to score the teacher's continuation of it
+    for row, prompt, answer, question in zip(rows, prompts, answers, questions):
         rng = random.Random(step_seed(seed, row))
         n_cuts = min(args.states_per_rollout, len(answer))
         cuts = sorted(rng.sample(range(len(answer)), n_cuts))
         states += [(prompt, answer[:cut]) for cut in cuts]
         state_rows += [row * args.states_per_rollout + j for j in range(n_cuts)]
-    # The teacher continues every state for --continuation_tokens tokens: the targets
+        golds += [question["gold"]] * n_cuts
+    # The teacher continues every state for --continuation_tokens tokens, at its own temperature
+    # (0: its greedy choice): the targets
     with autocast(student.device, dtype):
         continuations = rollout(model=teacher, tokenizer=tokenizer,
                                 prompts=[p + s for p, s in states],
                                 max_new_tokens=args.continuation_tokens,
-                                temperature=args.temperature, seed=seed + 1,
+                                temperature=args.teacher_temperature, seed=seed + 1,
                                 stop_strings=GSM8K_STOP_STRINGS, batch_size=args.gen_batch_size,
                                 rows=state_rows)
     return dict(seqs=[p + s + c for (p, s), c in zip(states, continuations)],
                 starts=[len(p) for p, _ in states],
-                signal_starts=[len(p) + len(s) for p, s in states], answer_len=answer_len)
+                signal_starts=[len(p) + len(s) for p, s in states], answer_len=answer_len,
+                # How good is that signal? Do the states, so continued, reach a right answer?
+                quality=continuation_quality(tokenizer, states, continuations, golds))
 
 
 def token_kl_loss(logprobs, teacher_logprobs, mask, n_tokens):
@@ -158,22 +148,31 @@ def full_kl_sum(student, student_rows, teacher, teacher_rows, forward, temperatu
 def apply_teacher(student, teacher, batch, args, dtype, n_real_tokens=None):
     """Backpropagate the teacher's signal on this step's sequences, micro-batch by micro-batch;
     the caller's optimizer_step applies it. Distributions are over the first n_real_tokens
-    tokens, those the sampler draws from. Returns the step's figures, the loss first."""
+    tokens, those the sampler draws from. Returns the step's figures, the loss first, then how
+    good the signal was (teacher.py)."""
     seqs, starts, signal_starts = batch["seqs"], batch["starts"], batch["signal_starts"]
     # The loss divides by the tokens that carry the signal in the step, on all GPUs
     n_signal = tokens_per_rank(sum(len(s) - st for s, st in zip(seqs, signal_starts)))
     continuation = args.signal == "continuation"
     micro = args.batch_size * (args.states_per_rollout if continuation else 1)
-    loss_sum = kl_sum = nll_sum = n_state = 0.0
+    # continuation fits the teacher's tokens with the student's own policy (temperature 1); the
+    # KL signals compare the two distributions at the sampling temperature
+    temperature = 1.0 if continuation else args.temperature
+    sums = dict(loss=0.0, kl=0.0, signal_nll=0.0, teacher_nll=0.0, state_nll=0.0, n_state=0.0)
     for i in micro_batches(student, len(seqs), micro):  # gradients sync over GPUs in the last
         mb_seqs, mb_starts = seqs[i:i + micro], starts[i:i + micro]
         with autocast(student.device, dtype):
             # The student's log-probs of every answer token (micro, L), the mask of real ones,
             # and the (N, hidden) states that predict them (full_kl projects them itself)
             logprobs, mask, rows = completion_logprobs(student, mb_seqs, mb_starts,
-                                                       temperature=args.temperature,
+                                                       temperature=temperature,
                                                        n_real_tokens=n_real_tokens,
                                                        return_hidden=True)
+            # The teacher's log-probs (micro, L) and states (N, hidden) at the same tokens
+            with torch.no_grad():
+                teacher_logprobs, _, teacher_rows = completion_logprobs(
+                    teacher, mb_seqs, mb_starts, temperature=temperature,
+                    n_real_tokens=n_real_tokens, return_hidden=True)
             # Split the answer's columns: state tokens first, then those that carry the
             # signal. is_signal (micro, L); continuation: the teacher's tokens after the state
             offsets = [s - st for s, st in zip(signal_starts[i:i + micro], mb_starts)]
@@ -183,32 +182,32 @@ def apply_teacher(student, teacher, batch, args, dtype, n_real_tokens=None):
             state = mask & ~is_signal if continuation else mask
             if continuation:  # the teacher's tokens are the targets: plain cross-entropy
                 loss = -(logprobs * signal).sum() / n_signal
-                kl = torch.zeros(())
-            else:  # the teacher's log-probs (micro, L) and states (N, hidden) at the same tokens
-                with torch.no_grad():
-                    teacher_logprobs, _, teacher_rows = completion_logprobs(
-                        teacher, mb_seqs, mb_starts, temperature=args.temperature,
-                        n_real_tokens=n_real_tokens, return_hidden=True)
-                if args.signal == "token_kl":
-                    loss = token_kl_loss(logprobs, teacher_logprobs, signal, n_signal)
-                    # the KL estimated from the sampled tokens, for the log
-                    kl = ((logprobs.detach() - teacher_logprobs) * signal).sum() / n_signal
-                else:  # full_kl: the exact KL at each of the N positions, summed
-                    kl_sum_mb = full_kl_sum(student, rows, teacher, teacher_rows,
-                                            forward=args.kl_direction == "forward",
-                                            temperature=args.temperature,
-                                            n_real_tokens=n_real_tokens)
-                    loss = kl_sum_mb / n_signal
-                    kl = loss.detach()
+                signal_nll = loss.item()  # the loss is the student's NLL of the teacher's tokens
+            elif args.signal == "token_kl":
+                loss = token_kl_loss(logprobs, teacher_logprobs, signal, n_signal)
+                kl = (logprobs.detach() - teacher_logprobs) * signal  # estimated on samples
+                sums["kl"] += kl.sum().item() / n_signal
+            else:  # full_kl: the exact KL at each of the N positions, summed
+                loss = full_kl_sum(student, rows, teacher, teacher_rows,
+                                   forward=args.kl_direction == "forward",
+                                   temperature=args.temperature,
+                                   n_real_tokens=n_real_tokens) / n_signal
+                sums["kl"] += loss.item()
+            if not continuation:  # the student's NLL of the teacher's greedy tokens (N of them)
+                signal_nll = greedy_token_nll_sum(student, rows.detach(), teacher, teacher_rows,
+                                                  n_real_tokens=n_real_tokens) / n_signal
         loss.backward()  # gradients add up over micro-batches
-        loss_sum += loss.item()
-        kl_sum += kl.item()
+        sums["loss"] += loss.item()
+        sums["signal_nll"] += signal_nll
+        sums["teacher_nll"] += -(teacher_logprobs * signal).sum().item() / n_signal
         # state_nll: the student's NLL of the state tokens (its own answers, or the teacher's)
-        nll_sum += state_nll(logprobs, state) * state.sum().item()
-        n_state += state.sum().item()
-    figures = dict(loss=loss_sum, state_nll=nll_sum / max(1, n_state),
-                   answer_len=batch["answer_len"])
-    return figures if continuation else {**figures, "kl": kl_sum}
+        sums["state_nll"] += state_nll(logprobs, state) * state.sum().item()
+        sums["n_state"] += state.sum().item()
+    figures = dict(loss=sums["loss"], state_nll=sums["state_nll"] / max(1, sums["n_state"]),
+                   answer_len=batch["answer_len"], signal_nll=sums["signal_nll"])
+    if continuation:  # the teacher's own NLL, and where its continuations led (teacher.py)
+        return {**figures, "teacher_nll": sums["teacher_nll"], **batch["quality"]}
+    return {**figures, "kl": sums["kl"]}
 
 
 @training_run  # faults.py: SIGINT, SIGTERM end it in one line; the --out_dir lock goes

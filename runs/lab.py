@@ -1,59 +1,78 @@
-"""The lab: the paper's findings on a laptop CPU. A synthetic world, a tiny Qwen3 pretrained on it
-from scratch, then the paper's six runs with the project's own trainers and eval.py, over several
-seeds.
+"""The lab: the paper's findings on a laptop CPU. A synthetic world, tiny Qwen3 bases pretrained on
+it from scratch, then the paper's six runs with the project's own trainers and eval.py, over
+several bases and seeds, from one command.
 
-    python runs/lab.py            # everything under runs/out/lab: table.md, table.json, lab.png
-    python runs/lab.py --seeds 0  # one seed
-    python runs/lab.py --mini     # a miniature of the whole lab in about a minute (the tests
-                                  # run it)
+    python runs/lab.py                  # bases 1,2 x seeds 3,4,5: runs/out/lab/table.md, lab.png
+    python runs/lab.py --bases 1 --seeds 3      # one base, one seed (about 10 minutes)
+    python runs/lab.py --study distill  # and the distillation study: distill.md, distill.png
+    python runs/lab.py --mini           # a miniature of all of it in about a minute (the tests)
 
-The steps, in this order; each prints what it does and how long it took, and is skipped when done:
+The steps; each prints its command and how long it took, and is skipped when done:
 
     world       OUT/data: the world in data/prepare.py's layout (runs/lab_world.py), GSM8K train
-                solutions in the base's style A; OUT/data_stress: the same, with train solutions
-                in style B
+                solutions in the base's style A; OUT/data_stress: style B; for the study's
+                teachers OUT/data_mixed (2/3 in style B, 1/3 in A) and OUT/data_slip (style A,
+                most problems misread: the second number taken for the first)
     tokenizer   OUT/tokenizer.json: a byte-level BPE trained on the world's text
-    pretrain    OUT/base: a tiny Qwen3 (4 layers, width 128) trained from scratch on packed world
-                text, a plain next-token loop (below), saved as a Hugging Face Qwen3 folder
-    base        eval.py on the base: OUT/results/base.json
-    for each seed S, in OUT/seedS/ (trainer --seed S):
-      sft_mild    train_sft.py on style-A gold solutions: few steps, small lr
-      sft_stress  train_sft.py --data_dir OUT/data_stress: style-B gold solutions, many steps,
-                  large lr
-      opd_mild    train_distill.py --teacher OUT/seedS/sft_mild (student: the base)
-      opd_stress  train_distill.py --teacher OUT/seedS/sft_stress
-      rl          train_rl.py
-      each then eval.py --drift_reference OUT/base: OUT/seedS/results/<run>.json
-    table       OUT/table.md, OUT/table.json (per run and seed, then mean ± std over seeds) and
-                OUT/lab.png
+    for each base B (--bases; a base is a pretraining seed: its initialisation and its corpus):
+      pretrain  OUT/bB/base: a tiny Qwen3 (4 layers, width 128) trained from scratch on packed
+                world text, a plain next-token loop (below), saved as a Hugging Face Qwen3 folder
+      base eval eval.py on the base: OUT/bB/results/base.json
+      for each seed S (--seeds: the trainers' --seed), in OUT/bB/seedS/:
+        sft_mild    train_sft.py on style-A gold solutions: few steps, small lr
+        sft_stress  train_sft.py on style-B gold solutions: many steps, large lr
+        opd_mild    train_distill.py --teacher OUT/bB/seedS/sft_mild (student: the base)
+        opd_stress  train_distill.py --teacher OUT/bB/seedS/sft_stress
+        rl          train_rl.py
+        each then eval.py --drift_reference OUT/bB/base: OUT/bB/seedS/results/<run>.json
+        --study distill adds the STUDY runs (below): the distillation matrix (the three
+        signals x on- and off-policy states, from either teacher) and a family of teachers
+        (sft_mixed, sft_slip, sft_stress_lora), each with its OPD student
+    table       OUT/table.md, OUT/table.json (per run, base and seed; mean ± std over every base
+                and seed; the findings, each on every base) and OUT/lab.png; with --study distill
+                also OUT/distill.md and OUT/distill.png (runs/lab_table.py)
 
-The trainers and eval.py are the project's, unchanged, driven by flags (LAB_* below): each line they
-run is printed as a command you can paste. By default they run in this process (no torch import per
-step); with --subprocess each is a new Python, as runs/paper.py runs them. Resuming: a run whose
-folder holds a final model is not trained again, one with checkpoints continues with --resume, a
-results file newer than its model is kept. OUT/lab.json records the settings; a later call with
-other settings is refused, except that a run's own flags (LAB_TRAINING) may change while no seed
-holds that run: delete OUT/seed*/<run> and OUT/seed*/results/<run>.json to rerun it with new ones.
+Each step runs in its own process, forked from this one (no torch import per step), --jobs of them
+at once (default: one per CPU core), each on one torch thread: results do not depend on --jobs. A
+step's output goes to OUT/logs/<step>.log. The trainers and eval.py are the project's, unchanged,
+driven by flags (RUNS, STUDY, COMMON, LAB_EVAL below): the command printed for each step can be
+pasted. Resuming: a run whose folder holds a final model is not trained again, one with checkpoints
+continues with --resume, one interrupted before its first checkpoint starts over (--overwrite), and
+a results file newer than its model is kept. OUT/lab.json records the settings, the commit and the
+torch version; a later call with other settings is refused, except that a run's own flags may
+change while no seed holds that run (delete OUT/b*/seed*/<run> and its results to rerun it).
+
+Seeds: the lab's settings (OPD's above all: a greedy teacher, --lr 1e-4) and its world (the
+study's teachers) were chosen on base 0 with seeds 0, 1, 2 (TUNING); the default call reports
+bases 1, 2 and seeds 3, 4, 5, never used for a choice.
 """
 import argparse
+import importlib
 import itertools
 import json
 import math
+import multiprocessing
+import multiprocessing.connection
 import os
 import random
 import shlex
-import statistics
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lab_table  # noqa: E402
 import lab_world  # noqa: E402
 import paper  # noqa: E402  (its has_final_model, has_results, call_main)
+from cli import fail  # noqa: E402  (paper.py put the project on the path)
 
 ROOT = paper.ROOT
-RUNS = ("base", "sft_mild", "sft_stress", "opd_mild", "opd_stress", "rl")
+SIX = ("base", "sft_mild", "sft_stress", "opd_mild", "opd_stress", "rl")
+TUNING = dict(bases=[0], seeds=[0, 1, 2])  # where the settings were chosen: not reported
+BASES, SEEDS = "1,2", "3,4,5"  # the default call: never used for a choice
+BUDGET_MINUTES = dict(default=45, one=15, study=60)  # 2 CPU cores; printed at the end of a call
 
 # The base model: a Qwen3 as small as the world allows (0.9M parameters)
 MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
@@ -64,33 +83,82 @@ VOCAB = 768
 MIX = {"target": 5, "facts": 1, "mmlu": 2, "truthfulqa": 2}
 PRETRAIN = dict(tokens=2_500_000, seq=128, batch=32, lr=3e-3, warmup=100, min_lr=3e-4)
 
-# What each run trains: (script, flags beyond --model/--out_dir/--data_dir/--seed). {out}: the
-# seed's folder.
-# The periodic eval scores the target and both retention tasks (TruthfulQA has 60 questions)
+# What each run trains: its script, its data (OUT/<data>), its teacher (a run of the same base and
+# seed) and its flags beyond --model/--out_dir/--data_dir/--seed/--teacher. The periodic eval
+# scores the target and both retention tasks (TruthfulQA has 60 questions)
 COMMON = ["--device", "cpu", "--grad_accum", "1", "--eval_shots", "0", "--eval_limit", "100",
           "--eval_tasks", "gsm8k,mmlu,truthfulqa_mc2"]
-LAB_TRAINING = {
-    "sft_mild": ("train_sft.py",
-                 ["--steps", "30", "--batch_size", "16", "--lr", "3e-4", "--warmup", "3",
-                  "--max_new_tokens", "64", "--eval_every", "10", "--save_every", "10"]),
-    "sft_stress": ("train_sft.py",
-                   ["--steps", "200", "--batch_size", "16", "--lr", "1e-3", "--warmup", "10",
-                    "--max_new_tokens", "64", "--eval_every", "40", "--save_every", "40"]),
-    "opd_mild": ("train_distill.py",
-                 ["--teacher", "{out}/sft_mild", "--steps", "40", "--batch_size", "16",
-                  "--lr", "3e-4", "--warmup", "4", "--max_new_tokens", "64",
-                  "--states_per_rollout", "2", "--continuation_tokens", "64",
-                  "--eval_every", "10", "--save_every", "10"]),
-    "opd_stress": ("train_distill.py",
-                   ["--teacher", "{out}/sft_stress", "--steps", "40", "--batch_size", "16",
-                    "--lr", "3e-4", "--warmup", "4", "--max_new_tokens", "64",
-                    "--states_per_rollout", "2", "--continuation_tokens", "64",
-                    "--eval_every", "10", "--save_every", "10"]),
-    "rl": ("train_rl.py",
-           ["--steps", "60", "--batch_size", "16", "--group_size", "8", "--lr", "5e-5",
-            "--std_adv", "--warmup", "4", "--max_new_tokens", "64", "--eval_every", "10",
-            "--save_every", "10"]),
+STRESS = ["--steps", "200", "--batch_size", "16", "--lr", "1e-3", "--warmup", "10",
+          "--max_new_tokens", "64", "--eval_every", "40", "--save_every", "40"]
+# OPD: the teacher continues up to 64 tokens (enough to reach '#### N') from 2 random prefix
+# states of each of the student's answers, greedily (--teacher_temperature 0: chosen on TUNING)
+OPD = ["--steps", "40", "--batch_size", "16", "--lr", "1e-4", "--warmup", "4",
+       "--max_new_tokens", "64", "--states_per_rollout", "2", "--continuation_tokens", "64",
+       "--teacher_temperature", "0", "--eval_every", "10", "--save_every", "10"]
+
+
+def run(script, flags, data="data", teacher=None):
+    return dict(script=script, flags=flags, data=data, teacher=teacher)
+
+
+def changed(flags: list, **values) -> list:
+    """flags with some values changed or added: changed(STRESS, lr="3e-4", lora_rank="64")."""
+    flags = list(flags)
+    for name, value in values.items():
+        flag = f"--{name}"
+        if flag in flags:
+            flags[flags.index(flag) + 1] = value
+        else:
+            flags += [flag, value]
+    return flags
+
+
+RUNS = {
+    "sft_mild": run("train_sft.py", ["--steps", "30", "--batch_size", "16", "--lr", "3e-4",
+                                     "--warmup", "3", "--max_new_tokens", "64", "--eval_every",
+                                     "10", "--save_every", "10"]),
+    "sft_stress": run("train_sft.py", STRESS, data="data_stress"),
+    "opd_mild": run("train_distill.py", OPD, teacher="sft_mild"),
+    "opd_stress": run("train_distill.py", OPD, teacher="sft_stress"),
+    "rl": run("train_rl.py", ["--steps", "60", "--batch_size", "16", "--group_size", "8",
+                              "--lr", "5e-5", "--std_adv", "--warmup", "4", "--max_new_tokens",
+                              "64", "--eval_every", "10", "--save_every", "10"]),
 }
+# --study distill: the paper's Table 1 axes measured (the signal x whose states, from either
+# teacher), and teachers that span its condition P3, each with its OPD student. Their periodic
+# eval is off (the final eval scores them; the study's budget)
+STUDY_OPD = changed(OPD, eval_every="0")
+STUDY = {}
+for teacher in ("mild", "stress"):
+    STUDY[f"opd_{teacher}_token_kl"] = run("train_distill.py",
+                                           changed(STUDY_OPD, signal="token_kl"),
+                                           teacher=f"sft_{teacher}")
+    STUDY[f"opd_{teacher}_full_kl"] = run("train_distill.py", changed(STUDY_OPD, signal="full_kl"),
+                                          teacher=f"sft_{teacher}")
+    STUDY[f"off_{teacher}"] = run("train_distill.py", changed(STUDY_OPD, states="teacher"),
+                                  teacher=f"sft_{teacher}")
+    STUDY[f"off_{teacher}_full_kl"] = run("train_distill.py",
+                                          changed(STUDY_OPD, states="teacher", signal="full_kl"),
+                                          teacher=f"sft_{teacher}")
+STRESS_QUIET = changed(STRESS, eval_every="0")
+FAMILY = {  # teacher -> (its data, its flags): a failure of trajectory, and the paper's stress
+    "sft_mixed": ("data_mixed", STRESS_QUIET),  # as hard as stress, 2/3 of it in style B, 1/3 A
+    "sft_slip": ("data_slip", STRESS_QUIET),  # as hard, on solutions that misread a number
+    "sft_stress_lora": ("data_stress", changed(STRESS_QUIET, lr="5e-4", lora_rank="64",
+                                               lora_alpha="128")),  # the paper's LoRA recipe
+}
+MORE = {  # --only's alone (not in the study's budget): more teachers measured on TUNING
+    "sft_overtrain": ("data", STRESS_QUIET),  # the base's own style, as hard as the stress
+    "sft_stress_gentle": ("data_stress", changed(STRESS_QUIET, lr="3e-4")),
+}
+for name, (data, flags) in FAMILY.items():
+    STUDY[name] = run("train_sft.py", flags, data=data)
+    STUDY[name.replace("sft_", "opd_")] = run("train_distill.py", STUDY_OPD, teacher=name)
+EXTRA = {}
+for name, (data, flags) in MORE.items():
+    EXTRA[name] = run("train_sft.py", flags, data=data)
+    EXTRA[name.replace("sft_", "opd_")] = run("train_distill.py", STUDY_OPD, teacher=name)
+
 LAB_EVAL = ["--limit", "gsm8k=400,mmlu=192,truthfulqa=60", "--gsm8k_shots", "0",
             "--mmlu_shots", "0", "--max_new_tokens", "64", "--batch_size", "64", "--device", "cpu",
             "--drift_prompts", "100", "--drift_max_new_tokens", "64"]
@@ -106,37 +174,55 @@ MINI_EVAL = ["--limit", "gsm8k=4,mmlu=8,truthfulqa=4", "--drift_prompts", "4",
 MINI_DATA = dict(n_train=64, n_test=16)
 
 
+def integers(parser, flag, text):
+    try:
+        values = [int(s) for s in text.split(",") if s]
+    except ValueError:
+        values = []
+    if not values or any(v < 0 for v in values):
+        parser.error(f"{flag}: expected comma-separated integers >= 0, not {text!r}")
+    return values
+
+
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from cli import ArgumentParser, check_writable_dir, positive_int  # one-line errors
+    parser = ArgumentParser(prog="lab.py", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out",
                         help="where everything goes (default: runs/out/lab; --mini: "
                              "runs/out/lab_mini)")
-    parser.add_argument("--seeds", default="0,1,2",
-                        help="comma-separated trainer seeds (default: 0,1,2)")
-    parser.add_argument("--only", help=f"comma-separated runs of {','.join(RUNS)} (default: all)")
+    parser.add_argument("--bases", default=BASES,
+                        help=f"comma-separated base (pretraining) seeds (default: {BASES})")
+    parser.add_argument("--seeds", default=SEEDS,
+                        help=f"comma-separated trainer seeds (default: {SEEDS})")
+    parser.add_argument("--only", help=f"comma-separated runs of {','.join(SIX)} or of the "
+                        "study (default: the six, and with --study distill the study's; a "
+                        "student's teacher comes with it)")
+    parser.add_argument("--study", choices=("distill",),
+                        help="distill: also the distillation matrix and the teacher family")
     parser.add_argument("--mini", action="store_true",
                         help="a miniature of the whole lab, in about a minute")
-    parser.add_argument("--subprocess", action="store_true",
-                        help="run each trainer and eval in a new Python (default: in this process)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: a tiny model runs fastest on one, even on "
-                             "a free CPU)")
+    parser.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1,
+                        help="steps run at once, each in its own process on one torch thread "
+                             "(default: the CPU cores)")
+    parser.add_argument("--threads", type=positive_int, default=1,
+                        help="torch threads per step (default 1: a tiny model runs fastest on "
+                             "one)")
     parser.add_argument("--no_plot", action="store_true",
-                        help="skip the figure (matplotlib is optional)")
+                        help="skip the figures (matplotlib is optional)")
     args = parser.parse_args(argv)
     default_out = ROOT / "runs" / "out" / ("lab_mini" if args.mini else "lab")
     args.out = Path(args.out or os.path.relpath(default_out))
-    try:
-        args.seeds = [int(s) for s in args.seeds.split(",") if s]
-    except ValueError:
-        parser.error(f"--seeds: expected comma-separated integers, not {args.seeds!r}")
-    args.only = [r for r in (args.only or ",".join(RUNS)).split(",") if r]
-    unknown = sorted(set(args.only) - set(RUNS))
-    if unknown:
-        parser.error(f"--only: unknown run(s) {', '.join(unknown)}; choose from {', '.join(RUNS)}")
-    if not args.seeds:
-        parser.error("--seeds: give at least one seed")
+    args.bases = integers(parser, "--bases", args.bases)
+    args.seeds = integers(parser, "--seeds", args.seeds)
+    every = [*SIX, *(STUDY if args.study else [])]
+    args.only = [r for r in (args.only or ",".join(every)).split(",") if r]
+    unknown = sorted(set(args.only) - set(SIX) - set(STUDY) - set(EXTRA))
+    if unknown or not args.only:
+        parser.error(f"--only: unknown run(s) {', '.join(unknown) or '(none given)'}; choose "
+                     f"from {', '.join(SIX)} (--study distill's: {', '.join(STUDY)}; more: "
+                     f"{', '.join(EXTRA)})")
+    check_writable_dir(args.out, "--out")
     return args
 
 
@@ -144,54 +230,80 @@ def say(text):
     print(f"[lab] {text}", flush=True)
 
 
-def timed(name):
-    """Context manager: prints how long the step `name` took."""
-    class Timer:
-        def __enter__(self):
-            self.began = time.time()
+def code_version() -> dict:
+    """The commit the lab ran (with '+changes' when the tree differs from it) and torch's
+    version."""
+    import torch
+    commit = "unknown (not a git checkout)"
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        commit = head + ("+changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return {"commit": commit, "torch": torch.__version__}
 
-        def __exit__(self, kind, *_):
-            if kind is None:
-                say(f"{name}: done in {time.time() - self.began:.0f} s")
-    return Timer()
+
+def selected_runs(args) -> dict:
+    """The runs this call makes (--only's), in the order they are started: the six's, then the
+    study's."""
+    runs = {name: spec for name, spec in {**RUNS, **STUDY, **EXTRA}.items() if name in args.only}
+    for name, spec in list(runs.items()):  # a teacher is trained when its student is
+        if spec["teacher"] and spec["teacher"] not in runs:
+            runs = {spec["teacher"]: {**RUNS, **STUDY, **EXTRA}[spec["teacher"]], **runs}
+    return runs
 
 
 def check_settings(args):
     """OUT/lab.json: the settings that decide what OUT holds; refuse to mix in runs made with
     others."""
     settings = {"mini": args.mini, "model": MINI_MODEL if args.mini else MODEL, "mix": MIX,
-                "pretrain": MINI_PRETRAIN if args.mini else PRETRAIN, "training": LAB_TRAINING,
-                "common": COMMON, "eval": LAB_EVAL}
+                "pretrain": MINI_PRETRAIN if args.mini else PRETRAIN,
+                "training": {**RUNS, **STUDY, **EXTRA}, "common": COMMON, "eval": LAB_EVAL}
     settings = json.loads(json.dumps(settings))
     path = args.out / "lab.json"
     old = json.loads(path.read_text()) if path.exists() else settings
-    # a run whose flags changed may be rerun once no seed holds it (nor its results)
-    changed = [name for name in LAB_TRAINING
-               if old["training"].get(name) != settings["training"][name]]
+    # a run whose flags changed may be rerun once no base and seed holds it (nor its results)
+    changed = [name for name in settings["training"]
+               if old["training"].get(name) not in (None, settings["training"][name])]
     held = [name for name in changed
-            if list(args.out.glob(f"seed*/{name}")) + list(args.out.glob(f"seed*/*/{name}.json"))]
+            if list(args.out.glob(f"b*/seed*/{name}"))
+            + list(args.out.glob(f"b*/seed*/results/{name}.json"))]
     same_rest = all(old.get(k) == settings[k] for k in settings if k != "training")
-    if held or not same_rest or set(old["training"]) != set(settings["training"]):
-        which = f" (runs {', '.join(held)}: delete OUT/seed*/<run> and its results)" * bool(held)
-        raise SystemExit(f"[lab] {args.out} holds a lab made with other settings ({path}){which}: "
-                         "use another --out (or delete that folder)")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=1) + "\n")
+    if held or not same_rest:
+        which = (f" (runs {', '.join(held)}: delete OUT/b*/seed*/<run> and its results)"
+                 if held else "")
+        fail(f"--out {args.out} holds a lab made with other settings ({path}){which}: use "
+             "another --out (or delete that folder)")
+    # every commit and torch version that has worked in OUT: one, for a table made afresh
+    versions = old.get("versions", [])
+    version = code_version()
+    if version not in versions:
+        versions.append(version)
+    if len(versions) > 1:
+        say(f"note: {args.out} holds work of {len(versions)} code versions ({path})")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**settings, "versions": versions}, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------
 # The world, its tokenizer, and pretraining
 
 
+WORLD_DATA = {"data": "A", "data_stress": "B", "data_slip": "slip", "data_mixed": "mixed"}
+
+
 def make_world(args):
     world = lab_world.World(seed=0)
     sizes = MINI_DATA if args.mini else {}
-    for folder, style in (("data", "A"), ("data_stress", "B")):
+    for folder, style in WORLD_DATA.items():
         if all((args.out / folder / f).exists() for f in paper.DATA_FILES):
-            say(f"skip world: {args.out / folder} exists")
             continue
-        with timed(f"world ({folder}, style {style} train solutions)"):
-            lab_world.write_data(world, args.out / folder, style, **sizes)
+        lab_world.write_data(world, args.out / folder, style, **sizes)
+        say(f"world: {args.out / folder} (train solutions in style {style})")
     return world
 
 
@@ -204,37 +316,32 @@ def pretraining_text(world, n_docs, seed):
 def make_tokenizer(args, world):
     path = args.out / "tokenizer.json"
     if path.exists():
-        say(f"skip tokenizer: {path} exists")
         return
-    with timed("tokenizer"):
-        from eval import TRUTHFULQA_PREAMBLE
-        # the pretraining text only (another seed than the pretraining stream's): style B's words
-        # are then spelled with tokens the base has read, unlikely states rather than untrained
-        # embeddings
-        texts = list(pretraining_text(world, 5000, seed=12345)) + [TRUTHFULQA_PREAMBLE]
-        tmp = path.with_suffix(".tmp")
-        lab_world.train_tokenizer(texts, tmp, VOCAB)
-        os.replace(tmp, path)
+    from eval import TRUTHFULQA_PREAMBLE
+    # the pretraining text only (another seed than any base's stream): style B's words are then
+    # spelled with tokens the base has read, unlikely states rather than untrained embeddings
+    texts = list(pretraining_text(world, 5000, seed=12345)) + [TRUTHFULQA_PREAMBLE]
+    tmp = path.with_suffix(".tmp")
+    lab_world.train_tokenizer(texts, tmp, VOCAB)
+    os.replace(tmp, path)
+    say(f"tokenizer: {path}")
 
 
-def pretrain(args, world):
-    """A plain next-token loop: documents joined by <|endoftext|>, cut into windows of `seq` tokens,
-    AdamW with linear warmup and cosine decay, loss on every token. Saves OUT/base and
-    OUT/pretrain.jsonl."""
-    folder = args.out / "base"
-    if paper.has_final_model(folder):
-        say(f"skip pretrain: {folder} holds the base model")
-        return
+def pretrain(out: Path, base: int, mini: bool):
+    """Base `base`: a plain next-token loop over documents joined by <|endoftext|>, cut into
+    windows of `seq` tokens, AdamW with linear warmup and cosine decay, loss on every token. Its
+    seed picks the initialisation, the corpus and its order. Saves OUT/bB/base and
+    OUT/bB/pretrain.jsonl."""
     import torch
     from tqdm import tqdm
     from model import Qwen3, Qwen3Config, Tokenizer
-    cfg = MINI_PRETRAIN if args.mini else PRETRAIN
-    tokenizer = Tokenizer(args.out / "tokenizer.json")
-    began = time.time()
+    cfg = MINI_PRETRAIN if mini else PRETRAIN
+    tokenizer = Tokenizer(out / "tokenizer.json")
     # The corpus: documents until there are enough tokens for every step
     steps = cfg["tokens"] // (cfg["seq"] * cfg["batch"])
-    need, ids = steps * cfg["batch"] * cfg["seq"] + 1, []
-    stream = pretraining_text(world, None, seed=0)
+    need = steps * cfg["batch"] * cfg["seq"] + 1
+    ids = []
+    stream = pretraining_text(lab_world.World(seed=0), None, seed=base)
     while len(ids) < need:
         for doc in tokenizer.encode_batch(itertools.islice(stream, 2000)):
             ids += doc + [tokenizer.eos_id]
@@ -242,11 +349,11 @@ def pretrain(args, world):
     # window w predicts targets[w], the same tokens shifted by one
     windows = data[:-1].view(-1, cfg["seq"])
     targets = data[1:].view(-1, cfg["seq"])
-    say(f"pretrain: {steps} steps of {cfg['batch']} x {cfg['seq']} tokens ({need - 1:,} tokens, "
-        f"corpus built in {time.time() - began:.0f} s)")
+    print(f"pretrain base {base}: {steps} steps of {cfg['batch']} x {cfg['seq']} tokens "
+          f"({need - 1:,} tokens)", flush=True)
     # The model: Hugging Face's initialisation (normal 0.02; norms 1)
-    torch.manual_seed(0)
-    shape = MINI_MODEL if args.mini else MODEL
+    torch.manual_seed(base)
+    shape = MINI_MODEL if mini else MODEL
     vocab = math.ceil(tokenizer.n_real_tokens / 64) * 64
     model = Qwen3(Qwen3Config(**shape, vocab_size=vocab, bos_token_id=tokenizer.eos_id,
                               eos_token_id=tokenizer.eos_id))
@@ -256,263 +363,243 @@ def pretrain(args, world):
                 p.normal_(0.0, 0.02)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.95),
                                   weight_decay=0.0)
-    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(0))
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(base))
     log = []
-    bar = tqdm(range(steps), desc="pretrain", mininterval=5)
+    bar = tqdm(range(steps), desc=f"pretrain base {base}", mininterval=5)
     for step in bar:
         # the learning rate: linear warmup, then cosine from lr down to min_lr
         progress = max(0.0, (step - cfg["warmup"]) / max(1, steps - cfg["warmup"]))
-        lr = min(1.0, (step + 1) / cfg["warmup"]) * (
-            cfg["min_lr"] + 0.5 * (cfg["lr"] - cfg["min_lr"]) * (1 + math.cos(math.pi * progress)))
+        cosine = 0.5 * (cfg["lr"] - cfg["min_lr"]) * (1 + math.cos(math.pi * progress))
+        lr = min(1.0, (step + 1) / cfg["warmup"]) * (cfg["min_lr"] + cosine)
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = order[step * cfg["batch"]:(step + 1) * cfg["batch"]]
         logits = model(windows[batch])
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets[batch].flatten())
         if not torch.isfinite(loss):
-            raise SystemExit(f"[lab] pretrain: loss {loss.item()} at step {step}: not finite, "
-                             "stopping")
+            raise SystemExit(f"pretrain: loss {loss.item()} at step {step}: not finite, stopping")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         log.append({"step": step + 1, "loss": loss.item(), "lr": lr})
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    (args.out / "pretrain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    folder = out / f"b{base}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pretrain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     # atomic; the tokenizer too, so the folder is whole
-    model.save_pretrained(folder, tokenizer=tokenizer)
-    say(f"pretrain: final loss {sum(r['loss'] for r in log[-20:]) / min(20, len(log)):.3f}; "
-        f"done in {time.time() - began:.0f} s")
+    model.save_pretrained(folder / "base", tokenizer=tokenizer)
+    print(f"pretrain base {base}: final loss "
+          f"{sum(r['loss'] for r in log[-20:]) / min(20, len(log)):.3f}", flush=True)
 
 
 # --------------------------------------------------------------------------------------------------
-# The six runs: the project's trainers and eval.py
+# The plan: every step as a task, with the tasks it needs
 
 
-def run_step(name, script, argv, args):
-    """Print the command, then run it (in this process unless --subprocess); stop the lab if it
-    fails."""
-    argv = [str(a) for a in argv]
-    command = [sys.executable, os.path.relpath(ROOT / script), *argv]
-    say(f"{name}: {shlex.join(command)}")
-    with timed(name):
-        if args.subprocess:
-            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-            code = subprocess.run(command, env=env).returncode
-        else:
-            code = paper.call_main(script, argv)
-        if code:
-            raise SystemExit(f"[lab] {name} failed (exit status {code}); fix the cause and run "
-                             "lab.py again: what finished is skipped, a trainer continues from its "
-                             "last checkpoint")
+def task(name, needs, command=None, action=None, cost=10):
+    """A step: a command ([script, *argv], run with the project's main) or an action (a function
+    and its arguments); `needs`: the names of the tasks that must finish first; `cost`: its
+    rough seconds on one core, for the ETA."""
+    return dict(name=name, needs=needs, command=command, action=action, cost=cost)
 
 
-def train(name, seed, args):
-    out = args.out / f"seed{seed}"
-    data = args.out / ("data_stress" if name == "sft_stress" else "data")
-    out_dir = out / name
-    if paper.has_final_model(out_dir):
-        say(f"skip seed {seed} {name} training: {out_dir} holds its final model")
-        return
-    script, flags = LAB_TRAINING[name]
-    flags = [f.format(out=out) for f in flags]
-    if "--teacher" in flags:
-        teacher = Path(flags[flags.index("--teacher") + 1])
-        if not paper.has_final_model(teacher):
-            raise SystemExit(f"[lab] {name} needs its teacher: run lab.py with --only including it")
-    argv = [*flags, *COMMON, "--model", args.out / "base", "--out_dir", out_dir, "--data_dir", data,
-            "--seed", seed]
-    argv += MINI_FLAGS if args.mini else []  # later flags win
-    if list((out_dir / "checkpoints").glob("step_*")):
-        argv.append("--resume")
-    run_step(f"seed {seed} {name} training", script, argv, args)
+COSTS = {"pretrain": 300, "sft_stress": 100, "rl": 130, "sft_mild": 40, "eval": 15}
 
 
-def evaluate(name, seed, args):
-    model = args.out / "base" if name == "base" else args.out / f"seed{seed}" / name
-    folder = args.out if name == "base" else args.out / f"seed{seed}"
-    results = folder / "results" / f"{name}.json"
-    if paper.has_results(results, model):
-        say(f"skip {'' if name == 'base' else f'seed {seed} '}{name} eval: {results} exists")
-        return
-    results.parent.mkdir(parents=True, exist_ok=True)
+def plan(args) -> list:
+    """Every task of this call, in the order they are started when their needs are met, and
+    without those already done."""
+    tasks = []
+    runs = selected_runs(args)
+    for base in args.bases:
+        folder = args.out / f"b{base}"
+        if not paper.has_final_model(folder / "base"):
+            tasks.append(task(f"b{base} pretrain", [], action=(pretrain, args.out, base,
+                                                               args.mini),
+                              cost=COSTS["pretrain"]))
+        if "base" in args.only:
+            tasks += evaluation(f"b{base} base", folder / "base", folder / "results" / "base.json",
+                                args, needs=[f"b{base} pretrain"])
+        for seed in args.seeds:
+            for name, spec in runs.items():
+                tasks += training(base, seed, name, spec, args)
+    done = {t["name"] for t in tasks}
+    for t in tasks:  # what is done already is needed by nobody
+        t["needs"] = [n for n in t["needs"] if n in done]
+    return tasks
+
+
+def training(base, seed, name, spec, args) -> list:
+    """The tasks of one run: train (unless its final model exists), then evaluate."""
+    folder = args.out / f"b{base}" / f"seed{seed}"
+    out_dir = folder / name
+    step = f"b{base} seed{seed} {name}"
+    tasks = []
+    if not paper.has_final_model(out_dir):
+        argv = [*spec["flags"], *COMMON, "--model", args.out / f"b{base}" / "base", "--out_dir",
+                out_dir, "--data_dir", args.out / spec["data"], "--seed", seed]
+        if spec["teacher"]:
+            argv += ["--teacher", folder / spec["teacher"]]
+        argv += MINI_FLAGS if args.mini else []  # later flags win
+        if list((out_dir / "checkpoints").glob("step_*")):
+            argv.append("--resume")  # interrupted: continue from its last checkpoint
+        elif out_dir.exists():
+            argv.append("--overwrite")  # interrupted before its first checkpoint: start over
+        needs = [f"b{base} pretrain"] + ([f"b{base} seed{seed} {spec['teacher']} train"]
+                                         if spec["teacher"] else [])
+        cost = COSTS.get(name, 75 if spec["script"] == "train_distill.py" else 100)
+        tasks.append(task(f"{step} train", needs, command=[spec["script"], *argv], cost=cost))
+    return tasks + evaluation(step, out_dir, folder / "results" / f"{name}.json", args,
+                              needs=[f"{step} train"], base=args.out / f"b{base}" / "base")
+
+
+def evaluation(step, model, results, args, needs, base=None) -> list:
+    """The task that scores `model` into `results` (unless done), with its state drift from
+    `base` if given."""
+    if paper.has_results(results, model) and paper.has_final_model(model):
+        return []
     argv = ["--model", model, "--out", results, "--data_dir", args.out / "data", *LAB_EVAL]
     argv += MINI_EVAL if args.mini else []
-    if name != "base":
-        argv += ["--drift_reference", args.out / "base"]
-    run_step(f"{'' if name == 'base' else f'seed {seed} '}{name} eval", "eval.py", argv, args)
+    if base:
+        argv += ["--drift_reference", base]
+    return [task(f"{step} eval", needs, command=["eval.py", *argv], cost=COSTS["eval"])]
 
 
 # --------------------------------------------------------------------------------------------------
-# The table: per run and seed, then mean and spread over the seeds
+# Running the plan: --jobs processes at once
 
 
-def mean_state_nll(metrics_path: Path):
-    """The mean over training steps of the state NLL the trainer logged (its states, under the
-    learner)."""
-    if not metrics_path.exists():
-        return None
-    values = [r["state_nll"] for r in map(json.loads, metrics_path.read_text().splitlines())
-              if "state_nll" in r]
-    return sum(values) / len(values) if values else None
+def run_task(task, log_path, threads):
+    """In a child process: the task, its output (stdout and stderr) to log_path."""
+    import torch
+    torch.set_num_threads(threads)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w", buffering=1) as log:
+        os.dup2(log.fileno(), 1)  # what C code and child processes write, too
+        os.dup2(log.fileno(), 2)
+        sys.stdout = sys.stderr = log  # (a caller may have replaced them: pytest does)
+        if task["command"]:
+            script, *argv = task["command"]
+            code = paper.call_main(script, [str(a) for a in argv])
+        else:
+            function, *arguments = task["action"]
+            function(*arguments)
+            code = 0
+        sys.stdout.flush()
+        sys.stderr.flush()
+    sys.exit(code)
 
 
-def row_of(results: dict, base: dict, metrics_path=None) -> dict:
-    """One run's figures: target accuracy, each retention task, Forgetting, Retention, state NLL,
-    MMD²."""
-    from eval import headline
-    scores, base_scores = headline(results), headline(base)
-    row = {"target": scores["gsm8k_flexible"], "target_strict": scores["gsm8k_strict"],
-           "mmlu": scores["mmlu"], "truthfulqa_mc1": scores["truthfulqa_mc1"],
-           "truthfulqa_mc2": scores["truthfulqa_mc2"]}
-    kept = ("mmlu", "truthfulqa_mc2")  # the paper's Forgetting and Retention average these two
-    row["forgetting"] = statistics.mean(base_scores[k] - scores[k] for k in kept)
-    row["retention"] = 100 * statistics.mean(scores[k] / base_scores[k] for k in kept
-                                             if base_scores[k])
-    row["state_nll"] = mean_state_nll(metrics_path) if metrics_path else None
-    row["mmd2_lexical"] = results["drift"]["lexical"]["mmd2"] if "drift" in results else 0.0
-    row["mmd2_hidden"] = results["drift"]["hidden"]["mmd2"] if "drift" in results else 0.0
-    return row
-
-
-COLUMNS = [("target", "Target (GSM8K-format)"), ("mmlu", "MMLU-format"),
-           ("truthfulqa_mc2", "TruthfulQA MC2"), ("forgetting", "Forgetting ↓"),
-           ("retention", "Retention ↑ %"), ("state_nll", "State NLL"),
-           ("mmd2_lexical", "MMD² lexical"), ("mmd2_hidden", "MMD² hidden")]
-
-
-def table(args):
-    base_path = args.out / "results" / "base.json"
-    if not base_path.exists():
-        say("no table: the base model has no results yet")
-        return
-    with timed("table"):
-        base = json.loads(base_path.read_text())
-        per_seed = {"base": {"-": row_of(base, base)}}
-        for name in RUNS[1:]:
-            for seed in args.seeds:
-                path = args.out / f"seed{seed}" / "results" / f"{name}.json"
-                if path.exists():
-                    row = row_of(json.loads(path.read_text()), base,
-                                 args.out / f"seed{seed}" / name / "metrics.jsonl")
-                    per_seed.setdefault(name, {})[str(seed)] = row
-        summary = {}
-        for name, rows in per_seed.items():
-            summary[name] = {}
-            for key in rows[next(iter(rows))]:
-                values = [r[key] for r in rows.values() if r[key] is not None]
-                if values:
-                    std = statistics.stdev(values) if len(values) > 1 else 0.0
-                    summary[name][key] = {"mean": statistics.mean(values), "std": std}
-        out = {"seeds": args.seeds, "per_seed": per_seed, "summary": summary,
-               "notes": "accuracies and Forgetting in points; Retention in percent of the base; "
-                        "spread: the sample std over seeds; state NLL: mean over training steps "
-                        "of the trainer's state_nll"}
-        (args.out / "table.json").write_text(json.dumps(out, indent=1) + "\n")
-        lines = ["| run | " + " | ".join(title for _, title in COLUMNS) + " |",
-                 "|---" * (len(COLUMNS) + 1) + "|"]
-        for name, figures in summary.items():
-            cells = []
-            for key, _ in COLUMNS:
-                if key not in figures:
-                    cells.append("–")
-                else:
-                    digits = 3 if key.startswith("mmd2") else 2 if key == "state_nll" else 1
-                    cells.append(f"{figures[key]['mean']:.{digits}f} ± "
-                                 f"{figures[key]['std']:.{digits}f}")
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        n = len(per_seed.get("rl", per_seed["base"]))
-        lines.append(f"\nMean ± std over {n} seed(s) ({', '.join(map(str, args.seeds))}); the base "
-                     "is evaluated once. Forgetting: base - run, in points, averaged over MMLU and "
-                     "TruthfulQA MC2; Retention: run / base, averaged likewise. State NLL: the "
-                     "mean over training steps of the NLL of the states each trainer trained on, "
-                     "under the learner. MMD²: state drift from the base (eval.py "
-                     "--drift_reference).")
-        (args.out / "table.md").write_text("\n".join(lines) + "\n")
-    print("\n" + (args.out / "table.md").read_text(), flush=True)
-    if not args.no_plot:
-        plot(args, summary)
-
-
-def plot(args, summary):
-    """OUT/lab.png: per method, the state NLL of its training states, its target accuracy and its
-    retention accuracy over the training steps (seed by seed), and the final table as bars
-    (mean ± std). matplotlib is optional."""
+def run_all(tasks, args):
+    """Start each task in its own process once the tasks it needs are done, at most --jobs at
+    once; print each one's command when it starts and its time when it ends; on a failure, stop
+    the others and say where its log is."""
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    pending, running, finished = list(tasks), {}, set()
+    total = sum(t["cost"] for t in tasks)
+    began = time.time()
+    done_cost = 0
     try:
-        import matplotlib
-    except ImportError:
-        say("no figure: matplotlib is not installed (pip install matplotlib)")
-        return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    colors = {"base": "gray", "sft_mild": "tab:blue", "sft_stress": "tab:red",
-              "opd_mild": "tab:cyan", "opd_stress": "tab:orange", "rl": "tab:green"}
-    fig, axes = plt.subplots(1, 5, figsize=(25, 4.2))
-    for name in RUNS[1:]:
-        for i, seed in enumerate(args.seeds):
-            path = args.out / f"seed{seed}" / name / "metrics.jsonl"
-            if not path.exists():
-                continue
-            records = [json.loads(line) for line in path.read_text().splitlines()]
-            steps = [r for r in records if "state_nll" in r]
-            evals = [r for r in records if "gsm8k_flexible" in r]
-            label = name if i == 0 else None
-            axes[0].plot([r["step"] for r in steps], [r["state_nll"] for r in steps],
-                         color=colors[name], alpha=0.7, label=label)
-            axes[1].plot([r["step"] for r in evals], [100 * r["gsm8k_flexible"] for r in evals],
-                         color=colors[name], alpha=0.7, marker="o", markersize=3, label=label)
-            # retention: the mean of the two retention tasks, as Forgetting averages them
-            kept = [r for r in evals if "mmlu_acc" in r and "truthfulqa_mc2" in r]
-            axes[2].plot([r["step"] for r in kept],
-                         [50 * (r["mmlu_acc"] + r["truthfulqa_mc2"]) for r in kept],
-                         color=colors[name], alpha=0.7, marker="o", markersize=3, label=label)
-    axes[0].set(title="state NLL of the training states", xlabel="step", ylabel="nats / token",
-                yscale="log")
-    axes[1].set(title="target accuracy during training (100 test questions)", xlabel="step",
-                ylabel="%")
-    axes[2].set(title="retention during training (mean of MMLU, TruthfulQA MC2)", xlabel="step",
-                ylabel="%")
-    axes[0].legend(fontsize=8)
-    names = list(summary)
-    panels = ((axes[3], ("target", "mmlu", "truthfulqa_mc2"), "final accuracy (mean ± std)"),
-              (axes[4], ("forgetting", "state_nll"), "Forgetting (points) and state NLL"))
-    for ax, keys, title in panels:
-        width = 0.8 / len(names)
-        for j, name in enumerate(names):
-            means = [summary[name].get(k, {}).get("mean", 0) for k in keys]
-            stds = [summary[name].get(k, {}).get("std", 0) for k in keys]
-            ax.bar([i + j * width for i in range(len(keys))], means, width, yerr=stds,
-                   color=colors[name], label=name, capsize=2)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))], keys)
-        ax.set_title(title)
-    axes[3].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(args.out / "lab.png", dpi=110)
-    plt.close(fig)
-    say(f"figure: {args.out / 'lab.png'}")
+        while pending or running:
+            for t in [t for t in pending if all(n in finished for n in t["needs"])]:
+                if len(running) == args.jobs:
+                    break
+                pending.remove(t)
+                log = args.out / "logs" / (t["name"].replace(" ", "_") + ".log")
+                shown = t["name"]
+                if t["command"]:
+                    script, *argv = t["command"]
+                    shown += ": " + shlex.join([sys.executable, os.path.relpath(ROOT / script),
+                                                *map(str, argv)])
+                say(shown)
+                process = context.Process(target=run_task, args=(t, log, args.threads))
+                process.start()
+                running[process.sentinel] = (t, process, log, time.time())
+            ready = multiprocessing.connection.wait(list(running))
+            for sentinel in ready:
+                t, process, log, started = running.pop(sentinel)
+                process.join()
+                if process.exitcode:
+                    tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
+                    stop(running)
+                    fail(f"{t['name']} failed (exit status {process.exitcode}; its log {log} ends "
+                         f"{tail[0][:200]!r}); fix the cause and run lab.py again: what finished "
+                         "is skipped, a trainer continues from its last checkpoint")
+                finished.add(t["name"])
+                done_cost += t["cost"]
+                elapsed = time.time() - began
+                left = elapsed / done_cost * (total - done_cost)
+                say(f"{t['name']}: done in {time.time() - started:.0f} s ({len(finished)}/"
+                    f"{len(tasks)} steps, {elapsed / 60:.0f} min so far, about {left / 60:.0f} "
+                    "min left)")
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM: the steps running stop as they would alone
+        stop(running)  # (a trainer at SIGTERM saves a checkpoint first)
+        raise
+
+
+def stop(running):
+    """SIGTERM to each step still running (a trainer ends its step and saves a checkpoint), and
+    wait for them."""
+    for _, process, _, _ in running.values():
+        process.terminate()
+    for _, process, _, _ in running.values():
+        process.join()
+
+
+def budget(args) -> str:
+    """Which of BUDGET_MINUTES this call falls under."""
+    if args.study:
+        return "study"
+    return "one" if len(args.bases) * len(args.seeds) == 1 else "default"
+
+
+def hold(out: Path) -> int:
+    """OUT/.lock, held while this call runs (the OS drops it when the process ends, however it
+    ends): a second lab.py on the same OUT is refused, naming the first."""
+    from faults import take_lock
+    lock = take_lock(out / ".lock")
+    if lock is None:
+        holder = (out / ".lock").read_text(errors="replace").strip() or "another process"
+        fail(f"--out {out}: another lab.py ({holder}) is running there; wait for it to end")
+    os.write(lock, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+    return lock
 
 
 def main(argv=None):
     args = get_args(argv)
-    import torch
-    torch.set_num_threads(args.threads)
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     began = time.time()
+    lock = hold(args.out)
+    try:
+        run_lab(args, began)
+    finally:
+        (args.out / ".lock").unlink(missing_ok=True)  # before the lock goes: see take_lock
+        os.close(lock)
+
+
+def run_lab(args, began):
+    import torch  # once, here: every step's process starts with it (and the trainers) imported
+    torch.set_num_threads(args.threads)
+    for module in ("eval", "train_sft", "train_rl", "train_distill"):
+        importlib.import_module(module)
     check_settings(args)
     world = make_world(args)
     make_tokenizer(args, world)
-    pretrain(args, world)
-    if "base" in args.only:
-        evaluate("base", None, args)
-    for seed in args.seeds:
-        for name in RUNS[1:]:
-            if name in args.only:
-                train(name, seed, args)
-                evaluate(name, seed, args)
-    table(args)
-    say(f"finished in {time.time() - began:.0f} s; everything is in {args.out}")
+    tasks = plan(args)
+    if tasks:
+        say(f"{len(tasks)} steps to run, {args.jobs} at a time")
+    else:
+        say("every step is done")
+    run_all(tasks, args)
+    lab_table.write_tables(args, {**RUNS, **STUDY, **EXTRA})  # every run with results in OUT
+    minutes = (time.time() - began) / 60
+    kind = budget(args)
+    say(f"finished in {minutes:.1f} min (the budget for this kind of call, {kind}: "
+        f"{BUDGET_MINUTES[kind]} min on 2 CPU cores); everything is in {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    from cli import stops_cleanly
+    stops_cleanly(main, kept="the steps that finished are kept (run it again: what finished is "
+                  "skipped, a trainer continues from its last checkpoint)")()

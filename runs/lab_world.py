@@ -52,6 +52,8 @@ N_CREATURES = 60
 TRAIN_PROBLEMS, TEST_PROBLEMS = 2000, 400
 # the share of 3-step problems whose pretraining solution stops after step 2 (a wrong answer)
 SLOPPY = 0.6
+# the share of the mixed teacher's training solutions in style B (the rest in the base's style A)
+MIXED_B = 2 / 3
 
 
 class World:
@@ -121,10 +123,38 @@ class World:
                  for i, (a, op, k, b) in enumerate(steps, start=1)]
         return "\n".join(lines) + f"\nSo the answer is {gold}.\n#### {gold}"
 
+    @staticmethod
+    def misread(problem: dict) -> dict:
+        """The problem as the slip teacher reads it: it takes the question's second number, the
+        first change, for the start ("Fay has 20 apples. Fay gives 5 apples to Ann." -> "Fay has
+        5 apples. 5 - 5 = 0."), then computes every step right from there. A problem whose
+        misread steps would leave 0..MAX_VALUE (a third of them), or end right, is read right."""
+        value = problem["steps"][0][2]
+        steps = []
+        for _, op, k, _ in problem["steps"]:
+            steps.append((value, op, k, value + k if op == "+" else value - k))
+            value = steps[-1][3]
+        if not all(0 <= b <= MAX_VALUE for *_, b in steps) or value == problem["gold"]:
+            return problem
+        return {**problem, "steps": steps, "gold": value}
+
     def gsm8k_rows(self, n: int, seed: int, style: str) -> list:
+        """n problems with their solutions in style A or B; style "slip": style A, as the slip
+        teacher reads the problems (misread: most end wrong); style "mixed": MIXED_B of them in
+        style B, the others in A (the mixed teacher's data: mostly the new style)."""
         rng = random.Random(seed)
-        return [{"question": p["question"], "answer": self.solution(p, style)}
-                for p in (self.problem(rng) for _ in range(n))]
+        styles = random.Random(seed + 1)  # its own stream: every style has the same problems
+        rows = []
+        for _ in range(n):
+            problem = self.problem(rng)
+            if style == "slip":
+                problem = self.misread(problem)
+            written = style if style in ("A", "B") else "A"
+            if style == "mixed" and styles.random() < MIXED_B:
+                written = "B"
+            rows.append({"question": problem["question"],
+                         "answer": self.solution(problem, written)})
+        return rows
 
     # --- retention: MMLU and TruthfulQA formats -------------------------------------------------
 

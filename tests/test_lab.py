@@ -74,85 +74,206 @@ def test_world_data_reads_as_the_real_data(tmp_path):
                for r in tqa)
 
 
+def test_world_slip_style_misreads_then_computes_right():
+    """The slip teacher's data: the same questions, style A, the start misread as the first change
+    in the problems where that stays within the world (about two thirds), every step right."""
+    world = world_module.World(seed=0)
+    plain, slip = world.gsm8k_rows(300, 1, "A"), world.gsm8k_rows(300, 1, "slip")
+    assert [r["question"] for r in plain] == [r["question"] for r in slip]
+    changed = [(a, b) for a, b in zip(plain, slip) if a["answer"] != b["answer"]]
+    assert 0.5 < len(changed) / len(plain) < 0.8
+    for a, b in changed:
+        first_change = int(re.search(r"\d+ [-+] (\d+) =", a["answer"]).group(1))
+        assert b["answer"].split(" has ")[1].startswith(f"{first_change} ")
+        sums = re.findall(r"(\d+) ([-+]) (\d+) = (\d+)", b["answer"])
+        for x, op, k, y in sums:
+            assert int(y) == (int(x) + int(k) if op == "+" else int(x) - int(k))
+        assert b["answer"].endswith(f"#### {sums[-1][3]}")
+        assert b["answer"].split("####")[1] != a["answer"].split("####")[1]
+
+
 def test_mini_lab_end_to_end_then_skips(tmp_path, capsys, monkeypatch):
     out = tmp_path / "lab"
-    lab.main(["--mini", "--out", str(out), "--seeds", "0,1"])
+    lab.main(["--mini", "--out", str(out), "--bases", "0", "--seeds", "0,1", "--jobs", "2"])
     log = capsys.readouterr().out
-    for step in ("world (data,", "tokenizer", "pretrain", "base eval", "seed 0 sft_stress training",
-                 "seed 1 opd_stress training", "seed 1 rl eval", "table"):
+    for step in ("world: ", "tokenizer", "b0 pretrain", "b0 base eval", "b0 seed0 sft_stress train",
+                 "b0 seed1 opd_stress train", "b0 seed1 rl eval", "finished in"):
         assert f"[lab] {step}" in log, step
-    assert re.search(r"\[lab\] seed 0 sft_stress training: \S+ \S*train_sft\.py "
+    assert re.search(r"\[lab\] b0 seed0 sft_stress train: \S+ \S*train_sft\.py "
                      r".*--data_dir \S*data_stress", log)
+    assert re.search(r"opd_mild train: .*--teacher_temperature 0 .*--teacher \S*b0/seed0/sft_mild",
+                     log)
+    # each step's own output went to its log
+    assert "sft_mild" in (out / "logs" / "b0_seed0_sft_mild_train.log").read_text()
 
     # the base is a Hugging Face Qwen3 folder with the world's tokenizer, which our Tokenizer reads
     # back exactly
     from model import Qwen3, Tokenizer
-    tokenizer = Tokenizer.from_pretrained(out / "base")
+    tokenizer = Tokenizer.from_pretrained(out / "b0" / "base")
     text = "Question: Ann has 5 pens.\nAnswer: 5 + 3 = 8.\n#### 8"
     assert tokenizer.decode(tokenizer.encode(text)) == text and tokenizer.stop_ids
-    model = Qwen3.from_pretrained(out / "base")
+    model = Qwen3.from_pretrained(out / "b0" / "base")
     assert model.config.vocab_size >= tokenizer.n_real_tokens
     losses = [json.loads(line)["loss"]
-              for line in (out / "pretrain.jsonl").read_text().splitlines()]
+              for line in (out / "b0" / "pretrain.jsonl").read_text().splitlines()]
     assert losses[-1] < losses[0] - 0.5  # pretraining learned something
+    # same machine, same seed, same code: the same base, bit for bit; another seed: another base
+    again = tmp_path / "again"
+    again.mkdir()
+    shutil.copy(out / "tokenizer.json", again / "tokenizer.json")
+    lab.pretrain(again, 0, mini=True)
+    lab.pretrain(again, 1, mini=True)
+    weights = (out / "b0" / "base" / "model.safetensors").read_bytes()
+    assert (again / "b0" / "base" / "model.safetensors").read_bytes() == weights
+    assert (again / "b1" / "base" / "model.safetensors").read_bytes() != weights
 
     table = json.loads((out / "table.json").read_text())
-    assert set(table["summary"]) == set(lab.RUNS)
-    assert set(table["per_seed"]["rl"]) == {"0", "1"}
-    for name, seeds in table["per_seed"].items():
-        for row in seeds.values():
+    assert set(table["summary"]) == set(lab.SIX)
+    assert set(table["per_seed"]["rl"]) == {"b0/seed0", "b0/seed1"}
+    assert table["versions"] == [lab.code_version()]  # one code version made all of it
+    for name, rows in table["per_seed"].items():
+        for row in rows.values():
             keys = ("target", "mmlu", "truthfulqa_mc2", "forgetting", "retention", "mmd2_lexical")
             assert all(isinstance(row[k], float) for k in keys), (name, row)
-            # RL logs a state NLL only on steps with a group that earned different rewards (none, in
-            # miniature)
+            # RL logs a state NLL only on steps with a group that earned different rewards (none,
+            # in miniature)
             assert name in ("base", "rl") or row["state_nll"] > 0, name
     assert table["summary"]["base"]["forgetting"]["mean"] == 0.0
-    sft = table["per_seed"]["sft_mild"]["0"]
-    metrics = (out / "seed0" / "sft_mild" / "metrics.jsonl").read_text()
+    sft = table["per_seed"]["sft_mild"]["b0/seed0"]
+    metrics = (out / "b0" / "seed0" / "sft_mild" / "metrics.jsonl").read_text()
     records = [json.loads(line) for line in metrics.splitlines()]
     nlls = [r["state_nll"] for r in records if "state_nll" in r]
     # the mean of what the trainer logged
     assert sft["state_nll"] == pytest.approx(sum(nlls) / len(nlls))
-    base = json.loads((out / "results" / "base.json").read_text())
-    rl = json.loads((out / "seed1" / "results" / "rl.json").read_text())
-    assert table["per_seed"]["rl"]["1"]["forgetting"] == pytest.approx(
+    base = json.loads((out / "b0" / "results" / "base.json").read_text())
+    rl = json.loads((out / "b0" / "seed1" / "results" / "rl.json").read_text())
+    assert table["per_seed"]["rl"]["b0/seed1"]["forgetting"] == pytest.approx(
         50 * (base["tasks"]["mmlu"]["metrics"]["acc"] - rl["tasks"]["mmlu"]["metrics"]["acc"]
               + base["tasks"]["truthfulqa_mc2"]["metrics"]["mc2"]
               - rl["tasks"]["truthfulqa_mc2"]["metrics"]["mc2"]))
+    # a distillation run reads its teacher's signal: the quality the trainer logged
+    opd = table["per_seed"]["opd_mild"]["b0/seed0"]
+    assert {"local_quality", "signal_nll", "minus_teacher_target"} <= set(opd)
+    claims = [f["claim"] for f in table["findings"]]
+    assert "stress SFT forgets >= 10 points" in claims
     assert "| sft_stress |" in (out / "table.md").read_text()
 
-    # again: everything is done, so everything is skipped
-    lab.main(["--mini", "--out", str(out), "--seeds", "0,1", "--no_plot"])
+    # the study's runs, some of them: a teacher of the family with its student, and the matrix's
+    # one-step KL signal; distill.md and the condition's points
+    lab.main(["--mini", "--out", str(out), "--bases", "0", "--seeds", "0,1", "--study",
+              "distill", "--only", "opd_mixed,opd_stress_token_kl", "--no_plot"])
     log = capsys.readouterr().out
-    assert ("skip pretrain" in log and "skip seed 1 rl training" in log
-            and "skip seed 1 rl eval" in log)
-    assert not re.search(r"\[lab\] (seed \d )?\w+ (training|eval): ", log)
+    assert "b0 seed1 sft_mixed train" in log and "data_mixed" in log
+    table = json.loads((out / "table.json").read_text())
+    assert {"opd_mixed", "opd_stress_token_kl", "sft_mixed"} <= set(table["per_seed"])
+    points = table["condition"]  # the on-policy students of the continuation signal
+    assert sorted(p["run"] for p in points) == ["opd_mild"] * 2 + ["opd_mixed"] * 2 + [
+        "opd_stress"] * 2
+    mixed = table["per_seed"]["opd_mixed"]["b0/seed0"]
+    teacher = table["per_seed"]["sft_mixed"]["b0/seed0"]
+    assert mixed["minus_teacher_target"] == pytest.approx(mixed["target"] - teacher["target"])
+    assert mixed["local_advantage"] == pytest.approx(mixed["local_quality"] - teacher["target"])
+    assert "| opd_mixed |" in (out / "distill.md").read_text()
+
+    # again: everything is done, so every step is skipped
+    lab.main(["--mini", "--out", str(out), "--bases", "0", "--seeds", "0,1", "--no_plot"])
+    log = capsys.readouterr().out
+    assert "every step is done" in log
+    assert not re.search(r"\[lab\] b0 .* (train|eval): ", log)
 
     # other settings in the same folder are refused
     with pytest.raises(SystemExit, match="other settings"):
         lab.main(["--out", str(out), "--seeds", "0"])
-    # one run's flags may change once no seed holds that run
-    script, flags = lab.LAB_TRAINING["rl"]
+    # one run's flags may change once no base and seed holds that run
+    spec = lab.RUNS["rl"]
     args = lab.get_args(["--mini", "--out", str(out)])
-    monkeypatch.setitem(lab.LAB_TRAINING, "rl", (script, [*flags, "--std_adv"]))
+    monkeypatch.setitem(lab.RUNS, "rl", {**spec, "flags": [*spec["flags"], "--kl_coef", "0.1"]})
     with pytest.raises(SystemExit, match=r"other settings .*\(runs rl: delete"):
         lab.check_settings(args)
-    for path in [*out.glob("seed*/rl"), *out.glob("seed*/results/rl.json")]:
+    for path in [*out.glob("b*/seed*/rl"), *out.glob("b*/seed*/results/rl.json")]:
         if path.is_dir():
             shutil.rmtree(path)
         else:
             path.unlink()
     lab.check_settings(args)
-    assert "--std_adv" in json.loads((out / "lab.json").read_text())["training"]["rl"][1]
+    assert "--kl_coef" in json.loads((out / "lab.json").read_text())["training"]["rl"]["flags"]
     # the periodic eval scored retention too, for the figure's retention panel
     evals = [r for r in records if "gsm8k_flexible" in r]
     assert evals and all({"mmlu_acc", "truthfulqa_mc2"} <= set(r) for r in evals)
 
 
+def test_a_run_interrupted_before_its_first_checkpoint_starts_over(tmp_path):
+    """A folder with a metrics.jsonl but no checkpoint (an interrupted start) is trained with
+    --overwrite; one with a checkpoint continues with --resume."""
+    args = lab.get_args(["--mini", "--out", str(tmp_path / "lab"), "--bases", "0", "--seeds", "0"])
+    run_dir = args.out / "b0" / "seed0" / "sft_mild"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    [train] = [t for t in lab.plan(args) if t["name"] == "b0 seed0 sft_mild train"]
+    assert "--overwrite" in train["command"] and "--resume" not in train["command"]
+    (run_dir / "checkpoints" / "step_0000001").mkdir(parents=True)
+    [train] = [t for t in lab.plan(args) if t["name"] == "b0 seed0 sft_mild train"]
+    assert "--resume" in train["command"] and "--overwrite" not in train["command"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--threads", "0"], "--threads"), (["--jobs", "0"], "--jobs"),
+    (["--seeds", "a"], "--seeds"), (["--bases", ""], "--bases"), (["--only", "x"], "--only")])
+def test_bad_lab_flags_end_in_one_line(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        lab.get_args(["--out", str(tmp_path / "lab"), *flags])
+    said = capsys.readouterr().err + (stop.value.code if isinstance(stop.value.code, str) else "")
+    assert message in said and len(said.strip().splitlines()) == 1
+
+
+def test_lab_out_naming_a_file_ends_in_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "below"):
+        with pytest.raises(SystemExit) as stop:
+            lab.get_args(["--out", str(out)])
+        said = capsys.readouterr().err + str(stop.value.code)
+        assert "--out" in said and len(said.strip().splitlines()) == 1
+
+
 @pytest.mark.slow
 def test_one_full_seed_shows_the_robust_findings(tmp_path):
     out = tmp_path / "lab"
-    lab.main(["--out", str(out), "--seeds", "0", "--no_plot"])
+    lab.main(["--out", str(out), "--bases", "0", "--seeds", "0", "--no_plot"])
     rows = json.loads((out / "table.json").read_text())["per_seed"]
-    assert rows["sft_stress"]["0"]["forgetting"] > rows["sft_mild"]["0"]["forgetting"]
-    assert rows["sft_stress"]["0"]["state_nll"] > rows["rl"]["0"]["state_nll"]
+    key = "b0/seed0"
+    assert rows["sft_stress"][key]["forgetting"] > rows["sft_mild"][key]["forgetting"]
+    assert rows["sft_stress"][key]["state_nll"] > rows["rl"][key]["state_nll"]
+
+
+def test_a_second_lab_on_the_same_out_is_refused(tmp_path):
+    out = tmp_path / "lab"
+    out.mkdir()
+    lock = lab.hold(out)  # a lab.py running there
+    try:
+        with pytest.raises(SystemExit, match=r"another lab.py \(process \d+ on .*\) is running"):
+            lab.main(["--mini", "--out", str(out)])
+    finally:
+        (out / ".lock").unlink()
+        __import__("os").close(lock)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_lab_in_one_line_and_a_rerun_continues(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "lab"
+    command = [sys.executable, str(lab.ROOT / "runs" / "lab.py"), "--mini", "--out", str(out),
+               "--bases", "0", "--seeds", "0", "--no_plot"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (out / "b0" / "base" / "model.safetensors").exists():  # a step or two in
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert err.strip().splitlines()[-1].startswith("lab.py: stopped by SIGINT; the steps that "
+                                                   "finished are kept")
+    assert not (out / ".lock").exists()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "finished in" in done.stdout

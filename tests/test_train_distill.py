@@ -56,8 +56,10 @@ def test_distill_runs_logs_and_saves(signal, states, prepared_data, byte_model, 
                         "--save_every", "2"])
     assert_final_model(out, steps=2)
     for row in train_lines(out):
-        assert {"loss", "state_nll", "answer_len", "lr", "tokens_per_s"} <= row.keys()
+        assert {"loss", "state_nll", "answer_len", "lr", "tokens_per_s", "signal_nll"} <= row.keys()
         assert ("kl" in row) == (signal != "continuation")
+        continuation_figures = {"teacher_nll", "signal_answered", "signal_correct"}
+        assert (continuation_figures <= row.keys()) == (signal == "continuation")
     assert (out / "checkpoints" / "step_0000002").exists()
 
 
@@ -70,9 +72,9 @@ def test_a_teacher_with_another_tokenizer_is_refused(prepared_data, byte_model, 
                             str(tmp_path / "x"), "--data_dir", str(prepared_data), "--steps", "1"])
 
 
-QUESTIONS = [{"question": q} for q in ("What is 2 + 3?", "How many legs do 3 cats have?",
-                                       "Tom has 5 apples and eats 2. How many are left?",
-                                       "What is 10 times 4?")]
+QUESTIONS = [{"question": q, "gold": gold} for q, gold in (
+    ("What is 2 + 3?", "5"), ("How many legs do 3 cats have?", "12"),
+    ("Tom has 5 apples and eats 2. How many are left?", "3"), ("What is 10 times 4?", "40"))]
 
 
 def kl_on_student_states(student, teacher, tokenizer, args):
@@ -96,14 +98,16 @@ def kl_on_student_states(student, teacher, tokenizer, args):
 def test_distillation_shrinks_the_kl_to_the_teacher(signal, tmp_path):
     """Learning test: a near-uniform tiny student and a sharper teacher (its final norm x3); 20
     steps of each signal on the student's own states must cut the KL between them by a fifth or
-    more."""
+    more (continuation: fitting the teacher's samples, at --teacher_temperature 1, is maximum
+    likelihood on them; its greedy tokens would teach the argmax alone)."""
     write_byte_tokenizer(tmp_path / "tokenizer.json")
     tokenizer = M.Tokenizer.from_pretrained(tmp_path / "tokenizer.json")
     torch.manual_seed(0)
     student, teacher = tiny_model(seed=4).requires_grad_(True), tiny_model(seed=5)
     with torch.no_grad():
         teacher.norm.weight.mul_(3.0)
-    args = train_distill.get_args(["--teacher", "x", "--signal", signal, "--lr", "1e-2", "--warmup",
+    args = train_distill.get_args(["--teacher", "x", "--signal", signal, "--teacher_temperature",
+                                   "1", "--lr", "1e-2", "--warmup",
                                    "1", "--steps", "20", "--max_new_tokens", "16",
                                    "--continuation_tokens", "4", "--states_per_rollout", "2",
                                    "--batch_size", "4"])
