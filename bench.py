@@ -55,6 +55,13 @@ The `gpu` suite (issue 13's prepared run) adds, with the real tokenizer and prep
     never writes "Question:") and 200 TruthfulQA, timed; 16 GSM8K questions with and without the
     CUDA graph, to compare their greedy completions.
   - runs/paper.py's pipeline time, recomputed from those measurements.
+  - issue 19's questions: the decode step at long context (batch 16, 900-token prompts), eager and
+    with the graph, and torch.profiler's table of the eager steps (the 90 ms an eager step took on
+    the H200, unexplained); --fsdp in one process (a group of one) for RL, with its rollouts on the
+    gathered weights, OPD and stress SFT, seconds per step and memory; full fine-tuning at 8, 16
+    and 32 x --train_len tokens (where MFU stops growing) and which attention kernel each ran.
+--sections runs some of these (each under the 10 minutes one device call allows), e.g.
+    python bench.py --suite gpu ... --batch_size 1 --skip_train --sections decode_profile,fsdp
 Every section's figures go into --json as soon as they exist, so a run cut short keeps them.
 """
 import argparse
@@ -65,6 +72,7 @@ import os
 import platform
 import resource
 import shutil
+import socket
 import statistics
 import tempfile
 import time
@@ -80,6 +88,7 @@ from cli import (ArgumentParser, check_device, check_writable_file, list_of, non
 from model import Qwen3, Qwen3Config, Tokenizer, completion_logprobs
 from train_common import autocast
 
+GPU_SECTIONS = ("decode_profile", "fsdp", "trainers", "eval", "training_sizes")  # --suite gpu
 parser = ArgumentParser(description=__doc__,  # one-line errors
                         formatter_class=argparse.RawDescriptionHelpFormatter)
 a = parser.add_argument
@@ -124,6 +133,10 @@ a("--data_dir", help="--suite gpu: prepared data (data/prepare.py's output)")
 a("--train_steps", type=int, default=3,
   help="--suite gpu: steps per trainer (the first is warm-up)")
 a("--eval_limit", type=int, default=500, help="--suite gpu: MMLU and GSM8K questions to evaluate")
+a("--sections", type=list_of(str), default=None,
+  help="--suite gpu: comma-separated sections to run, of " + ",".join(GPU_SECTIONS)
+  + " (default: all); the generation table, and unless --skip_train the training step, run "
+  "first in any case")
 a("--small", action="store_true",
   help="--suite gpu: shrink the trainers' and eval's settings (for a CPU check of the suite)")
 
@@ -360,11 +373,15 @@ def flops_per_token(config, context: float, trained_fraction: float = 1.0) -> fl
     return (4 + 2 * trained_fraction) * n_params + 3 * attention
 
 
-def bench_training(args, folder, device, dtype, result):
+def bench_training(args, folder, device, dtype, batch_size=None):
+    """Full fine-tuning steps on batch_size (default --train_batch_size) x --train_len random
+    tokens: tokens/s, peak memory, MFU; which attention kernels the step ran (the profiler's names
+    of the scaled-dot-product ones: flash, efficient or math)."""
+    batch_size = batch_size or args.train_batch_size
     model = Qwen3.from_pretrained(folder, device=device, dtype=torch.float32).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     g = torch.Generator().manual_seed(args.seed)
-    shape = (args.train_batch_size, args.train_len + 1)
+    shape = (batch_size, args.train_len + 1)
     seqs = torch.randint(0, model.config.vocab_size, shape, generator=g).tolist()
 
     def step():
@@ -376,18 +393,28 @@ def bench_training(args, folder, device, dtype, result):
         optimizer.zero_grad(set_to_none=True)
 
     reset_peak(device)
-    step()  # warm-up (and AdamW's state allocation)
+    with torch.profiler.profile() as profile:
+        step()  # warm-up (and AdamW's state allocation), profiled for the attention kernels
     times = [timed(step, device)[0] for _ in range(args.repeats)]
-    tokens = args.train_batch_size * args.train_len
-    training = {"batch_size": args.train_batch_size, "seq_len": args.train_len, "seconds": times,
-                "tokens_per_s": tokens / min(times), "peak_mib": peak_mib(device)}
+    tokens = batch_size * args.train_len
+    training = {"batch_size": batch_size, "seq_len": args.train_len, "seconds": times,
+                "tokens_per_s": tokens / min(times), "peak_mib": peak_mib(device),
+                "attention_ops": attention_ops(profile)}
     if args.peak_tflops:
         flops = flops_per_token(model.config, args.train_len / 2) * training["tokens_per_s"]
         training["mfu"] = flops / (args.peak_tflops * 1e12)
-    result["training"] = training
-    print(f"training: {training['tokens_per_s']:.1f} tok/s"
-          + (f", MFU {100 * training['mfu']:.1f}%" if "mfu" in training else ""), flush=True)
+    print(f"training, {batch_size} x {args.train_len}: {training['tokens_per_s']:.1f} tok/s"
+          + (f", MFU {100 * training['mfu']:.1f}%" if "mfu" in training else "")
+          + f", attention: {', '.join(training['attention_ops'])}", flush=True)
     del model, optimizer
+    return training
+
+
+def attention_ops(profile) -> list:
+    """The scaled-dot-product-attention operations a profiled run called (their names say which
+    kernel: _scaled_dot_product_flash_attention, ..._efficient_attention, ..._math, ...)."""
+    names = {event.key for event in profile.key_averages()}
+    return sorted(name for name in names if "scaled_dot_product" in name and "backward" not in name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -398,7 +425,7 @@ def bench_training(args, folder, device, dtype, result):
 TRAINER_RUNS = {
     "rl": ("train_rl", []),
     "rl_eager_decode": ("train_rl", []),
-    "opd": ("train_distill", ["--teacher", "{model}"]),
+    "opd": ("train_distill", ["--teacher", "{teacher}"]),  # the same weights, another folder
     "sft_stress": ("train_sft", ["--preset", "stress"]),
 }
 SMALL_TRAINER_FLAGS = {  # --small: seconds on a CPU
@@ -424,15 +451,16 @@ def coin_flip_reward(completion_text: str, gold: str) -> float:
     return float(zlib.crc32(completion_text.encode()) % 2)
 
 
-def bench_trainer(name, args, folder, device):
+def bench_trainer(name, args, folder, device, extra_flags=()):
     """One trainer's main() for --train_steps steps: seconds per step and peak memory."""
     module_name, flags = TRAINER_RUNS[name]
+    flags = [*flags, *extra_flags]
     module = importlib.import_module(module_name)
     with tempfile.TemporaryDirectory() as out_dir:
         argv = ["--model", folder, "--data_dir", args.data_dir, "--out_dir", out_dir,
                 "--device", str(device), "--steps", str(args.train_steps), "--warmup", "1",
                 "--eval_every", "0", "--save_every", "0"]
-        argv += [flag.format(model=folder) for flag in flags]
+        argv += [flag.format(teacher=twin(folder)) for flag in flags]
         argv += SMALL_TRAINER_FLAGS[module_name] if args.small else []
         reset_peak(device)
         began = time.perf_counter()
@@ -456,6 +484,16 @@ def bench_trainer(name, args, folder, device):
     print(f"{name}: {run['seconds_per_step']:.2f} s/step"
           + (f", peak {run['peak_gib']:.1f} GiB" if "peak_gib" in run else ""), flush=True)
     return run
+
+
+def twin(folder) -> str:
+    """Another folder holding folder's model (its files linked): a teacher that is not --model."""
+    other = Path(f"{folder}_twin")
+    if not other.is_dir():
+        other.mkdir()
+        for file in Path(folder).iterdir():
+            (other / file.name).symlink_to(file.resolve())
+    return str(other)
 
 
 def bench_eval(args, folder, device, dtype):
@@ -486,6 +524,76 @@ def bench_eval(args, folder, device, dtype):
     timings["gsm8k_graph_equals_eager"] = completions[True] == completions[False]
     del model
     return timings
+
+
+def bench_decode_profile(args, folder, device, dtype):
+    """The decode step at long context, issue 19's 90 ms: batch 16 with 5-shot-GSM8K-length
+    prompts (900 tokens), ms per step with the graph (on CUDA) and eager, and torch.profiler's
+    table of the eager steps (the 25 operations that took the most time)."""
+    model = Qwen3.from_pretrained(folder, device=device, dtype=dtype)
+    context, new_tokens = (64, 4) if args.small else (900, 32)
+    g = torch.Generator().manual_seed(args.seed)
+    prompts = torch.randint(0, model.config.vocab_size, (16, context), generator=g).tolist()
+
+    def sample(n, graph):
+        return model.generate(prompts, n, temperature=0.7, top_p=args.top_p, seed=args.seed,
+                              cuda_graph=graph)
+
+    profiled = {"batch_size": 16, "context": context, "new_tokens": new_tokens}
+    for name, graph in (("graph", True), ("eager", False)):
+        if graph and device.type != "cuda":
+            continue
+        sample(new_tokens, graph)  # warm-up (and the graph's capture)
+        full_s, _ = timed(lambda: sample(new_tokens, graph), device)
+        prefill_s, _ = timed(lambda: sample(1, graph), device)
+        profiled[f"{name}_ms_per_step"] = 1000 * (full_s - prefill_s) / (new_tokens - 1)
+    with torch.profiler.profile() as profile:
+        sample(new_tokens, False)
+        sync(device)
+    by = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    profiled["eager_profile"] = profile.key_averages().table(sort_by=by, row_limit=25)
+    print(f"decode at context {context}, batch 16: "
+          + ", ".join(f"{name} {profiled[f'{name}_ms_per_step']:.1f} ms/step"
+                      for name in ("graph", "eager") if f"{name}_ms_per_step" in profiled)
+          + "\n" + profiled["eager_profile"], flush=True)
+    del model
+    return profiled
+
+
+def bench_fsdp(args, folder, device):
+    """--fsdp in one process (torchrun's variables set here: a group of one): RL, with its
+    rollouts on the gathered weights (parallel.gathered), OPD and stress SFT's LoRA, each for
+    --train_steps steps: seconds per step and peak memory."""
+    group_of_one = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    saved = {name: os.environ.get(name) for name in group_of_one}
+    os.environ.update(group_of_one)
+    runs = {}
+    try:
+        for name in ("rl", "opd", "sft_stress"):
+            recorded(runs, name, bench_trainer, name, args, folder, device, ["--fsdp"])
+    finally:
+        if torch.distributed.is_initialized():  # a failed run leaves its group behind
+            torch.distributed.destroy_process_group()
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+    return runs
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def bench_training_sizes(args, folder, device, dtype):
+    """Full fine-tuning at larger batches (x --train_len tokens): where MFU stops growing."""
+    sizes = (2, 4) if args.small else (8, 16, 32)
+    return {str(size): bench_training(args, folder, device, dtype, batch_size=size)
+            for size in sizes}
 
 
 def pipeline_estimate(result) -> dict:
@@ -526,6 +634,25 @@ def recorded(result, key, fn, *fn_args):
 
 
 def gpu_suite(args, folder, device, dtype, result, save):
+    """The --sections asked for, each saved as soon as it is measured; issue 19's questions
+    first: the eager step at long context, --fsdp on a GPU."""
+    sections = {"decode_profile": lambda: bench_decode_profile(args, folder, device, dtype),
+                "fsdp": lambda: bench_fsdp(args, folder, device),
+                "trainers": lambda: bench_trainers(args, folder, device, result, save),
+                "eval": lambda: bench_eval(args, folder, device, dtype),
+                "training_sizes": lambda: bench_training_sizes(args, folder, device, dtype)}
+    for name in args.sections or GPU_SECTIONS:
+        recorded(result, name, sections[name])
+        save()
+    if "trainers" in result and "eval" in result:
+        recorded(result, "pipeline_hours", pipeline_estimate, result)
+        save()
+
+
+def bench_trainers(args, folder, device, result, save):
+    """The trainers at their defaults (TRAINER_RUNS): seconds per step, peak memory (each saved
+    in result["trainers"] as it is measured), the CUDA graph's gain on RL's step, stress SFT's
+    MFU."""
     trainers = result["trainers"] = {}
     for name in TRAINER_RUNS:
         recorded(trainers, name, bench_trainer, name, args, folder, device)
@@ -538,10 +665,7 @@ def gpu_suite(args, folder, device, dtype, result, save):
         tokens_per_s = sft["last_step"]["tokens_per_s"]
         config = Qwen3Config.from_dict(json.loads((Path(folder) / "config.json").read_text()))
         sft["mfu"] = flops_per_token(config, 128, 0.0) * tokens_per_s / (args.peak_tflops * 1e12)
-    recorded(result, "eval", bench_eval, args, folder, device, dtype)
-    save()
-    recorded(result, "pipeline_hours", pipeline_estimate, result)
-    save()
+    return trainers
 
 
 # --------------------------------------------------------------------------------------------------
@@ -607,6 +731,27 @@ def markdown(args, result):
             lines.append(f"- eval {name} {timing['limit']}: {timing['seconds']:.1f} s")
         elif name in ("error", "gsm8k_graph_equals_eager"):
             lines.append(f"- eval {name}: {timing}")
+    sections = {}  # issue 19's, those that ran
+    for name in ("decode_profile", "fsdp", "training_sizes"):
+        if "error" in result.get(name, {}):  # the whole section failed
+            lines.append(f"- {name}: failed, {result[name]['error']}")
+        else:
+            sections[name] = result.get(name, {})
+    profiled = sections.get("decode_profile", {})
+    if "eager_ms_per_step" in profiled:
+        graph = (f", {profiled['graph_ms_per_step']:.1f} with the graph"
+                 if "graph_ms_per_step" in profiled else "")
+        lines.append(f"- decode step at batch {profiled['batch_size']}, context "
+                     f"{profiled['context']}: eager {profiled['eager_ms_per_step']:.1f} ms{graph}"
+                     " (profile: decode_profile.eager_profile in the JSON)")
+    for name, run in sections.get("fsdp", {}).items():
+        shown = run.get("error") or f"{run['seconds_per_step']:.2f} s"
+        memory = f", peak {run['peak_gib']:.1f} GiB" if "peak_gib" in run else ""
+        lines.append(f"- --fsdp, one process, {name} step: {shown}{memory}")
+    for size, t in sections.get("training_sizes", {}).items():
+        mfu = f", MFU {100 * t['mfu']:.1f}%" if "mfu" in t else ""
+        lines.append(f"- training at {size} x {t['seq_len']} tokens: {t['tokens_per_s']:.0f} "
+                     f"tok/s{mfu}, attention {', '.join(t['attention_ops'])}")
     if "total" in result.get("pipeline_hours", {}):
         hours = result["pipeline_hours"]["total"]
         lines.append(f"- runs/paper.py, estimated from these: {hours:.1f} h")
@@ -646,6 +791,10 @@ def check_args(args):
             parser.error(f"--{flag}: must be > 0, got {getattr(args, flag)}")
     if args.json:
         check_writable_file(args.json, "--json")
+    unknown = set(args.sections or ()) - set(GPU_SECTIONS)
+    if unknown:
+        parser.error(f"--sections: unknown {', '.join(sorted(unknown))}; choose from "
+                     f"{', '.join(GPU_SECTIONS)}")
     if args.suite == "gpu":
         if not (args.tokenizer and Path(args.tokenizer).is_file()):
             parser.error(f"--tokenizer: {args.tokenizer}: no such file (--suite gpu needs one)")
@@ -695,7 +844,7 @@ def main(argv=None) -> dict:
             bench_generation(args, folder, config, device, dtype, result, logit_std, save)
         folder = str(Path(root) / "logit_std_0")
         if not args.skip_train:
-            bench_training(args, folder, device, dtype, result)
+            result["training"] = bench_training(args, folder, device, dtype)
             save()
         if args.suite == "gpu":
             gpu_suite(args, folder, device, dtype, result, save)

@@ -273,6 +273,8 @@ CASES = [
      "--batch_size", ()),
     ("bench_new_tokens_0", "bench.py", "--preset micro --device cpu --new_tokens 0", "--new_tokens",
      ()),
+    ("bench_unknown_section", "bench.py", "--suite gpu --device cpu --sections fsdp,bogus",
+     "--sections", ()),
     ("prepare_no_source", "data/prepare.py", "--source {w}/no_source --out {w}/prepared",
      "--source", ()),
     ("prepare_unknown_dataset", "data/prepare.py", "--datasets gsm8k,imagenet --out {w}/prepared",

@@ -1,4 +1,6 @@
 """sample.py and bench.py end to end, in-process, on tiny random checkpoints."""
+import os
+
 import pytest
 
 import bench
@@ -97,3 +99,16 @@ def test_bench_gpu_suite_runs_the_trainers_and_eval_on_cpu(tmp_path, tokenizer_f
     assert result["eval"]["gsm8k_graph_equals_eager"] is True
     assert result["pipeline_hours"]["total"] > 0
     assert read_json(tmp_path / "gpu.json")["pipeline_hours"] == result["pipeline_hours"]
+    # issue 19's sections: the eager step at long context profiled, --fsdp in one process,
+    # training at larger batches with the attention kernels it ran
+    profiled = result["decode_profile"]
+    assert profiled["eager_ms_per_step"] > 0
+    assert "Self CPU" in profiled["eager_profile"]  # torch.profiler's table
+    for name in ("rl", "opd", "sft_stress"):
+        assert result["fsdp"][name]["steps"] == 2, result["fsdp"][name]
+    assert "WORLD_SIZE" not in os.environ  # the group of one is gone, its variables too
+    for size in ("2", "4"):
+        assert result["training_sizes"][size]["tokens_per_s"] > 0
+        assert any("scaled_dot_product" in op
+                   for op in result["training_sizes"][size]["attention_ops"])
+    assert "--fsdp, one process, rl step" in result["markdown"]
