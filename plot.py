@@ -187,7 +187,7 @@ def pyplot():
 def draw_panel(ax, curves: list, quantity: Quantity, title: Optional[str] = None) -> bool:
     """Every curve's values of `quantity` over the steps, on `ax` (a matplotlib axis; pyplot()
     first). Returns whether any curve had a value."""
-    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
+    from matplotlib.ticker import FormatStrFormatter, FuncFormatter, MaxNLocator
     drawn = False
     for curve in curves:
         points = [(r["step"], quantity.read(r)) for r in curve.records]
@@ -203,10 +203,18 @@ def draw_panel(ax, curves: list, quantity: Quantity, title: Optional[str] = None
     if quantity.log and drawn:  # ticks as plain numbers (5.6, not 5.6 x 10^0)
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(  # at 0.2, 0.3 ...: only if they fit
+            lambda value, _: f"{value:g}" if within_a_decade(ax) else ""))
     else:  # the values themselves, not an offset added to small ones
         ax.ticklabel_format(axis="y", useOffset=False)
     return drawn
+
+
+def within_a_decade(ax) -> bool:
+    """Does ax's y axis (log scale) span at most a factor of 10? Beyond, its minor ticks'
+    labels would pile on top of each other, and the powers of ten are labelled anyway."""
+    low, high = ax.get_ylim()
+    return high <= 10 * low
 
 
 def figure_of(curves: list, quantities: list, columns: int = 4):

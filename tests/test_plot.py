@@ -88,6 +88,24 @@ def test_a_run_over_several_folders_is_one_color_named_once():
     plt.close(fig)
 
 
+def test_a_log_panel_labels_its_minor_ticks_only_when_it_spans_a_decade_or_less():
+    """Over three decades (stress SFT's 8 nats down to 0.05) the minor ticks' labels would pile on
+    top of each other: only 0.1, 1, 10 are labelled; within one decade the minor ticks are."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    labels = {}
+    for span, values in (("wide", [8.0, 0.05]), ("narrow", [0.35, 0.12])):
+        records = [{"step": step, "state_nll": value} for step, value in enumerate(values, 1)]
+        fig, ax = plt.subplots()
+        assert plot.draw_panel(ax, plot.curves({"run": [records]}), plot.QUANTITIES["state_nll"])
+        fig.canvas.draw()
+        labels[span] = [tick.get_text() for tick in ax.get_yticklabels(minor=True)
+                        if tick.get_text() and ax.get_ylim()[0] <= tick.get_position()[1]
+                        <= ax.get_ylim()[1]]
+        plt.close(fig)
+    assert labels["wide"] == []
+    assert labels["narrow"] and all(float(text) < 1 for text in labels["narrow"])
+
+
 def test_the_command_writes_one_png(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "figs" / "curves.png"
