@@ -6,7 +6,8 @@ Speed, side by side with transformers: generation, training steps, evaluation.
                                                            # CPU: both spreads, both temperatures
     python bench.py --preset 0.6b --batch_size 1,16,64     # one GPU, bf16: + a training step
     python bench.py --suite gpu --tokenizer TOKENIZER_JSON --data_dir data --json gpu.json
-                                                           # one GPU, ~9 min on an H200: all below
+                                                           # one GPU, all below (~9 min on an H200
+                                                           # before issue 19's sections)
 
 Generation (both suites). A random-init Qwen3 of a preset shape is saved to a temporary folder and
 loaded by both implementations, which then sample the same random prompts with the same settings,
