@@ -80,6 +80,7 @@ import time
 import traceback
 import zlib
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -438,16 +439,6 @@ SMALL_TRAINER_FLAGS = {  # --small: seconds on a CPU
 }
 
 
-@contextlib.contextmanager
-def patched(module, name, value):
-    saved = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, saved)
-
-
 def coin_flip_reward(completion_text: str, gold: str) -> float:
     return float(zlib.crc32(completion_text.encode()) % 2)
 
@@ -467,9 +458,9 @@ def bench_trainer(name, args, folder, device, extra_flags=()):
         began = time.perf_counter()
         graphs = name != "rl_eager_decode"
         with contextlib.ExitStack() as stack:
-            stack.enter_context(patched(model_module, "CUDA_GRAPHS", graphs))
+            stack.enter_context(mock.patch.object(model_module, "CUDA_GRAPHS", graphs))
             if module_name == "train_rl":
-                stack.enter_context(patched(module, "gsm8k_reward", coin_flip_reward))
+                stack.enter_context(mock.patch.object(module, "gsm8k_reward", coin_flip_reward))
             module.main(argv)
         wall = time.perf_counter() - began
         lines = [json.loads(line) for line in open(Path(out_dir) / "metrics.jsonl")]
@@ -516,7 +507,7 @@ def bench_eval(args, folder, device, dtype):
     completions = {}
     limit = min(16, args.eval_limit)
     for graphs in (True, False):
-        with patched(model_module, "CUDA_GRAPHS", graphs):
+        with mock.patch.object(model_module, "CUDA_GRAPHS", graphs):
             seconds, scored = timed(lambda: evaluate(model, tokenizer, ("gsm8k",), limit=limit,
                                                      data_dir=args.data_dir, **small), device)
         samples = scored["tasks"]["gsm8k"]["samples"]
@@ -567,20 +558,14 @@ def bench_fsdp(args, folder, device):
     --train_steps steps: seconds per step and peak memory."""
     group_of_one = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    saved = {name: os.environ.get(name) for name in group_of_one}
-    os.environ.update(group_of_one)
     runs = {}
-    try:
-        for name in ("rl", "opd", "sft_stress"):
-            recorded(runs, name, bench_trainer, name, args, folder, device, ["--fsdp"])
-    finally:
-        if torch.distributed.is_initialized():  # a failed run leaves its group behind
-            torch.distributed.destroy_process_group()
-        for name, value in saved.items():
-            if value is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = value
+    with mock.patch.dict(os.environ, group_of_one):  # restored as they were after
+        try:
+            for name in ("rl", "opd", "sft_stress"):
+                recorded(runs, name, bench_trainer, name, args, folder, device, ["--fsdp"])
+        finally:
+            if torch.distributed.is_initialized():  # a failed run leaves its group behind
+                torch.distributed.destroy_process_group()
     return runs
 
 
