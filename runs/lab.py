@@ -69,7 +69,7 @@ import paper  # noqa: E402  (its has_final_model, has_results, call_main)
 from cli import fail  # noqa: E402  (paper.py put the project on the path)
 
 ROOT = paper.ROOT
-SIX = ("base", "sft_mild", "sft_stress", "opd_mild", "opd_stress", "rl")
+SIX = paper.RUNS  # the paper's six rows: base, sft_mild, sft_stress, opd_mild, opd_stress, rl
 TUNING = dict(bases=[0], seeds=[0, 1, 2])  # where the settings were chosen: not reported
 BASES, SEEDS = "1,2", "3,4,5"  # the default call: never used for a choice
 BUDGET_MINUTES = dict(default=45, one=15, study=60)  # 2 CPU cores; printed at the end of a call
@@ -174,26 +174,17 @@ MINI_EVAL = ["--limit", "gsm8k=4,mmlu=8,truthfulqa=4", "--drift_prompts", "4",
 MINI_DATA = dict(n_train=64, n_test=16)
 
 
-def integers(parser, flag, text):
-    try:
-        values = [int(s) for s in text.split(",") if s]
-    except ValueError:
-        values = []
-    if not values or any(v < 0 for v in values):
-        parser.error(f"{flag}: expected comma-separated integers >= 0, not {text!r}")
-    return values
-
-
 def get_args(argv=None):
-    from cli import ArgumentParser, check_writable_dir, positive_int  # one-line errors
+    from cli import (ArgumentParser, check_writable_dir, list_of, nonnegative_int,  # one line
+                     positive_int)
     parser = ArgumentParser(prog="lab.py", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out",
                         help="where everything goes (default: runs/out/lab; --mini: "
                              "runs/out/lab_mini)")
-    parser.add_argument("--bases", default=BASES,
+    parser.add_argument("--bases", type=list_of(nonnegative_int), default=BASES,
                         help=f"comma-separated base (pretraining) seeds (default: {BASES})")
-    parser.add_argument("--seeds", default=SEEDS,
+    parser.add_argument("--seeds", type=list_of(nonnegative_int), default=SEEDS,
                         help=f"comma-separated trainer seeds (default: {SEEDS})")
     parser.add_argument("--only", help=f"comma-separated runs of {','.join(SIX)} or of the "
                         "study (default: the six, and with --study distill the study's; a "
@@ -213,11 +204,9 @@ def get_args(argv=None):
     args = parser.parse_args(argv)
     default_out = ROOT / "runs" / "out" / ("lab_mini" if args.mini else "lab")
     args.out = Path(args.out or os.path.relpath(default_out))
-    args.bases = integers(parser, "--bases", args.bases)
-    args.seeds = integers(parser, "--seeds", args.seeds)
     every = [*SIX, *(STUDY if args.study else [])]
     args.only = [r for r in (args.only or ",".join(every)).split(",") if r]
-    unknown = sorted(set(args.only) - set(SIX) - set(STUDY) - set(EXTRA))
+    unknown = sorted(set(args.only) - set(SIX) - set(all_runs()))
     if unknown or not args.only:
         parser.error(f"--only: unknown run(s) {', '.join(unknown) or '(none given)'}; choose "
                      f"from {', '.join(SIX)} (--study distill's: {', '.join(STUDY)}; more: "
@@ -246,13 +235,20 @@ def code_version() -> dict:
     return {"commit": commit, "torch": torch.__version__}
 
 
+def all_runs() -> dict:
+    """Every run --only may name but base, in the order they start (each teacher before its
+    students): the six's, the study's, the extra teachers'."""
+    return {**RUNS, **STUDY, **EXTRA}
+
+
 def selected_runs(args) -> dict:
     """The runs this call makes (--only's), in the order they are started: the six's, then the
     study's."""
-    runs = {name: spec for name, spec in {**RUNS, **STUDY, **EXTRA}.items() if name in args.only}
+    every = all_runs()
+    runs = {name: spec for name, spec in every.items() if name in args.only}
     for name, spec in list(runs.items()):  # a teacher is trained when its student is
         if spec["teacher"] and spec["teacher"] not in runs:
-            runs = {spec["teacher"]: {**RUNS, **STUDY, **EXTRA}[spec["teacher"]], **runs}
+            runs = {spec["teacher"]: every[spec["teacher"]], **runs}
     return runs
 
 
@@ -261,7 +257,7 @@ def check_settings(args):
     others."""
     settings = {"mini": args.mini, "model": MINI_MODEL if args.mini else MODEL, "mix": MIX,
                 "pretrain": MINI_PRETRAIN if args.mini else PRETRAIN,
-                "training": {**RUNS, **STUDY, **EXTRA}, "common": COMMON, "eval": LAB_EVAL}
+                "training": all_runs(), "common": COMMON, "eval": LAB_EVAL}
     settings = json.loads(json.dumps(settings))
     path = args.out / "lab.json"
     old = json.loads(path.read_text()) if path.exists() else settings
@@ -592,7 +588,7 @@ def run_lab(args, began):
     else:
         say("every step is done")
     run_all(tasks, args)
-    lab_table.write_tables(args, {**RUNS, **STUDY, **EXTRA})  # every run with results in OUT
+    lab_table.write_tables(args, all_runs())  # every run with results in OUT
     minutes = (time.time() - began) / 60
     kind = budget(args)
     say(f"finished in {minutes:.1f} min (the budget for this kind of call, {kind}: "

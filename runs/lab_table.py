@@ -11,16 +11,12 @@
 """
 import json
 import statistics
-from pathlib import Path
+
+import paper
+from plot import read_metrics
 
 RETENTION_TASKS = ("mmlu", "truthfulqa_mc2")  # the paper's Forgetting and Retention average these
 EARLY_STEPS = 5  # a teacher's local quality: its signal on the student's states, first steps
-
-
-def records(metrics_path: Path) -> list:
-    if not metrics_path.exists():
-        return []
-    return [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
 
 
 def mean_of(rows, key):
@@ -40,7 +36,9 @@ def row_of(results: dict, base: dict, metrics_path=None) -> dict:
     row["forgetting"] = statistics.mean(base_scores[k] - scores[k] for k in RETENTION_TASKS)
     row["retention"] = 100 * statistics.mean(scores[k] / base_scores[k] for k in RETENTION_TASKS
                                              if base_scores[k])
-    steps = [r for r in records(metrics_path) if "loss" in r] if metrics_path else []
+    steps = []  # the training steps' records (plot.py reads metrics.jsonl as it plots them)
+    if metrics_path and metrics_path.exists():
+        steps = [r for r in read_metrics(metrics_path) if "loss" in r]
     row["state_nll"] = mean_of(steps, "state_nll")
     row["mmd2_lexical"] = results["drift"]["lexical"]["mmd2"] if "drift" in results else 0.0
     row["mmd2_hidden"] = results["drift"]["hidden"]["mmd2"] if "drift" in results else 0.0
@@ -86,10 +84,9 @@ def collect(args, runs):
                 mine = json.loads(path.read_text())
                 results.setdefault(name, {})[f"b{b}/seed{s}"] = mine
                 row = row_of(mine, base, folder / name / "metrics.jsonl")
-                teacher = spec.get("teacher")
-                teacher_path = folder / "results" / f"{teacher}.json"
-                if teacher and teacher_path.exists():  # the student against its teacher
-                    teacher_row = row_of(json.loads(teacher_path.read_text()), base)
+                # the student against its teacher (runs lists each teacher before its students)
+                teacher_row = per.get(spec.get("teacher"), {}).get(f"b{b}/seed{s}")
+                if teacher_row:
                     row["teacher_target"] = teacher_row["target"]
                     row["minus_teacher_target"] = row["target"] - teacher_row["target"]
                     if row.get("local_quality") is not None:  # P3: better on the student's
@@ -112,7 +109,7 @@ def by_base(rows: dict) -> dict:
 # The findings: each a figure per (base, seed) and a test of it -----------------------------------
 
 
-def findings(per: dict, results: dict, runs: dict) -> list:
+def findings(per: dict, results: dict, runs: dict, points: list) -> list:
     """The paper's findings as the lab measures them. For each: its figure on every base and seed
     (mean and std over them, the mean per base), whether it holds on the mean (overall and per
     base), and where it compares two runs on the same questions, the questions' own uncertainty:
@@ -187,7 +184,7 @@ def findings(per: dict, results: dict, runs: dict) -> list:
                                       if base_target[k.split("/")[0]] > 0},
             lambda m: m < 0.5)
     by_key = {}  # (base, seed) -> its students' (local advantage, student - teacher) points
-    for point in condition_points(per):
+    for point in points:
         by_key.setdefault(point["key"], []).append(point)
     finding("the teacher's local advantage foretells whether its student beats it on the target "
             "(share of students, >= 0.8)", {key: sign_agreement(points)
@@ -306,8 +303,8 @@ def write_tables(args, runs):
         print("[lab] no table: no base has results yet", flush=True)
         return
     summary = {name: summarize(list(rows.values())) for name, rows in per.items() if rows}
-    found = findings(per, results, runs)
     points = condition_points(per)
+    found = findings(per, results, runs, points)
     lab_json = json.loads((args.out / "lab.json").read_text())
     out = {"bases": args.bases, "seeds": args.seeds, "versions": lab_json.get("versions"),
            "per_seed": per, "summary": summary,
@@ -326,8 +323,7 @@ def write_tables(args, runs):
     tmp.write_text(json.dumps(out, indent=1) + "\n")
     tmp.replace(args.out / "table.json")
     n = len(args.bases) * len(args.seeds)
-    six = ["base", *[name for name in runs if name in per and not name.startswith(("off_",))
-                     and name in ("sft_mild", "sft_stress", "opd_mild", "opd_stress", "rl")]]
+    six = [name for name in paper.RUNS if name in per]  # "base" first: it is always in per
     lines = markdown(summary, six, COLUMNS)
     lines.append(f"\nMean ± std over {n} runs: bases {', '.join(map(str, args.bases))} x seeds "
                  f"{', '.join(map(str, args.seeds))} (each base evaluated once). Forgetting: "
@@ -336,8 +332,9 @@ def write_tables(args, runs):
                  "the states each trainer trained on, under the learner. MMD²: state drift from "
                  "the base (eval.py --drift_reference).")
     lines += findings_markdown(found)
-    (args.out / "table.md").write_text("\n".join(lines) + "\n")
-    print("\n" + (args.out / "table.md").read_text(), flush=True)
+    table = "\n".join(lines) + "\n"
+    (args.out / "table.md").write_text(table)
+    print("\n" + table, flush=True)
     study = [name for name in per if name not in six and name != "base"]
     if study:
         lines = markdown(summary, ["sft_mild", "sft_stress", "opd_mild", "opd_stress", *study],
@@ -351,8 +348,9 @@ def write_tables(args, runs):
                      f"{fmt(r['minus_teacher_retained'])} (retained); its sign foretells whether "
                      f"the student beats its teacher on the target for "
                      f"{fmt(None if agreement is None else 100 * agreement)}% of them.")
-        (args.out / "distill.md").write_text("\n".join(lines) + "\n")
-        print((args.out / "distill.md").read_text(), flush=True)
+        study_table = "\n".join(lines) + "\n"
+        (args.out / "distill.md").write_text(study_table)
+        print(study_table, flush=True)
     if not args.no_plot:
         import lab_plot
         lab_plot.plot_lab(args, summary, runs)
