@@ -35,7 +35,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from cli import Stop, check_writable_dir, fail
 from faults import hold_out_dir, same_flags, stop_requested
-from model import load_safetensors, make_readable
+from model import load_safetensors, make_readable, read_json
 from train_common import due, rank_and_world, unwrap
 
 KEEP_CHECKPOINTS = 2  # the newest and the one before it, in case the newest turns out unreadable
@@ -205,10 +205,9 @@ def described(kind: dict) -> str:
             "fsdp": f"{n} FSDP processes (torchrun --fsdp)"}[kind["kind"]]
 
 
-def check_kind(folder: Path, model):
-    """A checkpoint written by another kind of run (one process, DDP, FSDP, another number of
-    processes) is refused with both kinds named, before anything loads."""
-    saved = kind_of(json.loads((folder / "meta.json").read_text()))
+def check_kind(folder: Path, saved: dict, model):
+    """A checkpoint (saved: its kind_of) written by another kind of run (one process, DDP, FSDP,
+    another number of processes) is refused with both kinds named, before anything loads."""
     this_run = run_kind(model)
     if saved["processes"] is None and this_run["kind"] != "fsdp":
         return  # from before kinds were recorded: unsharded, loadable by either
@@ -232,7 +231,8 @@ def load_checkpoint(out_dir, model, optimizer) -> int:
             problem = read_back_problem(folder)
             if problem:
                 raise ValueError(f"{folder}: {problem}")
-            check_kind(folder, model)  # another kind of run's: refused, not passed over
+            meta = read_json(folder / "meta.json")
+            check_kind(folder, kind_of(meta), model)  # another kind's: refused, not passed over
             tensors = None if sharded else load_safetensors(folder / "state.safetensors")
         except ValueError as e:
             problems.append(str(e))
@@ -244,7 +244,7 @@ def load_checkpoint(out_dir, model, optimizer) -> int:
         else:
             restore(folder, tensors, unwrap(model), optimizer)
         print(f"resumed from {folder}")
-        return json.loads((folder / "meta.json").read_text())["step"]
+        return meta["step"]
     fail(f"--resume: no readable checkpoint in {out_dir}/checkpoints: {'; '.join(problems)}")
 
 

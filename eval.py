@@ -25,6 +25,7 @@ stopping at once); special tokens other than the stop tokens stay in the decoded
 (lm-eval drops them).
 """
 import argparse
+import collections
 import functools
 import importlib.util
 import json
@@ -87,6 +88,11 @@ def load_gsm8k(split: str, data_dir=DATA_DIR) -> list:
 
 def load_mmlu(split: str, data_dir=DATA_DIR) -> list:
     return read_data(data_dir, "mmlu", f"{split}.jsonl")
+
+
+def most_mmlu_shots(data_dir=DATA_DIR) -> int:
+    """The most few-shot examples every subject has: its dev rows, the fewest of any subject."""
+    return min(collections.Counter(row["subject"] for row in load_mmlu("dev", data_dir)).values())
 
 
 def load_truthfulqa(data_dir=DATA_DIR) -> list:
@@ -544,12 +550,10 @@ def check_data(parser, args, tasks):
         parser.error(f"--gsm8k_shots {args.gsm8k_shots}: more than the train split's {n_train} "
                      "examples")
     if "mmlu" in tasks:
-        dev_rows = {}
-        for row in load_mmlu("dev", args.data_dir):
-            dev_rows[row["subject"]] = dev_rows.get(row["subject"], 0) + 1
-        if args.mmlu_shots > min(dev_rows.values()):
-            parser.error(f"--mmlu_shots {args.mmlu_shots}: more than the {min(dev_rows.values())} "
-                         "dev examples some subjects have")
+        fewest = most_mmlu_shots(args.data_dir)
+        if args.mmlu_shots > fewest:
+            parser.error(f"--mmlu_shots {args.mmlu_shots}: more than the {fewest} dev examples "
+                         "some subjects have")
         load_mmlu("test", args.data_dir)  # read (and checked) now rather than after GSM8K is scored
     if any(t.startswith("truthfulqa") for t in tasks):
         load_truthfulqa(args.data_dir)

@@ -15,7 +15,6 @@ and the flags that only the model and the data can check, checked before any wor
     check_run_fits   every sequence a step samples fits the model's positions; the periodic eval
                      has its --eval_shots examples
 """
-import collections
 import fcntl
 import json
 import os
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from cli import RECEIVED, Stop, command_line, fail, stops_cleanly
-from eval import gsm8k_prompt, load_gsm8k, load_mmlu
+from eval import gsm8k_prompt, load_gsm8k, most_mmlu_shots
 from model import read_json
 from parallel import rank_and_world, reduced
 
@@ -236,8 +235,7 @@ def check_run_fits(args, config, tokenizer):
         fail(f"--eval_shots {args.eval_shots}: more than the GSM8K train split's {len(train)} "
              "examples")
     if "mmlu" in tasks:  # each subject's first --eval_shots dev rows
-        per_subject = collections.Counter(row["subject"] for row in load_mmlu("dev", args.data_dir))
-        fewest = min(per_subject.values())
+        fewest = most_mmlu_shots(args.data_dir)
         if args.eval_shots > fewest:
             fail(f"--eval_shots {args.eval_shots}: more than the {fewest} MMLU dev examples some "
                  "subjects have")

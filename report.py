@@ -96,11 +96,14 @@ def points(results: dict, column: str):
 
 def headline_stderrs(results: dict) -> dict:
     """{column: the standard error of headline(results)[column], in points, or None}."""
-    errors = {}
-    for column in headline(results):
-        scores, _ = points(results, column)
-        errors[column] = None if scores is None else mean_stderr(scores)
-    return errors
+    return {column: stderr_of(results, column) for column in headline(results)}
+
+
+def stderr_of(results: dict, column: str):
+    """The standard error of headline(results)[column], in points (None: no per-question
+    scores)."""
+    scores, _ = points(results, column)
+    return None if scores is None else mean_stderr(scores)
 
 
 def column_difference(a: dict, b: dict, column: str) -> dict:
@@ -109,8 +112,8 @@ def column_difference(a: dict, b: dict, column: str) -> dict:
     difference also gets "stderr_clustered", by subject."""
     (scores_a, indices_a), (scores_b, indices_b) = points(a, column), points(b, column)
     if scores_a is None or scores_b is None or indices_a != indices_b:
-        stderr_a, stderr_b = headline_stderrs(a)[column], headline_stderrs(b)[column]
-        return unpaired_difference(headline(a)[column], stderr_a, headline(b)[column], stderr_b)
+        return unpaired_difference(headline(a)[column], stderr_of(a, column),
+                                   headline(b)[column], stderr_of(b, column))
     paired = paired_difference(scores_a, scores_b)
     if column == "mmlu":  # questions come in subjects: also the clustered error (Miller 2024)
         subjects = [s.get("subject") for s in a["tasks"]["mmlu"]["samples"]]
@@ -297,15 +300,16 @@ def summarize_seeds(pairs: list, truthfulqa: str = "mc2") -> dict:
     kept = ("mmlu", f"truthfulqa_{truthfulqa}")
     if all(column in columns for column in kept):
         forgot = [forgetting(run, base, kept)["delta"] for run, base in pairs]
-        # base - run per column: the per-question averaging, then the two columns' mean
-        delta = average_of_differences([summary(pairs, column, base_minus_run=True)
+        # base - run per column (its run - base, negated: the same per-question averaging and
+        # error), then the two columns' mean
+        delta = average_of_differences([{**figures[column], "delta": -figures[column]["delta"]}
                                         for column in kept])
         figures["forgetting"] = {"mean": mean(forgot), "spread": spread(forgot), **delta,
                                  "n": len(pairs)}
     return figures
 
 
-def summary(pairs: list, column: str, base_minus_run: bool = False) -> dict:
+def summary(pairs: list, column: str) -> dict:
     """summarize_seeds' figures of one headline column."""
     runs_points = [points(run, column) for run, _ in pairs]
     bases_points = [points(base, column) for _, base in pairs]
@@ -314,11 +318,9 @@ def summary(pairs: list, column: str, base_minus_run: bool = False) -> dict:
         # each question's score averaged over the pairs, then the paired difference of the means
         run_means = [mean(question) for question in zip(*(s for s, _ in runs_points))]
         base_means = [mean(question) for question in zip(*(s for s, _ in bases_points))]
-        delta = paired_difference(*((base_means, run_means) if base_minus_run
-                                    else (run_means, base_means)))
+        delta = paired_difference(run_means, base_means)
     else:
-        delta = average_of_differences([column_difference(*((base, run) if base_minus_run
-                                                             else (run, base)), column)
+        delta = average_of_differences([column_difference(run, base, column)
                                         for run, base in pairs])
     scores = [headline(run)[column] for run, _ in pairs]
     return {"mean": mean(scores), "spread": spread(scores), **delta, "n": len(pairs)}
