@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import eval as ev
+from harness import report as R
 from conftest import ByteTokenizer, tiny_model
 
 
@@ -186,7 +187,7 @@ def test_non_finite_numbers_are_null_with_the_reason_never_nan_in_json():
                  "samples": [{"index": 0, "logliks": [nan, nan, nan, nan]}]},
         "gsm8k": {"metrics": {"exact_match_strict": 0.5, "exact_match_flexible": 0.5}, "n": 1,
                   "samples": []}}}
-    clean = ev.no_nan(results)
+    clean = R.no_nan(results)
     text = json.dumps(clean, allow_nan=False)  # would raise on a NaN left anywhere
     assert clean["tasks"]["mmlu"]["metrics"] == {"acc": None}
     assert "not finite" in clean["tasks"]["mmlu"]["invalid"]
