@@ -39,8 +39,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harness.cli import (ArgumentParser, check_device, check_writable_file, fail, load_model,
-                         nonnegative_float, nonnegative_int, positive_int, progress, stops_cleanly)
+from harness.cli import (ArgumentParser, check_device, check_writable_file, fail, limits_of,
+                         load_model, nonnegative_float, nonnegative_int, positive_int, progress,
+                         stops_cleanly)
 from harness.report import (format_score, headline, headline_stderrs, report, task_means,
                             with_stderrs, write_results)
 from harness.stats import DRIFT_PERMUTATIONS, drift_distances, mean
@@ -508,25 +509,6 @@ def state_drift(model, reference, tokenizer, prompts: list, max_new_tokens=128, 
 
 # CLI ----------------------------------------------------------------------------------------------
 
-def parse_limit(text):
-    """'500' -> 500; 'paper' -> PAPER_LIMITS; 'gsm8k=500,mmlu=500,truthfulqa=200' -> a dict
-    ('truthfulqa' sets both MC1 and MC2, which then score the same questions)."""
-    if text is None or text == "paper":
-        return None if text is None else dict(PAPER_LIMITS)
-    if text.isdigit() and int(text) > 0:
-        return int(text)
-    limits = {}
-    for item in text.split(","):
-        name, _, value = item.partition("=")
-        matched = [task for task in TASKS if task == name or task.startswith(name + "_")]
-        # 0 would score nothing: a mean of nothing
-        if not matched or not value.isdigit() or int(value) == 0:
-            raise argparse.ArgumentTypeError(f"bad item {item!r}: expected N, 'paper' or TASK=N, "
-                                             f"with N >= 1")
-        limits.update({task: int(value) for task in matched})
-    return limits
-
-
 def main(argv=None):
     parser = ArgumentParser(description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -534,7 +516,7 @@ def main(argv=None):
     a("--model", help="model folder or Hugging Face hub id (with its tokenizer.json)")
     a("--tasks", default=",".join(TASKS),
       help=f"comma-separated subset of {','.join(TASKS)}; '' or none: no task (drift only)")
-    a("--limit", type=parse_limit, default=None,
+    a("--limit", type=limits_of(TASKS, paper=PAPER_LIMITS), default=None,
       help="score a fixed seeded subset: N for every task, 'paper' (500 GSM8K, 500 MMLU, 200 "
            "TruthfulQA) or e.g. gsm8k=500,mmlu=500,truthfulqa=200; default: full test sets")
     a("--seed", type=int, default=1234, help="seed of the --limit subsets (recorded in the output)")

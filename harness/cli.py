@@ -100,6 +100,28 @@ def subset_of(choices):
     return parse
 
 
+def limits_of(tasks, **named):
+    """An argument type: how many questions of each task to score. 'N' for every task, a name in
+    `named` (such as paper=PAPER_LIMITS, a dict per task), or 'TASK=N,...' where TASK may name
+    several tasks by their common prefix ('truthfulqa' sets both MC1 and MC2). N >= 1."""
+    def parse(text):
+        if text in named:
+            return dict(named[text])
+        if text.isdigit() and int(text) > 0:
+            return int(text)
+        limits = {}
+        for item in text.split(","):
+            name, _, value = item.partition("=")
+            matched = [task for task in tasks if task == name or task.startswith(name + "_")]
+            if not matched or not value.isdigit() or int(value) == 0:  # 0 would score nothing
+                raise argparse.ArgumentTypeError(f"bad item {item!r}: expected N, "
+                                                 f"{', '.join(map(repr, named))} or TASK=N, "
+                                                 "with N >= 1")
+            limits.update({task: int(value) for task in matched})
+        return limits
+    return parse
+
+
 def check_device(device: str, flag: str = "--device"):
     """A device torch knows, and CUDA only where there is CUDA."""
     import torch

@@ -12,6 +12,7 @@ import torch
 
 import eval as ev
 from harness import report as R
+from harness.cli import limits_of
 from conftest import ByteTokenizer, tiny_model
 
 
@@ -206,16 +207,16 @@ def test_subset_is_seeded_sorted_and_full_without_limit():
     assert picked != ev.subset(817, 200, seed=1)
 
 
-def test_parse_limit():
-    assert ev.parse_limit(None) is None
-    assert ev.parse_limit("50") == 50
-    assert ev.parse_limit("paper") == {"gsm8k": 500, "mmlu": 500, "truthfulqa_mc1": 200,
-                                       "truthfulqa_mc2": 200}
-    assert ev.parse_limit("mmlu=3,truthfulqa=2") == {"mmlu": 3, "truthfulqa_mc1": 2,
-                                                     "truthfulqa_mc2": 2}
+def test_limit_flag():
+    parse_limit = limits_of(ev.TASKS, paper=ev.PAPER_LIMITS)  # eval.py's --limit
+    assert parse_limit("50") == 50
+    assert parse_limit("paper") == {"gsm8k": 500, "mmlu": 500, "truthfulqa_mc1": 200,
+                                    "truthfulqa_mc2": 200}
+    assert parse_limit("mmlu=3,truthfulqa=2") == {"mmlu": 3, "truthfulqa_mc1": 2,
+                                                  "truthfulqa_mc2": 2}
     for bad in ("bogus=3", "0", "gsm8k=0", "-1", "mmlu=x"):
-        with pytest.raises(Exception, match="bad item"):
-            ev.parse_limit(bad)
+        with pytest.raises(Exception, match="bad item .* expected N, 'paper' or TASK=N"):
+            parse_limit(bad)
 
 
 # --------------------------------------------------------------------------------------------------
