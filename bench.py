@@ -85,10 +85,10 @@ from unittest import mock
 import torch
 
 import model as model_module
-from cli import (ArgumentParser, check_device, check_writable_file, list_of, nonnegative_float,
-                 positive_int, probability)
+from harness.cli import (ArgumentParser, check_device, check_writable_file, list_of,
+                         nonnegative_float, positive_int, probability)
+from harness.training import autocast
 from model import Qwen3, Qwen3Config, Tokenizer, completion_logprobs
-from train_common import autocast
 
 GPU_SECTIONS = ("decode_profile", "fsdp", "trainers", "eval", "training_sizes")  # --suite gpu
 parser = ArgumentParser(description=__doc__,  # one-line errors
@@ -554,8 +554,8 @@ def bench_decode_profile(args, folder, device, dtype):
 
 def bench_fsdp(args, folder, device):
     """--fsdp in one process (torchrun's variables set here: a group of one): RL, with its
-    rollouts on the gathered weights (parallel.gathered), OPD and stress SFT's LoRA, each for
-    --train_steps steps: seconds per step and peak memory."""
+    rollouts on the gathered weights (harness/parallel.py's gathered), OPD and stress SFT's LoRA,
+    each for --train_steps steps: seconds per step and peak memory."""
     group_of_one = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     runs = {}

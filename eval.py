@@ -2,12 +2,12 @@
 lm-evaluation-harness does, and the state lens that the trainers and the paper's table read.
 
     python eval.py --model Qwen/Qwen3-0.6B-Base --limit paper --out base.json
-    python eval.py --report base.json rl.json sft.json      # Table 2 with error bars (report.py)
+    python eval.py --report base.json rl.json sft.json      # Table 2 with error bars
     python eval.py --model out/rl --drift_reference Qwen/Qwen3-0.6B-Base --out rl.json  # + drift
 
     tasks, prompts, answers  load_gsm8k, ...; gsm8k_prompt, ...; gsm8k_correct, gsm8k_reward
-    scoring, the state lens  evaluate, loglikelihoods; state_nll, kl_to_start (drift.py: drift)
-    error bars, --report     report.py (stats.py: standard errors, paired differences)
+    scoring                  evaluate, loglikelihoods; error bars: harness/report.py, stats.py
+    the state lens           state_nll, kl_to_start, continuation_quality, state_drift
 
 The protocol is lm-eval's (0.4.13's task yamls gsm8k, mmlu, truthfulqa_mc1/mc2), so that numbers
 can be compared with lm-eval's: the same prompts, the same few-shot examples, the same answer
@@ -28,24 +28,25 @@ import argparse
 import collections
 import functools
 import importlib.util
-import json
 import math
-import os
 import random
 import re
 import sys
 import time
+import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from cli import (ArgumentParser, check_device, check_writable_file, fail, finite_or_null,
-                 nonnegative_float, nonnegative_int, positive_int, progress, stops_cleanly)
-from drift import state_drift
-from model import Qwen3, Tokenizer, completion_logprobs
-from sampler import rollout
-from report import format_score, headline, headline_stderrs, report, task_means, with_stderrs
-from stats import mean
+from harness.cli import (ArgumentParser, check_device, check_writable_file, fail, limits_of,
+                         load_model, nonnegative_float, nonnegative_int, positive_int, progress,
+                         stops_cleanly)
+from harness.report import (format_score, headline, headline_stderrs, report, task_means,
+                            with_stderrs, write_results)
+from harness.stats import DRIFT_PERMUTATIONS, drift_distances, mean
+from model import completion_logprobs
+from sample import rollout
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 TASKS = ("gsm8k", "mmlu", "truthfulqa_mc1", "truthfulqa_mc2")
@@ -55,15 +56,11 @@ PAPER_LIMITS = {"gsm8k": 500, "mmlu": 500, "truthfulqa_mc1": 200, "truthfulqa_mc
 
 
 def read_data(data_dir, dataset: str, filename: str) -> list:
-    """Rows of data_dir/dataset/filename, each checked (a bad line stops with its file and line); a
-    missing file is prepared (downloaded) on first use."""
-    path = Path(data_dir) / dataset / filename
+    """Rows of data_dir/dataset/filename, each checked, prepared (downloaded) on first use
+    (data/prepare.py's load); a bad line or file, or no connection, is one line."""
     prepare = prepare_module()
     try:
-        if not path.exists():
-            print(f"{path} not found: preparing {dataset} with data/prepare.py", file=sys.stderr)
-            prepare.prepare(out_dir=data_dir, datasets=[dataset])
-        return prepare.read_prepared(path, dataset)
+        return prepare.load(data_dir, dataset, filename)
     except prepare.DataError as e:  # offline, or a damaged file: one line for whichever script
         fail(str(e))
 
@@ -385,8 +382,9 @@ def evaluate(model, tokenizer, tasks=("gsm8k",), limit=None, seed=1234, batch_si
 
 
 # The state lens -----------------------------------------------------------------------------------
-# How familiar a step's states are to the learner (state_nll, every step), and how far the
-# learner moved from its start on its own states (kl_to_start, at each periodic eval)
+# How familiar a step's states are to the learner (state_nll, every step), how far the learner
+# moved from its start on its own states (kl_to_start, at each periodic eval), how good a
+# teacher's guidance is on them (continuation_quality), and how far they drifted (state_drift)
 
 
 @torch.no_grad()
@@ -418,26 +416,98 @@ def state_nll(logprobs, mask) -> float:
     return -(logprobs.detach() * mask).sum().item() / max(1, mask.sum().item())
 
 
+def continuation_quality(tokenizer, states, continuations, golds) -> dict:
+    """How good a teacher's guidance is on given states (train_distill.py logs it each step):
+    signal_answered, the share of states whose prefix and continuation reach a final answer, and
+    signal_correct, the share of those answers that are right (scored as gsm8k_reward scores).
+    states: (prompt ids, prefix ids) pairs; continuations: the ids after each; golds: answers."""
+    texts = [tokenizer.decode(prefix + continuation)
+             for (_, prefix), continuation in zip(states, continuations)]
+    answered = [GSM8K_STRICT.search(text) is not None for text in texts]
+    correct = [gsm8k_reward(text, gold) == 1.0
+               for text, gold, done in zip(texts, golds, answered) if done]
+    return dict(signal_answered=sum(answered) / max(1, len(texts)),
+                signal_correct=sum(correct) / max(1, len(correct)))
+
+
+# State drift, the paper's MMD figure (--drift_reference BASE; results.json's "drift"): how far a
+# trained model's own states moved from the base's. Both models sample one rollout per prompt
+# (same prompts, batches and seeds: a model against itself reads 0), each cut at 1/4, 1/2, 3/4 and
+# all of its generated tokens (rounded up; a stop token stays in): as many states per rollout. They
+# are featurised lexically (the paper's hashed n-grams) and by the base's hidden states, and the two
+# sets compared (harness/stats.py: MMD² with a permutation test, centroid, sliced Wasserstein).
+
+DRIFT_CUTS = (0.25, 0.5, 0.75, 1.0)
+FEATURE_DIM = 4096  # hashed lexical feature buckets
+
+
+def prefix_lengths(n_generated: int, cuts=DRIFT_CUTS) -> list:
+    return [max(1, math.ceil(f * n_generated)) for f in cuts]
+
+
+def lexical_features(texts, dim=FEATURE_DIM):
+    """The paper's featurisation: counts of word unigrams, word bigrams and character 3-grams of the
+    lowercased text, hashed into `dim` buckets by crc32 (stable across runs and machines, unlike
+    hash()), then L2-normalised so that long and short prefixes are comparable."""
+    feats = np.zeros((len(texts), dim))
+    for row, text in enumerate(texts):
+        text = text.lower()
+        words = text.split()
+        grams = ([f"w:{w}" for w in words] + [f"b:{a} {b}" for a, b in zip(words, words[1:])]
+                 + [f"c:{text[i:i + 3]}" for i in range(len(text) - 2)])
+        for g in grams:
+            feats[row, zlib.crc32(g.encode()) % dim] += 1.0
+    return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+
+
+@torch.no_grad()
+def hidden_features(model, prompts: list, rollouts: list, cuts=DRIFT_CUTS, batch_size: int = 16):
+    """Final-norm hidden states of `model`, mean-pooled over each state's generated tokens (the
+    prompt is shared). The model is causal: one right-padded pass over prompt + rollout gives every
+    prefix's states."""
+    feats = []
+    for first in range(0, len(prompts), batch_size):
+        last = first + batch_size
+        batch = list(zip(prompts[first:last], rollouts[first:last]))
+        width = max(len(p) + len(r) for p, r in batch)
+        idx = torch.tensor([p + r + [0] * (width - len(p) - len(r)) for p, r in batch],
+                           device=model.device)
+        hidden = model(idx, return_hidden=True).float()
+        for row, (prompt, generated) in enumerate(batch):
+            # (len(generated), hidden): running sums over the generated tokens' states
+            sums = hidden[row, len(prompt):len(prompt) + len(generated)].cumsum(0)
+            cut_lengths = prefix_lengths(len(generated), cuts)
+            feats += [(sums[k - 1] / k).cpu().numpy() for k in cut_lengths]
+    return np.stack(feats).astype(np.float64)
+
+
+@torch.no_grad()
+def state_drift(model, reference, tokenizer, prompts: list, max_new_tokens=128, temperature=1.0,
+                seed=0, batch_size=16, cuts=DRIFT_CUTS) -> dict:
+    """Distances between the states of `model` and `reference` (the base) on the text `prompts`,
+    featurised twice: lexically, and by the reference's hidden states (one feature map for both
+    sets; the paper names its lexical-only features a limitation). tokenizer: encode_batch, decode,
+    stop_ids, n_real_tokens."""
+    encoded = tokenizer.encode_batch(prompts)
+    states = {}
+    lengths = {}
+    for name, sampler in (("model", model), ("reference", reference)):
+        rollouts = rollout(model=sampler, tokenizer=tokenizer, prompts=encoded,
+                           max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                           batch_size=batch_size, desc=f"drift: {name}")
+        texts = [tokenizer.decode(r[:k]) for r in rollouts for k in prefix_lengths(len(r), cuts)]
+        states[name] = (lexical_features(texts),
+                        hidden_features(reference, encoded, rollouts, cuts, batch_size))
+        lengths[name] = sum(map(len, rollouts)) / len(rollouts)
+    groups = (np.repeat(np.arange(len(prompts)), len(cuts)),) * 2  # a state's label: its prompt
+    return {"n_prompts": len(prompts), "n_states": len(prompts) * len(cuts), "cuts": list(cuts),
+            "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
+            "n_permutations": DRIFT_PERMUTATIONS, "mean_new_tokens": lengths,
+            **{kind: drift_distances(states["model"][i], states["reference"][i], groups, seed)
+               for i, kind in enumerate(("lexical", "hidden"))}}
+
+
 # CLI ----------------------------------------------------------------------------------------------
-
-def parse_limit(text):
-    """'500' -> 500; 'paper' -> PAPER_LIMITS; 'gsm8k=500,mmlu=500,truthfulqa=200' -> a dict
-    ('truthfulqa' sets both MC1 and MC2, which then score the same questions)."""
-    if text is None or text == "paper":
-        return None if text is None else dict(PAPER_LIMITS)
-    if text.isdigit() and int(text) > 0:
-        return int(text)
-    limits = {}
-    for item in text.split(","):
-        name, _, value = item.partition("=")
-        matched = [task for task in TASKS if task == name or task.startswith(name + "_")]
-        # 0 would score nothing: a mean of nothing
-        if not matched or not value.isdigit() or int(value) == 0:
-            raise argparse.ArgumentTypeError(f"bad item {item!r}: expected N, 'paper' or TASK=N, "
-                                             f"with N >= 1")
-        limits.update({task: int(value) for task in matched})
-    return limits
-
 
 def main(argv=None):
     parser = ArgumentParser(description=__doc__,
@@ -446,7 +516,7 @@ def main(argv=None):
     a("--model", help="model folder or Hugging Face hub id (with its tokenizer.json)")
     a("--tasks", default=",".join(TASKS),
       help=f"comma-separated subset of {','.join(TASKS)}; '' or none: no task (drift only)")
-    a("--limit", type=parse_limit, default=None,
+    a("--limit", type=limits_of(TASKS, paper=PAPER_LIMITS), default=None,
       help="score a fixed seeded subset: N for every task, 'paper' (500 GSM8K, 500 MMLU, 200 "
            "TruthfulQA) or e.g. gsm8k=500,mmlu=500,truthfulqa=200; default: full test sets")
     a("--seed", type=int, default=1234, help="seed of the --limit subsets (recorded in the output)")
@@ -484,16 +554,14 @@ def main(argv=None):
     tasks = check_args(parser, args)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
         args.dtype, torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
-    model, tokenizer = load_for_eval(args.model, args.device, dtype, "--model")
+    model, tokenizer = load_model(args.model, "--model", device=args.device, dtype=dtype)
+    model.eval()
     reference = None
     # loaded before any scoring: a bad reference must not cost the evaluation
     if args.drift_reference:
-        reference, reference_tokenizer = load_for_eval(args.drift_reference, args.device, dtype,
-                                                       "--drift_reference")
-        if reference_tokenizer.tok.to_str() != tokenizer.tok.to_str():
-            fail(f"--drift_reference {args.drift_reference}: its tokenizer differs from --model "
-                 f"{args.model}'s; "
-                 "drift compares the two models' states token by token")
+        reference, _ = load_model(args.drift_reference, "--drift_reference", device=args.device,
+                                  dtype=dtype, like=(f"--model {args.model}", model, tokenizer))
+        reference.eval()
     check_data(parser, args, tasks)
     results = evaluate(model, tokenizer, tasks, args.limit, args.seed, args.batch_size,
                        args.data_dir, args.gsm8k_shots, args.mmlu_shots, args.fewshot_seed,
@@ -513,10 +581,7 @@ def main(argv=None):
         print(f"drift: MMD² lexical {drift['lexical']['mmd2']:.4f} hidden "
               f"{drift['hidden']['mmd2']:.4f}",
               file=sys.stderr)
-    # written whole, then renamed: an older results file survives a failure
-    tmp = Path(f"{args.out}.tmp")
-    tmp.write_text(json.dumps(no_nan(results), indent=1, allow_nan=False))
-    os.replace(tmp, args.out)
+    write_results(args.out, results)  # whole or not at all: an older results file survives
     errors = headline_stderrs(results)  # each score ± its standard error, in points
     print(", ".join(f"{name} {format_score(score, errors[name])}"
                     for name, score in headline(results).items()), f"-> {args.out}")
@@ -560,33 +625,6 @@ def check_data(parser, args, tasks):
     if args.drift_reference and args.drift_prompts > len(load_gsm8k("test", args.data_dir)):
         parser.error(f"--drift_prompts {args.drift_prompts}: more than the GSM8K test split's"
                      " questions")
-
-
-def load_for_eval(name, device, dtype, flag):
-    """Model and tokenizer, with anything wrong, NaN weights included, one line naming the flag."""
-    try:
-        tokenizer = Tokenizer.from_pretrained(name)
-        model = Qwen3.from_pretrained(name, device=device, dtype=dtype).eval()
-    except (FileNotFoundError, ValueError) as e:  # bad input: one line naming the flag
-        fail(f"{flag}: {e}")
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
-        fail(f"{flag} {name}: its weights hold NaN or infinite values, so every score would be "
-             "meaningless")
-    return model, tokenizer
-
-
-def no_nan(results: dict) -> dict:
-    """JSON has no NaN: a task with any non-finite number (a model whose log-likelihoods overflow)
-    gets null metrics and the reason, never a score computed from NaN (MMLU's argmax would read 25%,
-    not 'broken')."""
-    for name, task in results["tasks"].items():
-        task, n = finite_or_null(task)
-        results["tasks"][name] = task
-        if n:
-            task["metrics"] = {k: None for k in task["metrics"]}
-            task["invalid"] = f"{n} numbers are NaN or infinite: the model's outputs are not finite"
-            print(f"warning: {name}: {task['invalid']}; its metrics are null", file=sys.stderr)
-    return finite_or_null(results)[0]
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from cli import ArgumentParser, check_writable_file, fail
+from harness.cli import ArgumentParser, check_writable_file, fail
 
 # What can be drawn --------------------------------------------------------------------------------
 

@@ -1,6 +1,8 @@
 """
-Sample completions from a Qwen3 model: a local folder (config.json, model.safetensors,
-tokenizer.json) or a Hugging Face hub id. Each completion is printed as soon as it is done.
+Sampling, as every script samples: rollout() runs model.generate over a whole list of prompts,
+with stop strings and a progress bar (the trainers' states, eval's answers, the state lens). And
+from the command line, completions of one prompt by a Qwen3 model: a local folder (config.json,
+model.safetensors, tokenizer.json) or a Hugging Face hub id, each printed as soon as it is done.
 
     python sample.py --model Qwen/Qwen3-0.6B-Base --prompt $'Question: 2+2?\\nAnswer:' \\
         --num_samples 3
@@ -14,9 +16,61 @@ from pathlib import Path
 
 import torch
 
-from cli import (ArgumentParser, check_device, nonnegative_float, positive_int, probability,
-                 progress, stops_cleanly)
-from model import Qwen3, Tokenizer, resolve_model_dir
+from harness.cli import (ArgumentParser, check_device, load_model, nonnegative_float,
+                         positive_int, probability, progress, stops_cleanly)
+
+# Rollouts: generate() for whole lists of prompts -------------------------------------------------
+
+
+@torch.no_grad()
+def rollout(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float = 0.0,
+            seed: int = 0, stop_strings=(), batch_size: int = 128, desc: str = "sampling",
+            rows=None, top_k=None, top_p=None) -> list:
+    """One completion (token ids) per prompt: the sampler every script shares. Prompts go through
+    model.generate batch_size at a time, longest first (less padding). Prompt i draws with row
+    rows[i] (default i) of seed's uniform numbers (its index among every GPU's prompts, say), so
+    a sample depends neither on its batch nor on how many GPUs share the work. A completion ends
+    with a stop token, with the token that completes one of stop_strings (text such as
+    "Question:"; checked every 16 steps), or at max_new_tokens. A progress bar (`desc`) counts
+    rows x tokens on a terminal. top_k, top_p: model.sample_next's. Autocast is the caller's."""
+    if not prompts:
+        return []
+    rows = list(range(len(prompts))) if rows is None else list(rows)
+    stream = torch.Generator().manual_seed(seed)
+    uniforms = torch.rand(max(rows) + 1, max_new_tokens, generator=stream)[rows]  # (n, steps)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    completions = [None] * len(prompts)
+    bar = progress(total=len(prompts) * max_new_tokens, desc=desc, unit="tok", unit_scale=True,
+                   leave=False)  # rows x steps, at most: the ETA is an upper bound
+
+    def has_stop(tokens):  # does their text hold a stop string?
+        return any(stop in tokenizer.decode(tokens) for stop in stop_strings)
+
+    def every_16_steps(rows):  # generate's stop_fn: move the bar, end the rows with a stop string
+        bar.update(16 * len(rows))
+        return list(map(has_stop, rows))
+    for first in range(0, len(order), batch_size):
+        batch = order[first:first + batch_size]
+        new_tokens = model.generate([prompts[i] for i in batch], max_new_tokens,
+                                    temperature=temperature, top_k=top_k, top_p=top_p,
+                                    stop_token_ids=tokenizer.stop_ids,
+                                    uniforms=uniforms[batch], n_real_tokens=tokenizer.n_real_tokens,
+                                    stop_fn=every_16_steps if stop_strings or not bar.disable
+                                    else None)
+        bar.update((first + len(batch)) * max_new_tokens - bar.n)  # early stops: their budget
+        for i, tokens in zip(batch, new_tokens):
+            if has_stop(tokens):  # binary search for the shortest prefix that holds one
+                lo, hi = 1, len(tokens)
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    lo, hi = (lo, mid) if has_stop(tokens[:mid]) else (mid + 1, hi)
+                tokens = tokens[:hi]
+            completions[i] = tokens
+    bar.close()
+    return completions
+
+
+# The command -------------------------------------------------------------------------------------
 
 parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="Qwen/Qwen3-0.6B-Base",
@@ -69,12 +123,7 @@ def main(argv=None) -> list:
         parser.error("--prompt: not valid UTF-8 text")
     if not args.prompt:
         parser.error(f"{source}: the prompt is empty")
-    try:
-        folder = resolve_model_dir(args.model)
-        tokenizer = Tokenizer.from_pretrained(folder)
-        model = Qwen3.from_pretrained(folder, device=args.device, dtype=dtype)
-    except (FileNotFoundError, ValueError) as e:
-        parser.error(f"--model: {e}")
+    model, tokenizer = load_model(args.model, "--model", device=args.device, dtype=dtype)
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
         parser.error(f"{source}: the prompt is empty")
@@ -85,18 +134,10 @@ def main(argv=None) -> list:
     print(args.prompt, flush=True)
     completions = []
     for i in range(args.num_samples):  # one at a time, so that each is shown as soon as it is done
-        bar = progress(total=args.max_new_tokens, desc=f"sample {i + 1}", unit="tok", leave=False)
-
-        def tick(rows):  # generate calls this every 16 tokens: move the bar, end nothing
-            bar.update(16)
-            return [False] * len(rows)
-        ids = model.generate([prompt], args.max_new_tokens, temperature=args.temperature,
-                             top_k=args.top_k,
-                             top_p=args.top_p, seed=args.seed + i,
-                             n_real_tokens=tokenizer.n_real_tokens,
-                             stop_token_ids=tokenizer.stop_ids, stop_fn=None if bar.disable
-                             else tick)[0]
-        bar.close()
+        ids = rollout(model=model, tokenizer=tokenizer, prompts=[prompt],
+                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p, seed=args.seed + i,
+                      desc=f"sample {i + 1}")[0]
         stopped = bool(ids) and ids[-1] in tokenizer.stop_ids
         completions.append(tokenizer.decode(ids[:-1] if stopped else ids))
         print(f"\n{'=' * 20} sample {i + 1}/{args.num_samples}: {len(ids)} tokens"

@@ -19,27 +19,26 @@ pass through (apply_teacher). Three signals, run on the same states so that they
   --signal full_kl: the exact KL over the whole vocabulary at every state (GKD-style):
           L = (1/T) Σ_t KL(π_θ(·|s_t) || π_T(·|s_t)),  or KL(π_T || π_θ) with --kl_direction forward
 T counts the tokens that carry the signal in the step. The paper reports that the one-step
-next-token KL signals collapsed where continuations worked. teacher.py logs, each step, how good
-the teacher's signal is on the states it is given (signal_nll, signal_correct, ...).
+next-token KL signals collapsed where continuations worked, and that a student beats a degraded
+teacher whose guidance on the student's states stays good (P3): each step logs that guidance.
 
     python train_distill.py --teacher out/sft_stress --out_dir out/opd   # student: --model
-    python train_distill.py --teacher out/sft_stress --states teacher --out_dir out/offline
 """
 import random
 
 import torch
 
-from checkpoint import load_checkpoint, prepare_out_dir, save_when_due
-from cli import (check_other_model, check_training_args, nonnegative_float, positive_float,
-                 positive_int)
-from eval import GSM8K_STOP_STRINGS, gsm8k_prompt, load_gsm8k, state_nll
-from faults import training_run
+# The method's pieces: the task and the state lens, the model's log-probs, the sampler
+from eval import (GSM8K_STOP_STRINGS, continuation_quality, gsm8k_prompt, load_gsm8k,
+                  state_nll)
 from model import completion_logprobs, in_row_chunks
-from parallel import gathered, global_rows, micro_batches, tokens_per_rank
-from sampler import rollout
-from teacher import continuation_quality, greedy_token_nll_sum, load_teacher
-from train_common import (MetricsLog, autocast, batch_at, finish, optimizer_step,
-                          periodic_eval, setup, step_seed, training_args)
+from sample import rollout
+# The machinery: sums over GPUs; flags, set-up, the update, logs, eval, checkpoints
+from harness.parallel import gathered, global_rows, micro_batches, tokens_per_rank
+from harness.training import (MetricsLog, autocast, batch_at, finish, frozen_model,
+                              nonnegative_float, optimizer_step, periodic_eval, positive_float,
+                              positive_int, save_when_due, setup, step_seed, training_args,
+                              training_run)
 
 
 def get_args(argv=None):
@@ -54,7 +53,6 @@ def get_args(argv=None):
       help="whose sampled answers give the states: student (on-policy) or teacher (off-policy)")
     a("--kl_direction", default="reverse", choices=("reverse", "forward"),
       help="--signal full_kl: reverse KL(student || teacher) or forward KL(teacher || student)")
-    a("--max_new_tokens", type=positive_int, default=256, help="longest sampled answer")
     a("--states_per_rollout", type=positive_int, default=4,
       help="--signal continuation: prefix states cut from each answer")
     a("--continuation_tokens", type=positive_int, default=32,
@@ -63,11 +61,7 @@ def get_args(argv=None):
       help="the states' sampling temperature, also of the distributions the KL signals compare")
     a("--teacher_temperature", type=nonnegative_float, default=0.0,
       help="--signal continuation: the teacher's sampling temperature (0: greedy)")
-    a("--gen_batch_size", type=positive_int, default=128,
-      help="sequences sampled at once (memory: the KV cache)")
     args = parser.parse_args(argv)
-    check_training_args(parser, args)
-    check_other_model("--teacher", args.teacher, "--model (the student)", args.model)
     if args.signal == "token_kl" and args.states == "teacher":  # needs the student's samples
         parser.error("--signal token_kl needs --states student; use full_kl or continuation on "
                      "teacher states")
@@ -109,11 +103,10 @@ def collect_states(student, teacher, tokenizer, questions, step, args, dtype):
     # (0: its greedy choice): the targets
     with autocast(student.device, dtype):
         continuations = rollout(model=teacher, tokenizer=tokenizer,
-                                prompts=[p + s for p, s in states],
+                                prompts=[p + s for p, s in states], seed=seed + 1,
                                 max_new_tokens=args.continuation_tokens,
-                                temperature=args.teacher_temperature, seed=seed + 1,
-                                stop_strings=GSM8K_STOP_STRINGS, batch_size=args.gen_batch_size,
-                                rows=state_rows)
+                                temperature=args.teacher_temperature, rows=state_rows,
+                                stop_strings=GSM8K_STOP_STRINGS, batch_size=args.gen_batch_size)
     return dict(seqs=[p + s + c for (p, s), c in zip(states, continuations)],
                 starts=[len(p) for p, _ in states],
                 signal_starts=[len(p) + len(s) for p, s in states], answer_len=answer_len,
@@ -122,34 +115,42 @@ def collect_states(student, teacher, tokenizer, questions, step, args, dtype):
 
 
 def token_kl_loss(logprobs, teacher_logprobs, mask, n_tokens):
-    """Reverse KL on sampled tokens as a policy gradient: advantage -(log π_θ - log π_T), held
-    constant. Its gradient, -sg(A) ∇log π_θ, is in expectation the gradient of the per-token
-    KL(π_θ || π_T) at the sampled states (held fixed: no reward-to-go). It needs the student's
-    own samples (--states student)."""
+    """Reverse KL on sampled tokens as a policy gradient, advantage -(log π_θ - log π_T) held
+    constant: its gradient, -sg(A) ∇log π_θ, is in expectation that of the per-token KL(π_θ ||
+    π_T) at the sampled states (held fixed: no reward-to-go), on the student's own samples."""
     advantage = -(logprobs.detach() - teacher_logprobs)  # (B, L), no gradient through it
     return -(advantage * logprobs * mask).sum() / n_tokens
 
 
-def full_kl_sum(student, student_rows, teacher, teacher_rows, forward, temperature,
-                n_real_tokens=None):
-    """Σ over rows of the exact KL between the two next-token distributions (model.py's
-    in_row_chunks: never a full (rows, vocab) tensor per model in memory)."""
+def next_token_figures(student, student_rows, teacher, teacher_rows, forward: bool,
+                       temperature: float, n_real_tokens=None):
+    """Σ over n states of the exact KL(π_θ || π_T) of the next-token distributions at temperature
+    (forward: KL(π_T || π_θ)) and of the student's NLL (temperature 1) of the teacher's most likely
+    token, from the models' hidden states (n, hidden) each: (KL sum, NLL sum). A chunk of rows at a
+    time (model.py's in_row_chunks), never a whole (n, vocab) tensor in memory."""
     student_head = student.lm_head.weight[:n_real_tokens]
     teacher_head = teacher.lm_head.weight[:n_real_tokens]
 
-    def kl_of(student_rows, teacher_rows):  # (n, hidden) each -> (n,)
-        s = ((student_rows @ student_head.t()).float() / temperature).log_softmax(-1)
-        t = ((teacher_rows @ teacher_head.t()).float() / temperature).log_softmax(-1)
+    def of_chunk(student_rows, teacher_rows):  # (chunk, hidden) each -> (chunk, 2)
+        student_logits = (student_rows @ student_head.t()).float()  # (chunk, vocab)
+        teacher_logits = (teacher_rows @ teacher_head.t()).float()
+        s = (student_logits / temperature).log_softmax(-1)
+        t = (teacher_logits / temperature).log_softmax(-1)
         p, q = (t, s) if forward else (s, t)
-        return (p.exp() * (p - q)).sum(-1)
-    return in_row_chunks(kl_of, student_rows, teacher_rows).sum()
+        kl = (p.exp() * (p - q)).sum(-1)
+        greedy = teacher_logits.argmax(-1)  # the teacher's most likely token (chunk,)
+        nll = -student_logits.log_softmax(-1).gather(-1, greedy[:, None]).squeeze(-1)
+        return torch.stack([kl, nll.detach()], -1)
+    kl, nll = in_row_chunks(of_chunk, student_rows, teacher_rows).t().contiguous()  # (n,) each
+    return kl.sum(), nll.sum().item()
 
 
 def apply_teacher(student, teacher, batch, args, dtype, n_real_tokens=None):
-    """Backpropagate the teacher's signal on this step's sequences, micro-batch by micro-batch;
-    the caller's optimizer_step applies it. Distributions are over the first n_real_tokens
-    tokens, those the sampler draws from. Returns the step's figures, the loss first, then how
-    good the signal was (teacher.py)."""
+    """Backpropagate the teacher's signal on this step's sequences, micro-batch by micro-batch
+    (over the first n_real_tokens tokens, those the sampler draws); optimizer_step applies it.
+    Returns the step's figures: the loss, then how good the signal was: signal_nll, the student's
+    NLL of the teacher's tokens (the KL signals': its greedy token at each state), and for
+    continuations teacher_nll (how sure it is of them), signal_answered, signal_correct."""
     seqs, starts, signal_starts = batch["seqs"], batch["starts"], batch["signal_starts"]
     # The loss divides by the tokens that carry the signal in the step, on all GPUs
     n_signal = tokens_per_rank(sum(len(s) - st for s, st in zip(seqs, signal_starts)))
@@ -183,19 +184,19 @@ def apply_teacher(student, teacher, batch, args, dtype, n_real_tokens=None):
             if continuation:  # the teacher's tokens are the targets: plain cross-entropy
                 loss = -(logprobs * signal).sum() / n_signal
                 signal_nll = loss.item()  # the loss is the student's NLL of the teacher's tokens
-            elif args.signal == "token_kl":
+            else:  # at each of the N states: the exact KL, the NLL of the teacher's greedy token
+                with torch.set_grad_enabled(args.signal == "full_kl"):
+                    kl_sum, signal_nll = next_token_figures(
+                        student, rows, teacher, teacher_rows, forward=args.kl_direction ==
+                        "forward", temperature=args.temperature, n_real_tokens=n_real_tokens)
+                signal_nll /= n_signal
+            if args.signal == "token_kl":
                 loss = token_kl_loss(logprobs, teacher_logprobs, signal, n_signal)
                 kl = (logprobs.detach() - teacher_logprobs) * signal  # estimated on samples
                 sums["kl"] += kl.sum().item() / n_signal
-            else:  # full_kl: the exact KL at each of the N positions, summed
-                loss = full_kl_sum(student, rows, teacher, teacher_rows,
-                                   forward=args.kl_direction == "forward",
-                                   temperature=args.temperature,
-                                   n_real_tokens=n_real_tokens) / n_signal
+            elif args.signal == "full_kl":  # the exact KL, summed over the states
+                loss = kl_sum / n_signal
                 sums["kl"] += loss.item()
-            if not continuation:  # the student's NLL of the teacher's greedy tokens (N of them)
-                signal_nll = greedy_token_nll_sum(student, rows.detach(), teacher, teacher_rows,
-                                                  n_real_tokens=n_real_tokens) / n_signal
         loss.backward()  # gradients add up over micro-batches
         sums["loss"] += loss.item()
         sums["signal_nll"] += signal_nll
@@ -205,26 +206,25 @@ def apply_teacher(student, teacher, batch, args, dtype, n_real_tokens=None):
         sums["n_state"] += state.sum().item()
     figures = dict(loss=sums["loss"], state_nll=sums["state_nll"] / max(1, sums["n_state"]),
                    answer_len=batch["answer_len"], signal_nll=sums["signal_nll"])
-    if continuation:  # the teacher's own NLL, and where its continuations led (teacher.py)
+    if continuation:  # the teacher's own NLL, and where its continuations led
         return {**figures, "teacher_nll": sums["teacher_nll"], **batch["quality"]}
     return {**figures, "kl": sums["kl"]}
 
 
-@training_run  # faults.py: SIGINT, SIGTERM end it in one line; the --out_dir lock goes
+@training_run  # harness/faults.py: SIGINT, SIGTERM end it in one line; the lock goes
 def main(argv=None):
-    # Set-up: flags, the --out_dir guard, student + tokenizer + AdamW, the teacher, the questions
+    # Set-up: flags, the --out_dir guard, student + tokenizer + AdamW (as --resume's checkpoint
+    # left them, if it is given), the teacher, the questions
     args = get_args(argv)
-    prepare_out_dir(args)  # before anything loads: an earlier run there is refused
-    student, tokenizer, optimizer, device, dtype = setup(args)
-    teacher = load_teacher(args, student, tokenizer, device, dtype)
+    student, tokenizer, optimizer, device, dtype, first_step = setup(args)
+    teacher = frozen_model(args.teacher, "--teacher", device=device, dtype=dtype,
+                           like=(f"the student (--model {args.model})", student, tokenizer))
     train = load_gsm8k("train", args.data_dir)
     questions_per_step = args.batch_size * args.grad_accum
-    # --resume continues after the checkpoint's step, bit for bit; a fresh run is evaluated first
-    first_step = load_checkpoint(args.out_dir, student, optimizer) if args.resume else 0
     metrics = MetricsLog(args.out_dir, args.steps, first_step, args=args)
     print(f"{args.signal} signal on {args.states} states: {args.steps} steps of "
           f"{questions_per_step} questions per GPU")
-    if first_step == 0:
+    if first_step == 0:  # a fresh run is evaluated before its first step
         periodic_eval(0, student, tokenizer, metrics, args, dtype)
     for step in range(first_step, args.steps):
         # This step's questions: its slice of a seeded shuffle of the train split

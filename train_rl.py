@@ -26,15 +26,16 @@ ratio comes in. No value network.
 """
 import torch
 
-from checkpoint import load_checkpoint, prepare_out_dir, save_when_due
-from cli import check_training_args, nonnegative_float, positive_float, positive_int
+# The method's pieces: the task and the state lens, the model's log-probs, the sampler
 from eval import GSM8K_STOP_STRINGS, gsm8k_prompt, gsm8k_reward, load_gsm8k, state_nll
-from faults import training_run
 from model import completion_logprobs
-from parallel import gathered, global_rows, micro_batches, tokens_per_rank
-from sampler import rollout
-from train_common import (MetricsLog, autocast, batch_at, finish, optimizer_step,
-                          periodic_eval, setup, starting_model, step_seed, training_args)
+from sample import rollout
+# The machinery: sums over GPUs; flags, set-up, the update, logs, eval, checkpoints
+from harness.parallel import gathered, global_rows, micro_batches, tokens_per_rank
+from harness.training import (MetricsLog, autocast, batch_at, finish, nonnegative_float,
+                              optimizer_step, periodic_eval, positive_float, positive_int,
+                              save_when_due, setup, starting_model, step_seed, training_args,
+                              training_run)
 
 
 def get_args(argv=None):
@@ -43,7 +44,6 @@ def get_args(argv=None):
     a = parser.add_argument
     a("--group_size", type=positive_int, default=8,
       help="answers sampled per question (at least 2; --batch_size counts questions)")
-    a("--max_new_tokens", type=positive_int, default=256, help="longest sampled answer")
     a("--temperature", type=positive_float, default=1.0,
       help="sampling temperature; log-probs are taken at it too")
     a("--std_adv", action="store_true",
@@ -53,10 +53,7 @@ def get_args(argv=None):
     a("--ppo_epochs", type=positive_int, default=1,
       help="updates per batch of rollouts; above 1, PPO's clipped ratio")
     a("--clip_eps", type=positive_float, default=0.2, help="PPO clip range for --ppo_epochs > 1")
-    a("--gen_batch_size", type=positive_int, default=128,
-      help="sequences sampled at once (memory: the KV cache)")
     args = parser.parse_args(argv)
-    check_training_args(parser, args)
     if args.group_size < 2:  # the baseline is the group's mean: a lone answer's advantage is 0
         parser.error(f"--group_size {args.group_size}: must be at least 2 (the baseline is the "
                      "group's mean reward, so a group of one never learns)")
@@ -169,22 +166,20 @@ def apply_reward(model, ref_model, batch, args, dtype, n_real_tokens=None):
     return figures
 
 
-@training_run  # faults.py: SIGINT, SIGTERM end it in one line; the --out_dir lock goes
+@training_run  # harness/faults.py: SIGINT, SIGTERM end it in one line; the lock goes
 def main(argv=None):
-    # Set-up: flags, the --out_dir guard, model + tokenizer + AdamW, the training questions
+    # Set-up: flags, the --out_dir guard, model + tokenizer + AdamW (as --resume's checkpoint left
+    # them, if it is given), the training questions
     args = get_args(argv)
-    prepare_out_dir(args)  # before anything loads: an earlier run there is refused
-    model, tokenizer, optimizer, device, dtype = setup(args)
+    model, tokenizer, optimizer, device, dtype, first_step = setup(args)
     # the frozen starting model: one copy, shared with the periodic kl_to_start
     ref_model = starting_model(args, model.device, dtype) if args.kl_coef > 0 else None
     train = load_gsm8k("train", args.data_dir)
     questions_per_step = args.batch_size * args.grad_accum
-    # --resume continues after the checkpoint's step, bit for bit; a fresh run is evaluated first
-    first_step = load_checkpoint(args.out_dir, model, optimizer) if args.resume else 0
     metrics = MetricsLog(args.out_dir, args.steps, first_step, args=args)
     print(f"{args.steps} steps of {questions_per_step} questions x {args.group_size} answers "
           "per GPU")
-    if first_step == 0:
+    if first_step == 0:  # a fresh run is evaluated before its first step
         periodic_eval(0, model, tokenizer, metrics, args, dtype)
     for step in range(first_step, args.steps):
         # This step's questions: its slice of a seeded shuffle of the train split

@@ -34,16 +34,17 @@ Both use 32 sequences a step (8 x 4 micro-batches): 234 steps an epoch.
 import argparse
 import math
 
-from checkpoint import load_checkpoint, prepare_out_dir, save_when_due
-from cli import (check_training_args, nonnegative_float, positive_float, positive_int,
-                 resolve_warmup)
+# The method's pieces: the task, the model's log-probs, the sampler (for --states self)
 from eval import GSM8K_STOP_STRINGS, gsm8k_prompt, gsm8k_reward, load_gsm8k
-from faults import training_run
 from model import completion_logprobs
-from parallel import gathered, global_rows, micro_batches, tokens_per_rank
-from sampler import rollout
-from train_common import (MetricsLog, autocast, batch_at, finish, optimizer_step,
-                          periodic_eval, rank_and_world, setup, step_seed, training_args)
+from sample import rollout
+# The machinery: sums over GPUs; flags, set-up, the update, logs, eval, checkpoints
+from harness.parallel import (gathered, global_rows, micro_batches, rank_and_world,
+                              tokens_per_rank)
+from harness.training import (MetricsLog, autocast, batch_at, finish, nonnegative_float,
+                              optimizer_step, periodic_eval, positive_float, positive_int,
+                              resolve_warmup, save_when_due, setup, step_seed, training_args,
+                              training_run)
 
 PRESETS = {"mild": dict(epochs=1, lr=1e-4, lora_rank=64, lora_alpha=128),
            "stress": dict(epochs=5, lr=5e-4, lora_rank=64, lora_alpha=128),}
@@ -61,8 +62,6 @@ def get_args(argv=None):
       help="dataset: gold solutions (SFT); self: the learner's own correct samples (RFT)")
     a("--samples_per_question", type=positive_int, default=4,
       help="--states self: answers sampled per question")
-    a("--max_new_tokens", type=positive_int, default=256,
-      help="--states self: longest sampled answer")
     a("--temperature", type=nonnegative_float, default=1.0,
       help="--states self: sampling temperature")
     # The preset sets the defaults, so that --help shows them and explicit flags still win
@@ -70,7 +69,6 @@ def get_args(argv=None):
     preset.add_argument("--preset", default="mild")
     parser.set_defaults(**PRESETS.get(preset.parse_known_args(argv)[0].preset, {}))
     args = parser.parse_args(argv)
-    check_training_args(parser, args)
     greedy = args.temperature == 0
     if args.states == "self" and args.samples_per_question > 1 and greedy:
         parser.error("--temperature 0 with --samples_per_question above 1: greedy samples of one "
@@ -94,7 +92,7 @@ def collect_states(model, tokenizer, questions, step, args, dtype):
         samples = rollout(model=model, tokenizer=tokenizer, prompts=prompts,
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           seed=step_seed(args.seed, step), stop_strings=GSM8K_STOP_STRINGS,
-                          rows=global_rows(len(prompts)))
+                          batch_size=args.gen_batch_size, rows=global_rows(len(prompts)))
     # eval's grader decides which samples are right; only those become states
     correct = [gsm8k_reward(tokenizer.decode(s), gold) == 1.0 for s, gold in zip(samples, golds)]
     prompts = [p for p, right in zip(prompts, correct) if right]
@@ -126,25 +124,23 @@ def fit_states(model, seqs, starts, args, dtype, n_real_tokens=None):
     return nll_sum / max(n_tokens, 1)
 
 
-@training_run  # faults.py: SIGINT, SIGTERM end it in one line; the --out_dir lock goes
+@training_run  # harness/faults.py: SIGINT, SIGTERM end it in one line; the lock goes
 def main(argv=None):
-    # Set-up: flags, the --out_dir guard, model + tokenizer + AdamW, the training questions
+    # Set-up: flags, the --out_dir guard, model + tokenizer + AdamW (as --resume's checkpoint left
+    # them, if it is given), the training questions
     args = get_args(argv)
-    prepare_out_dir(args)  # before anything loads: an earlier run there is refused
-    model, tokenizer, optimizer, device, dtype = setup(args)
+    model, tokenizer, optimizer, device, dtype, first_step = setup(args)
     train = load_gsm8k("train", args.data_dir)
     questions_per_step = args.batch_size * args.grad_accum
     if args.steps is None:  # --epochs: enough steps for that many passes over the train split
         questions_per_pass = questions_per_step * rank_and_world()[1]
         args.steps = math.ceil(args.epochs * len(train) / questions_per_pass)
         resolve_warmup(args, f"{args.steps} steps for --epochs {args.epochs}")
-    # --resume continues after the checkpoint's step, bit for bit; a fresh run is evaluated first
-    first_step = load_checkpoint(args.out_dir, model, optimizer) if args.resume else 0
     metrics = MetricsLog(args.out_dir, args.steps, first_step, args=args)
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{args.states} states, {args.steps} steps of {questions_per_step} questions per GPU, "
           f"{n_trained:,} trainable parameters")
-    if first_step == 0:
+    if first_step == 0:  # a fresh run is evaluated before its first step
         periodic_eval(0, model, tokenizer, metrics, args, dtype)
     for step in range(first_step, args.steps):
         # This step's questions: its slice of a seeded shuffle of the train split

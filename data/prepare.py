@@ -188,6 +188,16 @@ def read_prepared(path: Path, dataset: str) -> list:
     return rows
 
 
+def load(data_dir, dataset: str, filename: str) -> list:
+    """read_prepared of data_dir/dataset/filename, prepared (downloaded) first if it is missing:
+    what eval.py's loaders call."""
+    path = Path(data_dir) / dataset / filename
+    if not path.exists():
+        print(f"{path} not found: preparing {dataset} with data/prepare.py", file=sys.stderr)
+        prepare(out_dir=data_dir, datasets=[dataset])
+    return read_prepared(path, dataset)
+
+
 def read_checked_jsonl(path: Path, check) -> list:
     """Every line of a jsonl file, parsed and checked (check(row): what is wrong, or None); the
     first bad one stops with its file and line."""
@@ -321,8 +331,8 @@ def prepare(out_dir=Path(__file__).resolve().parent, source=None, datasets=DATAS
 
 
 def main(argv=None):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: cli.py
-    from cli import ArgumentParser, check_writable_dir, fail  # a bad flag: one line, no usage
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: harness/
+    from harness.cli import ArgumentParser, check_writable_dir, fail  # a bad flag: one line
     parser = ArgumentParser(description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default=None,

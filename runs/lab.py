@@ -66,7 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lab_table  # noqa: E402
 import lab_world  # noqa: E402
 import paper  # noqa: E402  (its has_final_model, has_results, call_main)
-from cli import fail  # noqa: E402  (paper.py put the project on the path)
+from harness.cli import fail  # noqa: E402  (paper.py put the project on the path)
 
 ROOT = paper.ROOT
 SIX = paper.RUNS  # the paper's six rows: base, sft_mild, sft_stress, opd_mild, opd_stress, rl
@@ -175,8 +175,8 @@ MINI_DATA = dict(n_train=64, n_test=16)
 
 
 def get_args(argv=None):
-    from cli import (ArgumentParser, check_writable_dir, list_of, nonnegative_int,  # one line
-                     positive_int)
+    from harness.cli import (ArgumentParser, check_writable_dir, list_of,  # one-line errors
+                             nonnegative_int, positive_int)
     parser = ArgumentParser(prog="lab.py", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out",
@@ -554,7 +554,7 @@ def budget(args) -> str:
 def hold(out: Path) -> int:
     """OUT/.lock, held while this call runs (the OS drops it when the process ends, however it
     ends): a second lab.py on the same OUT is refused, naming the first."""
-    from faults import take_lock
+    from harness.faults import take_lock
     lock = take_lock(out / ".lock")
     if lock is None:
         holder = (out / ".lock").read_text(errors="replace").strip() or "another process"
@@ -596,6 +596,6 @@ def run_lab(args, began):
 
 
 if __name__ == "__main__":
-    from cli import stops_cleanly
+    from harness.cli import stops_cleanly
     stops_cleanly(main, kept="the steps that finished are kept (run it again: what finished is "
                   "skipped, a trainer continues from its last checkpoint)")()

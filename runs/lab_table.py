@@ -27,7 +27,7 @@ def mean_of(rows, key):
 def row_of(results: dict, base: dict, metrics_path=None) -> dict:
     """One run's figures: target accuracy, each retention task, Forgetting, Retention, state NLL,
     MMD², and for distillation the quality of the teacher's signal over the training steps."""
-    from report import headline
+    from harness.report import headline
     scores, base_scores = headline(results), headline(base)
     row = {"target": scores["gsm8k_flexible"], "target_strict": scores["gsm8k_strict"],
            "mmlu": scores["mmlu"], "truthfulqa_mc1": scores["truthfulqa_mc1"],
@@ -115,7 +115,7 @@ def findings(per: dict, results: dict, runs: dict, points: list) -> list:
     base), and where it compares two runs on the same questions, the questions' own uncertainty:
     the item-level standard error and 95% interval of the difference (report.summarize_seeds, the
     seeds held fixed)."""
-    from report import summarize_seeds
+    from harness.report import summarize_seeds
     base_target = {b: r["target"] for b, r in per["base"].items()}
     out = []
 

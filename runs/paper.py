@@ -58,10 +58,10 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # cli.py, and the scripts that --in_process runs
+if str(ROOT) not in sys.path:  # harness/, and the scripts that --in_process runs
     sys.path.insert(0, str(ROOT))
-from cli import (ArgumentParser, Stop, check_device, check_writable_dir, fail,  # noqa: E402
-                 positive_int, stops_cleanly)
+from harness.cli import (ArgumentParser, Stop, check_device, check_writable_dir,  # noqa: E402
+                         fail, positive_int, stops_cleanly)
 
 RUNS = ("base", "sft_mild", "sft_stress", "opd_mild", "opd_stress", "rl")
 TASKS = "gsm8k,mmlu,truthfulqa_mc1,truthfulqa_mc2"
@@ -385,8 +385,8 @@ def published_with_errors() -> str:
     Forgetting (base - run, averaged over TruthfulQA and MMLU) with its unpaired error and 95%
     interval. TruthfulQA counts as a proportion: exact for MC1; for MC2, a mean of probabilities,
     its standard error is at most that."""
-    from report import format_difference, format_score
-    from stats import average_of_differences, proportion_stderr, unpaired_difference
+    from harness.report import format_difference, format_score
+    from harness.stats import average_of_differences, proportion_stderr, unpaired_difference
 
     def score(run, task):  # (percent, its standard error in points)
         accuracy, n = PUBLISHED[run][task], PUBLISHED_TASKS[task][1]

@@ -152,7 +152,7 @@ def assert_final_model(out_dir, steps):
 
 def args_for(**overrides):
     """The shared flags' defaults, as a trainer would parse them, with overrides."""
-    from train_common import training_args
+    from harness.flags import training_args
     return Namespace(**{**vars(training_args("test").parse_args([])), **overrides})
 
 

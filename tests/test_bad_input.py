@@ -19,7 +19,7 @@ import tokenizers
 import torch
 
 import model as M
-import checkpoint
+from harness import checkpoint
 from conftest import ROOT, tiny_model
 
 # --------------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import eval as ev
+from harness import report as R
+from harness.cli import limits_of
 from conftest import ByteTokenizer, tiny_model
 
 
@@ -186,7 +188,7 @@ def test_non_finite_numbers_are_null_with_the_reason_never_nan_in_json():
                  "samples": [{"index": 0, "logliks": [nan, nan, nan, nan]}]},
         "gsm8k": {"metrics": {"exact_match_strict": 0.5, "exact_match_flexible": 0.5}, "n": 1,
                   "samples": []}}}
-    clean = ev.no_nan(results)
+    clean = R.no_nan(results)
     text = json.dumps(clean, allow_nan=False)  # would raise on a NaN left anywhere
     assert clean["tasks"]["mmlu"]["metrics"] == {"acc": None}
     assert "not finite" in clean["tasks"]["mmlu"]["invalid"]
@@ -205,16 +207,16 @@ def test_subset_is_seeded_sorted_and_full_without_limit():
     assert picked != ev.subset(817, 200, seed=1)
 
 
-def test_parse_limit():
-    assert ev.parse_limit(None) is None
-    assert ev.parse_limit("50") == 50
-    assert ev.parse_limit("paper") == {"gsm8k": 500, "mmlu": 500, "truthfulqa_mc1": 200,
-                                       "truthfulqa_mc2": 200}
-    assert ev.parse_limit("mmlu=3,truthfulqa=2") == {"mmlu": 3, "truthfulqa_mc1": 2,
-                                                     "truthfulqa_mc2": 2}
+def test_limit_flag():
+    parse_limit = limits_of(ev.TASKS, paper=ev.PAPER_LIMITS)  # eval.py's --limit
+    assert parse_limit("50") == 50
+    assert parse_limit("paper") == {"gsm8k": 500, "mmlu": 500, "truthfulqa_mc1": 200,
+                                    "truthfulqa_mc2": 200}
+    assert parse_limit("mmlu=3,truthfulqa=2") == {"mmlu": 3, "truthfulqa_mc1": 2,
+                                                  "truthfulqa_mc2": 2}
     for bad in ("bogus=3", "0", "gsm8k=0", "-1", "mmlu=x"):
-        with pytest.raises(Exception, match="bad item"):
-            ev.parse_limit(bad)
+        with pytest.raises(Exception, match="bad item .* expected N, 'paper' or TASK=N"):
+            parse_limit(bad)
 
 
 # --------------------------------------------------------------------------------------------------

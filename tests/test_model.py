@@ -13,9 +13,8 @@ from safetensors.torch import load_file
 
 from conftest import DEVICES, ROOT, TINY, tiny_config, tiny_model, write_byte_tokenizer
 import model as M
-import sampler as S
 from model import Qwen3, Qwen3Config, Tokenizer, add_lora, completion_logprobs, sample_next
-from sampler import rollout
+from sample import rollout
 
 SHAPES = {  # tied and untied heads, MHA and GQA, head_dim != hidden/heads, other rope theta
     "tied-gqa": {},
@@ -289,11 +288,12 @@ def test_static_decode_step_for_cuda_graphs_gives_the_same_tokens(device):
 
 
 def sorted_reference(logits, temperature, top_k=None, top_p=1.0, u=None):
-    """The sort-based definition the sampler keeps, in sampler.masses' integer units: a stable
-    sort by probability (ties: the lower id first); top-k's first k tokens; then those whose
-    cumulative mass before them is below the threshold (top_p * 2^52 capped at the row's mass, or
-    top_p of top-k's mass; at least 1); the draw inverts the kept CDF at floor(u * kept mass).
-    -> tokens (B,), logprobs (B,), keep (B, V) by vocabulary id."""
+    """The sort-based definition of top-k, top-p and the draw, which model.py's sort-free sampler
+    is checked against, in model.masses' integer units: a stable sort by probability (ties: the
+    lower id first); top-k's first k tokens; then those whose cumulative mass before them is below
+    the threshold (top_p * 2^52 capped at the row's mass, or top_p of top-k's mass; at least 1);
+    the draw inverts the kept CDF at floor(u * kept mass). -> tokens (B,), logprobs (B,), keep
+    (B, V) by vocabulary id."""
     probs = (logits.float() / temperature).softmax(-1)
     order = probs.sort(dim=-1, descending=True, stable=True).indices
     mass = M.masses(probs).gather(1, order)  # (B, V) in sorted order
@@ -325,7 +325,7 @@ def varied_logits(rows, vocab, seed):
 def searched_nucleus(probs, threshold):
     """SortedOrder's nucleus: keep (B, V), the tokens up to and including the first whose
     cumulative mass in the order reaches threshold (B, 1), and their mass (B, 1)."""
-    order = S.SortedOrder(probs, M.masses(probs))
+    order = M.SortedOrder(probs, M.masses(probs))
     bits, j, kept = order.crossing(threshold - 1)
     ties = order.bits == bits.int()
     return (order.bits > bits) | (ties & (ties.cumsum(-1) <= j + 1)), kept
@@ -370,7 +370,7 @@ def test_sort_free_draws_equal_the_sorted_reference(monkeypatch, top_k, top_p, c
     # definition: top-k, top-p and both; on CPU through the top candidates (1024) or the whole
     # vocabulary's search (2 candidates, or a near-uniform row), at u = 0, u = 1 - 2^-24 and
     # random u, at temperature 0.7.
-    monkeypatch.setattr(S, "TOP_P_CANDIDATES", candidates)
+    monkeypatch.setattr(M, "TOP_P_CANDIDATES", candidates)
     draws = 4 if vocab > 10000 else 24
     logits = varied_logits(4, vocab, seed=vocab + 1).repeat_interleave(draws, 0).to(device)
     u = uniform(len(logits), 2).to(device)
@@ -379,10 +379,6 @@ def test_sort_free_draws_equal_the_sorted_reference(monkeypatch, top_k, top_p, c
     ref_tokens, ref_logprobs, _ = sorted_reference(logits, 0.7, top_k, top_p or 1.0, u)
     assert torch.equal(tokens, ref_tokens)
     assert torch.equal(logprobs, ref_logprobs)
-    # model.py alone (no sampler.py beside it) draws by the sort: the same tokens
-    monkeypatch.setitem(sys.modules, "sampler", None)
-    alone_tokens, alone_logprobs = sample_next(logits, 0.7, top_k=top_k, top_p=top_p, u=u)
-    assert torch.equal(alone_tokens, ref_tokens) and torch.equal(alone_logprobs, ref_logprobs)
 
 
 def test_candidates_cut_through_equal_probabilities(monkeypatch):
@@ -390,7 +386,7 @@ def test_candidates_cut_through_equal_probabilities(monkeypatch):
     # the third of those: 20 candidates hold 11 of them, which ones topk's choice. The search must
     # still keep the lowest ids, 0, 7 and 14 (the candidates alone hold the nucleus only when the
     # tokens more likely than the least of them reach top_p).
-    monkeypatch.setattr(S, "TOP_P_CANDIDATES", 20)
+    monkeypatch.setattr(M, "TOP_P_CANDIDATES", 20)
     logits = torch.full((64, 5000), -5.0)
     logits[:, 4000:4010] = 3.0
     logits[:, ::7] = 1.0
@@ -421,7 +417,7 @@ def test_generate_draws_the_same_tokens_through_the_candidates_or_the_search(mon
     prompts = [[5, 6, 7], [1, 2, 3, 4], [42]]
     sampling = dict(max_new_tokens=12, seed=4, top_p=0.8, return_logprobs=True)
     candidates = model.generate(prompts, **sampling)
-    monkeypatch.setattr(S, "TOP_P_CANDIDATES", 1)
+    monkeypatch.setattr(M, "TOP_P_CANDIDATES", 1)
     assert model.generate(prompts, **sampling) == candidates
 
 
@@ -429,7 +425,7 @@ def test_generate_draws_the_same_tokens_through_the_candidates_or_the_search(mon
 def test_top_p_draws_follow_the_truncated_distribution(monkeypatch, top_p, candidates):
     # On CPU the nucleus is first looked for among the TOP_P_CANDIDATES most likely tokens; when
     # their mass falls short of p (0.95 here with 3 candidates) the whole vocabulary is searched.
-    monkeypatch.setattr(S, "TOP_P_CANDIDATES", candidates)
+    monkeypatch.setattr(M, "TOP_P_CANDIDATES", candidates)
     logits = torch.tensor([1.0, 0.2, -0.5, 2.0, 0.0, -2.0, 1.5, 0.7])
     probs = logits.softmax(-1)
     order = probs.argsort(descending=True)
@@ -508,7 +504,7 @@ def test_model_py_stands_alone(tmp_path):
     folder = tmp_path / "tiny"
     folder.mkdir()
     write_byte_tokenizer(folder / "tokenizer.json")
-    project = {p.stem for p in ROOT.glob("*.py")} - {"model"}
+    project = {p.stem for p in ROOT.glob("*.py")} - {"model"} | {"harness"}
     script = f"PROJECT_MODULES = {project!r}\nTINY = {TINY!r}\n" + STANDALONE
     done = subprocess.run([sys.executable, "-E", "-s", "-c", script, str(folder)], cwd=alone,
                           capture_output=True, text=True, timeout=120,
@@ -523,7 +519,5 @@ def test_model_py_stands_alone(tmp_path):
     tok = Tokenizer.from_pretrained(folder)
     prompts = tok.encode_batch(["2 + 2 =", "Hello"])
     assert result["greedy"] == net.generate(prompts, 6, temperature=0)
-    # alone, top-k and top-p sort the vocabulary (model.sorted_nucleus_draw); here sampler.py
-    # searches it: the same draws
     assert result["nucleus"] == net.generate(prompts, 6, temperature=1.0, top_k=40, top_p=0.8,
                                              seed=3)

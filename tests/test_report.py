@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-import report as R
-import stats as S
+from harness import report as R
+from harness import stats as S
 from conftest import load_script
 
 

@@ -8,8 +8,8 @@ import types
 
 import pytest
 
-import tracking
-import train_common as T
+from harness import tracking
+from harness import training as T
 import train_sft
 from conftest import args_for
 

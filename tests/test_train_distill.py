@@ -6,7 +6,7 @@ import torch
 import model as M
 import train_distill
 from conftest import assert_final_model, tiny_model, train_lines, write_byte_tokenizer
-from train_common import optimizer_step
+from harness.training import optimizer_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,8 +32,8 @@ def test_full_kl_is_the_exact_kl_over_the_vocabulary(forward, monkeypatch):
     monkeypatch.setattr(M, "LOGPROB_CHUNK", 3)  # several chunks, each recomputed in backward
     student, teacher = tiny_model(seed=1).requires_grad_(True), tiny_model(seed=2)
     rows_s, rows_t = torch.randn(7, 64, requires_grad=True), torch.randn(7, 64)
-    kl = train_distill.full_kl_sum(student, rows_s, teacher, rows_t, forward, 0.8,
-                                     n_real_tokens=300)
+    kl, _ = train_distill.next_token_figures(student, rows_s, teacher, rows_t, forward=forward,
+                                             temperature=0.8, n_real_tokens=300)
     log_p = (rows_s @ student.lm_head.weight[:300].t() / 0.8).log_softmax(-1)
     log_q = (rows_t @ teacher.lm_head.weight[:300].t() / 0.8).log_softmax(-1)
     p, q = (log_q, log_p) if forward else (log_p, log_q)
@@ -67,7 +67,7 @@ def test_a_teacher_with_another_tokenizer_is_refused(prepared_data, byte_model, 
                                                      tmp_path):
     # Qwen's tokenizer, not bytes
     teacher = make_checkpoint(with_tokenizer=True, name="qwen_tokenizer")
-    with pytest.raises(SystemExit, match="tokenizer differs from the student's"):
+    with pytest.raises(SystemExit, match="tokenizer differs from that of the student"):
         train_distill.main(["--model", str(byte_model()), "--teacher", str(teacher), "--out_dir",
                             str(tmp_path / "x"), "--data_dir", str(prepared_data), "--steps", "1"])
 
@@ -89,8 +89,9 @@ def kl_on_student_states(student, teacher, tokenizer, args):
                                                       return_hidden=True)
         _, _, teacher_rows = M.completion_logprobs(teacher, batch["seqs"], batch["starts"],
                                                    return_hidden=True)
-        kl = train_distill.full_kl_sum(student, student_rows, teacher, teacher_rows, False, 1.0,
-                                       tokenizer.n_real_tokens)
+        kl, _ = train_distill.next_token_figures(student, student_rows, teacher, teacher_rows,
+                                                 forward=False, temperature=1.0,
+                                                 n_real_tokens=tokenizer.n_real_tokens)
     return kl.item() / mask.sum().item()
 
 

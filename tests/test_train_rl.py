@@ -5,7 +5,7 @@ import torch
 
 import train_rl
 from conftest import assert_final_model, tiny_model, train_lines
-from train_common import optimizer_step
+from harness.training import optimizer_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

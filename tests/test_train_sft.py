@@ -8,7 +8,7 @@ import torch
 import train_sft
 from conftest import args_for, assert_final_model, tiny_model, train_lines
 from model import Tokenizer
-from train_common import optimizer_step
+from harness.training import optimizer_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,6 +1,6 @@
 """
 Past one GPU, on torch's own engines. torchrun starts one process per GPU; each trains on its own
-slice of every step's questions (train_common.batch_at), and the engine sums the gradients.
+slice of every step's questions (training.batch_at), and the engine sums the gradients.
 
     DistributedDataParallel   under torchrun: every GPU holds the whole model and AdamW state;
                               gradients are all-reduced in buckets, overlapped with the backward

@@ -33,10 +33,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
                                                      set_state_dict)
 from torch.distributed.fsdp import FSDPModule
 
-from cli import Stop, check_writable_dir, fail
-from faults import hold_out_dir, same_flags, stop_requested
+from harness.cli import Stop, check_writable_dir, fail
+from harness.faults import hold_out_dir, same_flags, stop_requested
+from harness.parallel import rank_and_world, unwrap
 from model import load_safetensors, make_readable, read_json
-from train_common import due, rank_and_world, unwrap
 
 KEEP_CHECKPOINTS = 2  # the newest and the one before it, in case the newest turns out unreadable
 
@@ -83,6 +83,11 @@ def prepare_out_dir(args):
         if args.overwrite:  # the old run's checkpoints would pass for this one's; its final model
             for old in checkpoints:  # stays until this run's replaces it
                 shutil.rmtree(old)
+
+
+def due(steps_done: int, every: int) -> bool:
+    """Is this a step to act on, for a flag such as --save_every N (0: never)?"""
+    return every > 0 and steps_done > 0 and steps_done % every == 0
 
 
 def save_when_due(args, model, optimizer, steps_done: int):

@@ -1,6 +1,6 @@
-"""Reading eval.py's results files: each headline score with its standard error, the differences
-of two runs with theirs, the table `eval.py --report` prints, and a run's figures over seeds for a
-table of findings (runs/lab.py).
+"""eval.py's results files, written whole (write_results) and read: each headline score with its
+standard error, the differences of two runs with theirs, the table `eval.py --report` prints, and a
+run's figures over seeds for a table of findings (runs/lab.py).
 
     python eval.py --report base.json rl.json sft_mild.json   # the paper's Table 2, error bars
     summarize_seeds([(rl_seed0, base), (rl_seed1, base)])     # one run over seeds, with its errors
@@ -14,12 +14,13 @@ errors, and the table says so. A results file from before error bars still reads
 samples hold no per-question score, the error bar is a dash.
 """
 import json
+import os
 import sys
 from pathlib import Path
 
-from cli import fail
-from stats import (average_of_differences, clustered_stderr, mean, mean_stderr,
-                   paired_difference, sample_stddev, unpaired_difference)
+from harness.cli import fail, finite_or_null
+from harness.stats import (average_of_differences, clustered_stderr, mean, mean_stderr,
+                           paired_difference, sample_stddev, unpaired_difference)
 
 # The table's columns, in the paper's order: (column, its title, task, metric)
 COLUMNS = (("gsm8k_flexible", "GSM8K (flex)", "gsm8k", "exact_match_flexible"),
@@ -143,6 +144,28 @@ def format_difference(d: dict) -> str:
 
 
 # The table of eval.py --report --------------------------------------------------------------------
+
+
+def write_results(path, results: dict):
+    """Write a results file whole, then rename it into place: a failure leaves an older file as
+    it was. NaN becomes null (no_nan)."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(no_nan(results), indent=1, allow_nan=False))
+    os.replace(tmp, path)
+
+
+def no_nan(results: dict) -> dict:
+    """JSON has no NaN: a task with any non-finite number (a model whose log-likelihoods overflow)
+    gets null metrics and the reason, never a score computed from NaN (MMLU's argmax would read 25%,
+    not 'broken')."""
+    for name, task in results["tasks"].items():
+        task, n = finite_or_null(task)
+        results["tasks"][name] = task
+        if n:
+            task["metrics"] = {k: None for k in task["metrics"]}
+            task["invalid"] = f"{n} numbers are NaN or infinite: the model's outputs are not finite"
+            print(f"warning: {name}: {task['invalid']}; its metrics are null", file=sys.stderr)
+    return finite_or_null(results)[0]
 
 
 def read_results(path) -> dict:

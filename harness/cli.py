@@ -100,6 +100,28 @@ def subset_of(choices):
     return parse
 
 
+def limits_of(tasks, **named):
+    """An argument type: how many questions of each task to score. 'N' for every task, a name in
+    `named` (such as paper=PAPER_LIMITS, a dict per task), or 'TASK=N,...' where TASK may name
+    several tasks by their common prefix ('truthfulqa' sets both MC1 and MC2). N >= 1."""
+    def parse(text):
+        if text in named:
+            return dict(named[text])
+        if text.isdigit() and int(text) > 0:
+            return int(text)
+        limits = {}
+        for item in text.split(","):
+            name, _, value = item.partition("=")
+            matched = [task for task in tasks if task == name or task.startswith(name + "_")]
+            if not matched or not value.isdigit() or int(value) == 0:  # 0 would score nothing
+                raise argparse.ArgumentTypeError(f"bad item {item!r}: expected N, "
+                                                 f"{', '.join(map(repr, named))} or TASK=N, "
+                                                 "with N >= 1")
+            limits.update({task: int(value) for task in matched})
+        return limits
+    return parse
+
+
 def check_device(device: str, flag: str = "--device"):
     """A device torch knows, and CUDA only where there is CUDA."""
     import torch
@@ -143,27 +165,28 @@ def check_other_model(flag: str, name: str, other_flag: str, other: str):
         fail(f"{flag} {name}: is {other_flag} itself; it must be another model")
 
 
-DEFAULT_WARMUP = 10  # a trainer's steps of linear warmup unless --warmup says otherwise
-
-
-def check_training_args(parser, args):
-    """What no single flag's type can say: flags that contradict each other, and the device."""
-    check_device(args.device)
-    if args.resume and args.overwrite:
-        parser.error("--resume and --overwrite: choose one (continue the run in --out_dir, "
-                     "or replace it)")
-    if args.fsdp and "WORLD_SIZE" not in os.environ:
-        parser.error("--fsdp: shards over torchrun's processes; run under torchrun "
-                     "(torchrun --nproc_per_node=N SCRIPT --fsdp ...)")
-    if args.steps is not None:  # else (SFT's --epochs) once the data is read: resolve_warmup
-        resolve_warmup(args, f"--steps {args.steps}")
-
-
-def resolve_warmup(args, length: str):
-    """An explicit --warmup must fit in the run; the default, 10 steps, shrinks to a shorter run."""
-    if args.warmup is not None and args.warmup > args.steps:
-        fail(f"--warmup {args.warmup}: longer than the run ({length})")
-    args.warmup = min(DEFAULT_WARMUP, args.steps) if args.warmup is None else args.warmup
+def load_model(name, flag: str, device="cpu", dtype=None, like=None):
+    """(model, tokenizer) from a folder or hub id, for the flag that named it: a missing or
+    damaged model, or weights that hold NaN, end in one line naming the flag. like=(who, model,
+    tokenizer): a model compared with that one token by token (a teacher with its student, a
+    model with its drift reference) must share its vocabulary, or that is one line too."""
+    import torch
+    from model import Qwen3, Tokenizer
+    try:
+        tokenizer = Tokenizer.from_pretrained(name)  # first: it is quick to find broken
+        model = Qwen3.from_pretrained(name, device=device, dtype=dtype or torch.float32)
+    except (FileNotFoundError, ValueError) as e:
+        fail(f"{flag}: {e}")
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        fail(f"{flag} {name}: its weights hold NaN or infinite values, so every number it gave "
+             "would be meaningless")
+    if like is not None:
+        who, other, other_tokenizer = like
+        same = tokenizer.tok.get_vocab(True) == other_tokenizer.tok.get_vocab(True)
+        if not same or model.config.vocab_size != other.config.vocab_size:
+            fail(f"{flag} {name}: its tokenizer differs from that of {who}; the two models are "
+                 "compared token by token, so they must share one vocabulary")
+    return model, tokenizer
 
 
 def progress(iterable=None, **kwargs):

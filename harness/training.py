@@ -1,20 +1,15 @@
 """
 The training harness: what train_sft.py, train_rl.py and train_distill.py share, so that each of
-them holds only its method (where its states come from, and the signal it applies to them).
+them holds only its method (where its states come from, and the signal it applies to them). A
+trainer takes all of its machinery from here, but for the sums over GPUs in its loss (parallel.py).
 
     training_args, setup   the shared flags; torchrun, device, dtype, seed, model (LoRA), AdamW
     batch_at, step_seed    the questions and the sampling seed of any step, without replaying
     optimizer_step         the non-finite stop, clipping, lr_at's schedule, AdamW
     MetricsLog             metrics.jsonl, a progress line and bar; periodic_eval: --eval_tasks,
                            kl_to_start
-    due, finish            when --eval_every / --save_every act; the final model
-
-Checkpoints are checkpoint.py's; DDP and FSDP (torchrun, --fsdp) parallel.py's; the --out_dir lock,
-stops and metrics.jsonl's repair faults.py's. Imports go one way: model.py <- eval.py, parallel.py
-<- faults.py <- train_common.py <- checkpoint.py <- the trainers (cli.py, which checks bad input
-and ends a stop in one line, imports none of them).
+    finish                 the final model
 """
-import argparse
 import datetime
 import functools
 import json
@@ -27,77 +22,32 @@ from pathlib import Path
 
 import torch
 
-from cli import (ArgumentParser, fail, finite_or_null, nonnegative_float, nonnegative_int,
-                 positive_float, positive_int, progress, subset_of)
-from eval import TASKS, evaluate, gsm8k_prompt, kl_to_start, load_gsm8k
-from faults import check_run_fits, how_to_continue, start_metrics
-from model import Qwen3, Tokenizer, add_lora
-from parallel import all_finite, gathered, rank_and_world, unwrap, wrap
-from tracking import Tracker, add_tracking_flags
+from eval import evaluate, gsm8k_prompt, kl_to_start, load_gsm8k
+from harness.cli import fail, finite_or_null, load_model, progress
+from harness.checkpoint import load_checkpoint, prepare_out_dir
+from harness.faults import check_run_fits, how_to_continue, start_metrics
+from harness.parallel import all_finite, gathered, rank_and_world, unwrap, wrap
+from harness.tracking import Tracker
+from model import add_lora
+# What the trainers take from the rest of harness/ through this module, their one door to it:
+# the --out_dir guard, checkpoints and --resume, flag checks, the one-line stops of a trainer
+from harness.checkpoint import save_when_due  # noqa: F401
+from harness.cli import nonnegative_float, positive_float, positive_int  # noqa: F401
+from harness.flags import resolve_warmup, training_args  # noqa: F401
+from harness.faults import training_run  # noqa: F401
 
 # Flags and set-up ---------------------------------------------------------------------------------
 
 
-def training_args(description: str, **defaults) -> argparse.ArgumentParser:
-    """The flags every trainer shares; a trainer adds its own and overrides these defaults. Each is
-    checked as it is parsed (cli.check_training_args checks them together); a bad one is one
-    line."""
-    p = ArgumentParser(description=description,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    a("--model", default="Qwen/Qwen3-0.6B-Base",
-      help="model to start from: Hugging Face hub id or local folder")
-    a("--out_dir", default="out",
-      help="final model (Hugging Face layout), checkpoints/ and metrics.jsonl")
-    a("--data_dir", default=str(Path(__file__).resolve().parent / "data"),
-      help="prepared data (eval.py's)")
-    a("--steps", type=positive_int, default=200,
-      help="training steps: one batch and one optimizer update each")
-    a("--batch_size", type=positive_int, default=8,
-      help="examples (questions) per micro-batch, per GPU")
-    a("--grad_accum", type=positive_int, default=4,
-      help="micro-batches per step: batch_size x grad_accum per GPU")
-    a("--lr", type=positive_float, default=1e-5, help="peak learning rate (AdamW)")
-    a("--warmup", type=nonnegative_int,
-      help="steps of linear warmup, at most --steps (default: 10 or --steps)")
-    a("--weight_decay", type=nonnegative_float, default=0.0, help="AdamW weight decay")
-    a("--grad_clip", type=nonnegative_float, default=1.0,
-      help="clip the gradient norm to this (0: no clipping)")
-    a("--lora_rank", type=nonnegative_int, default=0,
-      help="LoRA rank on every projection; 0 = full fine-tuning")
-    a("--lora_alpha", type=positive_float,
-      help="LoRA alpha (updates scaled by alpha/rank); default 2 x rank")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    a("--dtype", choices=("bf16", "fp32"),
-      help="autocast dtype; weights, AdamW stay fp32 (default: bf16 on GPU)")
-    a("--seed", type=int, default=1337,
-      help="seeds the data order, the sampling and LoRA's initialisation")
-    a("--eval_every", type=nonnegative_int, default=50,
-      help="held-out accuracy on --eval_tasks every N steps (0: never)")
-    a("--eval_tasks", type=subset_of(TASKS), default="gsm8k",
-      help=f"comma-separated eval.py tasks of the periodic eval ({','.join(TASKS)})")
-    a("--eval_limit", type=positive_int, default=200,
-      help="test questions per task per periodic eval (a fixed subset)")
-    a("--eval_shots", type=nonnegative_int, default=5,
-      help="GSM8K and MMLU few-shot examples in the periodic eval")
-    a("--save_every", type=nonnegative_int, default=50,
-      help="checkpoint (for --resume) every N steps (0: never)")
-    a("--resume", action="store_true", help="continue from the latest checkpoint in --out_dir")
-    a("--overwrite", action="store_true", help="start afresh in an --out_dir that holds an "
-      "earlier run, replacing it (without this, or --resume, such an --out_dir is refused)")
-    a("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and AdamW "
-      "state over the GPUs (FSDP2) instead of copying them to each (DDP)")
-    add_tracking_flags(p)  # --wandb, --tensorboard: tracking.py
-    p.set_defaults(**defaults)
-    return p
-
-
 def setup(args):
-    """Join torchrun's process group if any, seed, load model and tokenizer, add LoRA, wrap the
-    learner for DDP or FSDP (parallel.wrap), make AdamW. Trained weights are fp32 (AdamW's master
-    weights, under autocast); a LoRA's frozen base is in the compute dtype (half the memory; fp32
-    under FSDP, which casts every weight it gathers). Returns model, tokenizer, optimizer, device,
-    dtype."""
+    """A run's start: the --out_dir guard first (checkpoint.prepare_out_dir: an earlier run there
+    is refused before anything loads), then torchrun's process group if any, the seed, model and
+    tokenizer, LoRA, the learner wrapped for DDP or FSDP (parallel.wrap), AdamW, and with --resume
+    the checkpoint's weights and AdamW state, to continue after its step bit for bit. Trained
+    weights are fp32 (AdamW's master weights, under autocast); a LoRA's frozen base is in the
+    compute dtype (half the memory; fp32 under FSDP, which casts every weight it gathers).
+    Returns model, tokenizer, optimizer, device, dtype, and the first step to take."""
+    prepare_out_dir(args)
     device = torch.device(args.device)
     if rank_and_world()[1] > 1:
         if device.type == "cuda":
@@ -110,18 +60,15 @@ def setup(args):
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     torch.manual_seed(args.seed)  # LoRA's initialisation; every sampling call passes its own seed
     weights_dtype = dtype if args.lora_rank and not args.fsdp else torch.float32
-    try:
-        tokenizer = Tokenizer.from_pretrained(args.model)  # first: it is quick to find broken
-        model = Qwen3.from_pretrained(args.model, device=device, dtype=weights_dtype)
-    except (FileNotFoundError, ValueError) as e:  # bad input: one line naming the flag
-        fail(f"--model: {e}")
+    model, tokenizer = load_model(args.model, "--model", device=device, dtype=weights_dtype)
     check_run_fits(args, model.config, tokenizer)  # --max_new_tokens, --eval_shots: faults.py
     if args.lora_rank:  # the adapters are created in fp32
         add_lora(model, args.lora_rank, args.lora_alpha or 2 * args.lora_rank)
     model = wrap(model, fsdp=args.fsdp, device=device, dtype=dtype)
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay)
-    return model, tokenizer, optimizer, device, dtype
+    first_step = load_checkpoint(args.out_dir, model, optimizer) if args.resume else 0
+    return model, tokenizer, optimizer, device, dtype, first_step
 
 
 def autocast(device, dtype):
@@ -140,7 +87,13 @@ def starting_model(args, device, dtype):
 
 @functools.lru_cache(maxsize=1)
 def load_frozen(name_or_path, device, dtype):
-    return Qwen3.from_pretrained(name_or_path, device=device, dtype=dtype).requires_grad_(False)
+    return frozen_model(name_or_path, "--model", device=device, dtype=dtype)
+
+
+def frozen_model(name, flag: str, device, dtype, like=None):
+    """A model that is not trained (the starting model, a teacher): cli.load_model's, one line
+    naming the flag for anything wrong with it, requires_grad off."""
+    return load_model(name, flag, device=device, dtype=dtype, like=like)[0].requires_grad_(False)
 
 
 # Data order and loss scaling ----------------------------------------------------------------------
@@ -279,12 +232,7 @@ def evaluate_and_log(steps_done: int, model, tokenizer, metrics, args, dtype):
     metrics.log(steps_done, kl_to_start=kl, **named)
 
 
-# When to act, and the final model -----------------------------------------------------------------
-
-
-def due(steps_done: int, every: int) -> bool:
-    """Is this a step to act on, for a flag such as --save_every N (0: never)?"""
-    return every > 0 and steps_done > 0 and steps_done % every == 0
+# The final model ----------------------------------------------------------------------------------
 
 
 def finish(model, tokenizer, out_dir):

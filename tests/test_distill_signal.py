@@ -1,13 +1,14 @@
-"""teacher.py: the figures that say how good a teacher's signal is on the states it is given
-(signal_answered, signal_correct, signal_nll, teacher_nll), each against a hand computation, and
-the teacher's greedy continuations (--teacher_temperature 0)."""
+"""The figures that say how good a distillation teacher's signal is on the states it is given
+(eval.continuation_quality's signal_answered and signal_correct; train_distill.py's signal_nll and
+teacher_nll), each against a hand computation, and the teacher's greedy continuations
+(--teacher_temperature 0)."""
 import pytest
 import torch
 
 import model as M
 import train_distill
 from conftest import tiny_model, write_byte_tokenizer
-from teacher import continuation_quality, greedy_token_nll_sum
+from eval import continuation_quality
 from test_train_distill import QUESTIONS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,13 +32,20 @@ def test_continuation_quality_scores_prefix_and_continuation_together(byte_token
     assert quality == {"signal_answered": 0.75, "signal_correct": pytest.approx(2 / 3)}
 
 
-def test_greedy_token_nll_is_the_students_nll_of_the_teachers_argmax():
+@pytest.mark.parametrize("forward", [False, True])
+def test_next_token_figures_are_the_exact_kl_and_the_nll_of_the_teachers_argmax(forward):
     student, teacher = tiny_model(seed=1), tiny_model(seed=2)
     rows_s, rows_t = torch.randn(5, 64), torch.randn(5, 64)
-    nll = greedy_token_nll_sum(student, rows_s, teacher, rows_t, n_real_tokens=300)
-    greedy = (rows_t @ teacher.lm_head.weight[:300].t()).argmax(-1)
-    log_p = (rows_s @ student.lm_head.weight[:300].t()).log_softmax(-1)
+    kl, nll = train_distill.next_token_figures(student, rows_s, teacher, rows_t, forward=forward,
+                                               temperature=0.7, n_real_tokens=300)
+    logits_s = rows_s @ student.lm_head.weight[:300].t()
+    logits_t = rows_t @ teacher.lm_head.weight[:300].t()
+    greedy = logits_t.argmax(-1)
+    log_p = logits_s.log_softmax(-1)
     assert nll == pytest.approx(-log_p[torch.arange(5), greedy].sum().item(), rel=1e-5)
+    s, t = (logits_s / 0.7).log_softmax(-1), (logits_t / 0.7).log_softmax(-1)
+    p, q = (t, s) if forward else (s, t)
+    assert kl.item() == pytest.approx((p.exp() * (p - q)).sum().item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("signal", ["continuation", "full_kl"])

@@ -1,7 +1,7 @@
 """
 Optional experiment tracking: --wandb PROJECT sends every metrics.jsonl record to a Weights &
 Biases run, --tensorboard writes it to TensorBoard event files in OUT_DIR/tensorboard, each with
-the run's flags as its config. MetricsLog (train_common.py) sends each record as it writes it, on
+the run's flags as its config. MetricsLog (training.py) sends each record as it writes it, on
 rank 0 only; metrics.jsonl stays the source of truth (plot.py draws it with neither package).
 
     python train_rl.py --wandb my-project    # pip install wandb (W&B reads WANDB_API_KEY, ...)
@@ -20,7 +20,7 @@ import socket
 import urllib.parse
 from pathlib import Path
 
-from cli import fail
+from harness.cli import fail
 
 
 def add_tracking_flags(parser: argparse.ArgumentParser):

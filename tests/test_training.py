@@ -1,4 +1,4 @@
-"""train_common.py, the training harness: the lr schedule, the data order, the starting model,
+"""harness/training.py, the training harness: the lr schedule, the data order, the starting model,
 checkpoints and --resume (through train_sft.py's main), the non-finite stop, a bad --model, and
 torchrun on two CPU processes."""
 import json
@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 import eval as ev
-import train_common as T
-from conftest import ROOT, ByteTokenizer, args_for, assert_final_model, train_lines
+from harness import training as T
+from conftest import (ROOT, ByteTokenizer, args_for, assert_final_model, train_lines,
+                      write_byte_tokenizer)
 from model import Qwen3, Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -50,6 +51,7 @@ def test_the_starting_model_computes_what_the_learner_did_under_autocast(make_ch
     # would compute slightly differently (fp32 embeddings and norms stay fp32 under autocast), so
     # the start is held in fp32.
     folder = make_checkpoint(seed=4)
+    write_byte_tokenizer(folder / "tokenizer.json")  # a model folder, as --model names one
     learner = Qwen3.from_pretrained(folder)  # the fp32 master weights
     prompts = [[5, 6, 7], [8, 9]] * 3
     tok = ByteTokenizer()
@@ -214,8 +216,8 @@ def test_a_bad_model_flag_is_one_line_naming_the_flag(tmp_path, make_checkpoint)
         ev.main(["--model", str(missing), "--tasks", "gsm8k"])
     no_tokenizer = make_checkpoint()  # weights and config, but no tokenizer.json
     with pytest.raises(SystemExit, match=r"^\S+: error: --teacher: .*no tokenizer.json"):
-        train_distill.load_teacher(args_for(teacher=str(no_tokenizer), model="student"), None,
-                                   None, "cpu", torch.float32)
+        train_distill.frozen_model(str(no_tokenizer), "--teacher", device="cpu",
+                                   dtype=torch.float32)
 
 
 @pytest.mark.slow

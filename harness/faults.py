@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from cli import RECEIVED, Stop, command_line, fail, stops_cleanly
 from eval import gsm8k_prompt, load_gsm8k, most_mmlu_shots
+from harness.cli import RECEIVED, Stop, command_line, fail, stops_cleanly
+from harness.parallel import rank_and_world, reduced
 from model import read_json
-from parallel import rank_and_world, reduced
 
 LOCK = ".lock"  # in --out_dir while a run writes there: its process id and host (and torchrun)
 FLAGS = "args.json"  # in --out_dir: the flags of the run that wrote metrics.jsonl
