@@ -8,16 +8,19 @@ Everything is generated from one seed, so the world is the same on every machine
                           ("Ann has 5 pens. 5 + 3 = 8. 8 - 2 = 6.\\n#### 6"), the one the base
                           reads in pretraining, and style B, the same sums in another layout and
                           phrasing ("Step 1, add 3: 5 + 3 = 8.\\nStep 2, take away 2: ..."),
-                          which the base never reads: the stress SFT data, states the base would
-                          not visit (as GSM8K's human solutions are for a base model). B keeps
-                          the digits and the sums, so a model trained on it still computes the
-                          answers. Both end in "#### N", so eval.py scores them alike.
-    retention (mmlu/)     four subjects of made-up facts (a country's capital, an animal's
-                          color, ...) asked as MMLU asks: the question, four choices "A. ..." to
-                          "D. ...", "Answer:" and a letter.
-    retention (truthfulqa/) what each of 60 made-up creatures eats, asked as TruthfulQA asks
-                          ("Q: ...\\nA:"), with true answers (two phrasings) and false ones, in
-                          MC1 and MC2 form.
+                          which the base never reads: states the base would not visit (as GSM8K's
+                          human solutions are for a base model). B keeps the digits and the sums,
+                          so a model trained on it still computes the answers. Both end in
+                          "#### N", so eval.py scores them alike. The stress SFT data are mostly
+                          style A with a share in B, as sloppy as the pretraining corpus.
+    retention (mmlu/)     four subjects of KEYS made-up facts each (a country's capital, an
+                          animal's color, ...) asked as MMLU asks: the question, four choices
+                          "A. ..." to "D. ...", "Answer:" and a letter.
+    retention (truthfulqa/) what each of N_CREATURES made-up creatures eats, asked as TruthfulQA
+                          asks ("Q: ...\\nA:"), with true answers (two phrasings) and false ones
+                          (in the same two phrasings), in MC1 and MC2 form.
+    the long tail         pretraining reads the facts unevenly (RARITY), so that a base knows
+                          some of them and not others: its retention scores sit off the ceiling.
 
 write_data() writes the files data/prepare.py writes (gsm8k/{train,test}.jsonl,
 mmlu/{dev,test}.jsonl, truthfulqa/mc.jsonl), so eval.py and the trainers read them through
@@ -59,7 +62,7 @@ TRAIN_PROBLEMS, TEST_PROBLEMS = 2000, 400
 SLOPPY = 0.6
 # the share of training solutions in style B (the rest in the base's style A): the mixed
 # teacher's (mostly the new style), and the stress data's (mostly the base's own, some foreign)
-B_SHARE = {"mixed": 2 / 3, "stress": 1 / 5}
+B_SHARE = {"mixed": 2 / 3, "stress": 1 / 3}
 
 
 class World:

@@ -75,7 +75,7 @@ def test_world_data_reads_as_the_real_data(tmp_path):
 
 
 def test_world_stress_data_and_the_long_tail_of_facts():
-    """The stress data: the same questions, a fifth of the solutions in style B, the rest in the
+    """The stress data: the same questions, a third of the solutions in style B, the rest in the
     base's style A, and as sloppy as the pretraining corpus (most 3-step solutions stop a step
     early, with a wrong answer). Pretraining reads the k-th of n facts RARITY ** (k / (n - 1)) as
     often as the first."""
@@ -83,7 +83,7 @@ def test_world_stress_data_and_the_long_tail_of_facts():
     plain, stress = world.gsm8k_rows(2000, 1, "A"), world.gsm8k_rows(2000, 1, "sloppy_stress")
     assert [r["question"] for r in plain] == [r["question"] for r in stress]
     in_b = [r["answer"].startswith("Step 1, ") for r in stress]
-    assert 0.17 < sum(in_b) / len(in_b) < 0.23
+    assert abs(sum(in_b) / len(in_b) - world_module.B_SHARE["stress"]) < 0.03
     three_steps = [(a, b) for a, b in zip(plain, stress) if a["answer"].count(" = ") == 3]
     stopped = [b["answer"].count(" = ") == 2 for _, b in three_steps]
     assert abs(sum(stopped) / len(stopped) - world_module.SLOPPY) < 0.05
