@@ -1,10 +1,14 @@
 """The lab's tables, findings and figures (runs/lab.py calls write_tables at the end of a call).
 
-    OUT/table.json  per run and (base, seed): target, retention tasks, Forgetting, Retention, state
-                    NLL, MMD² drift, and for a distillation run its teacher's figures and the
-                    quality of the teacher's signal; then mean ± std over every base and seed, the
-                    same per base, and the findings, each measured on every base
-    OUT/table.md    the six runs (mean ± std), then the findings
+    OUT/table.json  per run and (base, seed): target, retention tasks, Forgetting, Retention, the
+                    log-probability of the right choices and its drop, the minimum detectable
+                    forgetting, state NLL, MMD² drift, and for a distillation run its teacher's
+                    figures and the quality of the teacher's signal; then mean ± std over every
+                    base and seed, the same per base, the findings, each measured on every base,
+                    the instruments (each task's MDF per base) and the paper's question (its
+                    stress teacher's profile, and whether its OPD student beats it)
+    OUT/table.md    the six runs and the positive control (mean ± std), the findings, the
+                    instruments and the paper's question
     OUT/distill.md  with --study distill: the distillation matrix and the teacher family
     OUT/lab.png     the six runs over training and their final figures
     OUT/distill.png with --study distill: student minus teacher against the teacher's local quality
