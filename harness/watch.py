@@ -50,7 +50,8 @@ class Watch:
                 warnings.append(f"{name}: {meaning}, for {STEPS_RUNNING} steps running "
                                 f"({figure} {value:.2f})")
         self.seen += 1
-        self.with_signal += (figures.get("grad_norm") or 0) > 0
+        grad_norm = figures.get("grad_norm")  # not known (not finite, not logged): a signal
+        self.with_signal += grad_norm is None or grad_norm > 0
         if self.with_signal == 0 and step == self.steps:  # the end of a run that did nothing
             warnings.append(f"no_signal: not one of the run's {self.seen} steps carried a "
                             "signal (the gradient was zero in each): it learned nothing")

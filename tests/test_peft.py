@@ -21,6 +21,8 @@ from model import LORA_TARGETS, LoRALinear, Qwen3, add_lora
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 RANK, ALPHA = 4, 12
 
 
@@ -145,10 +147,10 @@ def test_a_lora_run_writes_an_adapter_that_peft_loads(lora_run):
         assert not torch.allclose(hf_model(base)(idx).logits, hf_model(out)(idx).logits)
 
 
-def test_eval_and_sample_load_an_adapter_folder(lora_run, tmp_path):
+def test_eval_and_sample_load_an_adapter_folder(lora_run, prepared_data, tmp_path):
     """load_model (every script's) merges an adapter into its base to the bit of the run's
     merged model; --base_model names the base where the config's is gone, and is refused with a
-    full model; sample.py samples what it samples from the merged model."""
+    full model; sample.py samples, and eval.py scores, what they do with the merged model."""
     out, base = lora_run
     adapter = out / ADAPTER_DIR
     merged, _ = load_model(str(out), "--model")
@@ -166,6 +168,14 @@ def test_eval_and_sample_load_an_adapter_folder(lora_run, tmp_path):
     flags = ["--max_new_tokens", "6", "--num_samples", "1", "--device", "cpu"]
     assert (sample.main(["--model", str(adapter), "--base_model", str(moved), *flags])
             == sample.main(["--model", str(out), *flags]))
+    flags = ["--tasks", "truthfulqa_mc2", "--limit", "3", "--data_dir", str(prepared_data),
+             "--device", "cpu"]
+    ev.main(["--model", str(adapter), "--base_model", str(moved), "--out",
+             str(tmp_path / "adapter.json"), *flags])
+    ev.main(["--model", str(out), "--out", str(tmp_path / "merged.json"), *flags])
+    scored = [json.loads((tmp_path / f"{run}.json").read_text())["tasks"]["truthfulqa_mc2"]
+              for run in ("adapter", "merged")]
+    assert scored[0]["samples"] == scored[1]["samples"]
 
 
 def test_a_bad_adapter_is_refused_naming_the_file(make_checkpoint, tmp_path):
