@@ -6,7 +6,7 @@ script that loads a model for a flag (cli.load_model) loads such a folder too: i
 the adapter merged into the weights.
 
     write_adapter(model, out_dir, base)   the run's adapter, in OUT_DIR/adapter (a full
-                                          fine-tune's run removes an earlier run's)
+                                          fine-tune removes an earlier run's)
     is_adapter(folder)                    a folder with adapter_config.json
     adapter_base(folder)                  the base model its config names
     merge_adapter(model, folder)          the adapter's updates added to the base's weights
@@ -31,8 +31,9 @@ ADAPTER_DIR = "adapter"  # in a LoRA run's --out_dir, beside the merged model
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model.model."  # PEFT's path to the decoder of a Qwen3ForCausalLM
-# What merge_adapter cannot apply, as a plain LoRA adapter holds it (written so, and so read)
-UNSUPPORTED = {"use_dora": False, "modules_to_save": None, "bias": "none", "fan_in_fan_out": False,
+# A plain LoRA's settings, as write_adapter writes them: merge_adapter refuses any other value
+# (DoRA, trained biases, modules_to_save, per-module ranks or alphas)
+PLAIN_LORA = {"use_dora": False, "modules_to_save": None, "bias": "none", "fan_in_fan_out": False,
                "rank_pattern": {}, "alpha_pattern": {}}
 
 
@@ -40,12 +41,12 @@ def write_adapter(model, out_dir, base: str):
     """With LoRA: its adapters as a PEFT adapter of `base` (the run's --model: a hub id as it is,
     a folder as an absolute path), in out_dir/adapter, atomically (each file renamed into place).
     Without: an adapter that an earlier run left in out_dir is removed (--overwrite replaced
-    that run)."""
+    that run). Returns the adapter's folder, or None."""
     folder = Path(out_dir) / ADAPTER_DIR
     lora = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
     if not lora:
         shutil.rmtree(folder, ignore_errors=True)
-        return
+        return None
     # one rank and scale for every module (add_lora's); alpha = scale x rank, an int if it is one
     first = next(iter(lora.values()))
     rank = first.lora_a.shape[0]
@@ -56,7 +57,7 @@ def write_adapter(model, out_dir, base: str):
     # vLLM's LoRA loader reads r, lora_alpha, target_modules; it refuses modules_to_save, DoRA
     config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base, r=rank,
                   lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, inference_mode=True,
-                  init_lora_weights=True, use_rslora=False, **UNSUPPORTED)
+                  init_lora_weights=True, use_rslora=False, **PLAIN_LORA)
     tensors = {}
     for name, module in lora.items():  # fp32 (B, A as trained), PEFT's names
         tensors[f"{PREFIX}{name}.lora_A.weight"] = module.lora_a.detach().cpu().contiguous()
@@ -68,6 +69,7 @@ def write_adapter(model, out_dir, base: str):
         for name in (WEIGHTS, CONFIG):
             make_readable(Path(tmp, name))
             os.replace(Path(tmp, name), folder / name)
+    return folder
 
 
 def is_adapter(folder) -> bool:
@@ -83,15 +85,17 @@ def adapter_base(folder) -> str:
 
 
 def merge_adapter(model, folder):
-    """Add a PEFT LoRA adapter's updates (lora_alpha / r) B A to the weights of `model`, its base,
-    as LoRALinear.weight merges them (so that this equals the merged model a run saved, to the
-    bit). What this cannot apply (DoRA, biases, modules_to_save, per-module ranks) or a tensor of
-    another shape or module is refused, naming the file."""
+    """Add a PEFT LoRA adapter's updates (lora_alpha / r) B A (rsLoRA's: / √r) to the weights of
+    `model`, its base, as LoRALinear.weight merges them (so that this equals the merged model a
+    run saved, to the bit). What this cannot apply (DoRA, biases, modules_to_save, per-module
+    ranks) or a tensor of another shape or module is refused, naming the file."""
     config_file = Path(folder) / CONFIG
     config = read_json(config_file)
-    if config.get("peft_type") != "LORA" or not isinstance(config.get("r"), int):
-        raise ValueError(f"{config_file}: not a LoRA adapter's config (peft_type LORA, r)")
-    for key, plain in UNSUPPORTED.items():
+    numbers = [config.get("r"), config.get("lora_alpha")]
+    if config.get("peft_type") != "LORA" or not all(isinstance(n, (int, float)) for n in numbers):
+        raise ValueError(f"{config_file}: not a LoRA adapter's config (peft_type LORA, r, "
+                         "lora_alpha)")
+    for key, plain in PLAIN_LORA.items():
         if config.get(key) and config[key] != plain:
             raise ValueError(f"{config_file}: {key} {config[key]!r} is not supported here")
     rank = config["r"]

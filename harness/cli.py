@@ -176,20 +176,19 @@ def load_model(name, flag: str, device="cpu", dtype=None, like=None, base=None):
     import torch
     from harness.adapter import adapter_base, is_adapter, merge_adapter
     from model import Qwen3, Tokenizer
-    adapter = is_adapter(name)
-    if base is not None and not adapter:
+    if base is not None and not is_adapter(name):
         fail(f"--base_model {base}: {flag} {name} is no LoRA adapter folder (it has no "
              "adapter_config.json); give --base_model only with an adapter")
-    blamed = f"{flag} {name}: its base model" if adapter else flag  # what a failure is about
     try:
-        weights = (base or adapter_base(name)) if adapter else name
-        tokenizer = Tokenizer.from_pretrained(weights)  # first: it is quick to find broken
-        model = Qwen3.from_pretrained(weights, device=device, dtype=dtype or torch.float32)
-        blamed = flag
-        if adapter:
+        if is_adapter(name):  # its base model (itself perhaps an adapter), the adapter merged in
+            model, tokenizer = load_model(base or adapter_base(name), f"{flag} {name}: its base "
+                                          "model", device=device, dtype=dtype)
             merge_adapter(model, name)
+        else:
+            tokenizer = Tokenizer.from_pretrained(name)  # first: it is quick to find broken
+            model = Qwen3.from_pretrained(name, device=device, dtype=dtype or torch.float32)
     except (FileNotFoundError, ValueError) as e:
-        fail(f"{blamed}: {e}")
+        fail(f"{flag}: {e}")
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         fail(f"{flag} {name}: its weights hold NaN or infinite values, so every number it gave "
              "would be meaningless")

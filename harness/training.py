@@ -252,8 +252,9 @@ def finish(model, tokenizer, out_dir, base_model: str):
     with gathered(model):  # FSDP: whole weights on every GPU (in the compute dtype), for rank 0
         if rank_and_world()[0] == 0:
             unwrap(model).save_pretrained(out_dir, tokenizer=tokenizer)
-            write_adapter(unwrap(model), out_dir, base=base_model)  # harness/adapter.py
-            print(f"saved the final model to {out_dir}")
+            adapter = write_adapter(unwrap(model), out_dir, base=base_model)  # adapter.py
+            print(f"saved the final model to {out_dir}"
+                  + (f", its LoRA adapter (PEFT's format) to {adapter}" if adapter else ""))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # no process leaves before rank 0 has saved
         torch.distributed.destroy_process_group()

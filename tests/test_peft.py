@@ -105,18 +105,22 @@ def test_lora_initialisation_is_pefts(make_checkpoint):
 # The adapter a LoRA run writes --------------------------------------------------------------------
 
 
+def run_lora_sft(data_dir, model, out):
+    """A two-step LoRA run of train_sft.py (rank 4, alpha 12) from `model` into `out`."""
+    import train_sft
+    with torch.random.fork_rng():
+        train_sft.main(["--model", str(model), "--out_dir", str(out), "--data_dir", str(data_dir),
+                        "--steps", "2", "--batch_size", "2", "--grad_accum", "1", "--lora_rank",
+                        str(RANK), "--lora_alpha", str(ALPHA), "--lr", "1e-2", "--warmup", "1",
+                        "--eval_every", "0", "--save_every", "0"])
+
+
 @pytest.fixture
 def lora_run(prepared_data, byte_model, tmp_path):
-    """A two-step LoRA run of train_sft.py (rank 4, alpha 12): its --out_dir and --model."""
-    import train_sft
+    """A LoRA run: its --out_dir and --model."""
     base = byte_model(seed=4)
-    out = tmp_path / "run"
-    with torch.random.fork_rng():
-        train_sft.main(["--model", str(base), "--out_dir", str(out), "--data_dir",
-                        str(prepared_data), "--steps", "2", "--batch_size", "2", "--grad_accum",
-                        "1", "--lora_rank", str(RANK), "--lora_alpha", str(ALPHA), "--lr", "1e-2",
-                        "--warmup", "1", "--eval_every", "0", "--save_every", "0"])
-    return out, base
+    run_lora_sft(prepared_data, base, tmp_path / "run")
+    return tmp_path / "run", base
 
 
 def test_a_lora_run_writes_an_adapter_that_peft_loads(lora_run):
@@ -176,6 +180,18 @@ def test_eval_and_sample_load_an_adapter_folder(lora_run, prepared_data, tmp_pat
     scored = [json.loads((tmp_path / f"{run}.json").read_text())["tasks"]["truthfulqa_mc2"]
               for run in ("adapter", "merged")]
     assert scored[0]["samples"] == scored[1]["samples"]
+
+
+def test_an_adapter_trained_from_an_adapter_loads_through_both(lora_run, prepared_data,
+                                                               tmp_path):
+    """A LoRA run whose --model is an adapter folder: its adapter's base is that folder, and
+    load_model merges both, to the bit of the second run's merged model."""
+    first, _ = lora_run
+    run_lora_sft(prepared_data, first / ADAPTER_DIR, tmp_path / "second")
+    merged, _ = load_model(str(tmp_path / "second"), "--model")
+    nested, _ = load_model(str(tmp_path / "second" / ADAPTER_DIR), "--model")
+    ours = merged.hf_state_dict()
+    assert all(torch.equal(t, ours[k]) for k, t in nested.hf_state_dict().items())
 
 
 def test_a_bad_adapter_is_refused_naming_the_file(make_checkpoint, tmp_path):
