@@ -53,7 +53,7 @@ class NoRoom(SystemExit):
     command that continues, faults.what_ran_out)."""
 
     def __init__(self, folder, what: str, needed=None, then="free space there and run it again"):
-        self.folder = Path(folder)
+        self.folder = Path(folder) if str(folder) not in ("", ".") else Path.cwd()  # named
         self.what = what
         self.needed = needed
         self.free = shutil.disk_usage(nearest_folder(self.folder)).free
