@@ -513,7 +513,9 @@ def main(argv=None):
     parser = ArgumentParser(description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     a = parser.add_argument
-    a("--model", help="model folder or Hugging Face hub id (with its tokenizer.json)")
+    a("--model", help="model folder or Hugging Face hub id (with its tokenizer.json), or a LoRA "
+      "adapter folder (PEFT's, a LoRA run's OUT_DIR/adapter)")
+    a("--base_model", help="an adapter's base model (default: the one its config names)")
     a("--tasks", default=",".join(TASKS),
       help=f"comma-separated subset of {','.join(TASKS)}; '' or none: no task (drift only)")
     a("--limit", type=limits_of(TASKS, paper=PAPER_LIMITS), default=None,
@@ -554,7 +556,8 @@ def main(argv=None):
     tasks = check_args(parser, args)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
         args.dtype, torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
-    model, tokenizer = load_model(args.model, "--model", device=args.device, dtype=dtype)
+    model, tokenizer = load_model(args.model, "--model", device=args.device, dtype=dtype,
+                                  base=args.base_model)
     model.eval()
     reference = None
     # loaded before any scoring: a bad reference must not cost the evaluation

@@ -243,7 +243,7 @@ def main(argv=None):
                     tokens=sum(map(len, batch["seqs"])))
         periodic_eval(step + 1, student, tokenizer, metrics, args, dtype)
         save_when_due(args, student, optimizer, step + 1)  # and at SIGTERM's stop
-    finish(student, tokenizer, args.out_dir)
+    finish(student, tokenizer, args.out_dir, base_model=args.model)
 
 
 if __name__ == "__main__":

@@ -158,7 +158,8 @@ def apply_reward(model, ref_model, batch, args, dtype, n_real_tokens=None):
     figures = dict(loss=loss_sum, reward=rewards.mean().item(),
                    pass_rate=(rewards.max(1).values > 0).float().mean().item(),  # any right
                    zero_var_frac=1 - keep.float().mean().item(),
-                   response_len=sum(lengths) / len(lengths))
+                   response_len=sum(lengths) / len(lengths),  # and the share cut off at the limit:
+                   truncated_frac=sum(n >= args.max_new_tokens for n in lengths) / len(lengths))
     if seqs:  # the mean -log π of the sampled tokens: a one-sample entropy estimate, and the
         figures.update(entropy=nll_sum, state_nll=nll_sum)  # state NLL of the learner's states
     if seqs and ref_model is not None:
@@ -199,7 +200,7 @@ def main(argv=None):
                     tokens=sum(map(len, batch["seqs"])))
         periodic_eval(step + 1, model, tokenizer, metrics, args, dtype)
         save_when_due(args, model, optimizer, step + 1)  # and at SIGTERM's stop
-    finish(model, tokenizer, args.out_dir)
+    finish(model, tokenizer, args.out_dir, base_model=args.model)
 
 
 if __name__ == "__main__":

@@ -162,7 +162,7 @@ def main(argv=None):
         metrics.log(step + 1, **figures, tokens=sum(map(len, seqs)))
         periodic_eval(step + 1, model, tokenizer, metrics, args, dtype)
         save_when_due(args, model, optimizer, step + 1)  # and at SIGTERM's stop
-    finish(model, tokenizer, args.out_dir)
+    finish(model, tokenizer, args.out_dir, base_model=args.model)
 
 
 if __name__ == "__main__":

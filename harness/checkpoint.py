@@ -133,8 +133,10 @@ def check_room(args, model, tokenizer):
 
 def final_model_size(model, tokenizer) -> int:
     """What the final model takes on disk, about: its weights (LoRA merged: the base's shapes
-    and dtype) and its tokenizer.json."""
-    return size_on_disk(model.hf_state_dict().values()) + Path(tokenizer.path).stat().st_size
+    and dtype), its tokenizer.json, and with LoRA its adapter (adapter.py's: the LoRA weights)."""
+    adapter = [p for name, p in model.named_parameters() if "lora_" in name]
+    return (size_on_disk(model.hf_state_dict().values()) + size_on_disk(adapter)
+            + Path(tokenizer.path).stat().st_size)
 
 
 def due(steps_done: int, every: int) -> bool:

@@ -170,16 +170,28 @@ def check_other_model(flag: str, name: str, other_flag: str, other: str):
         fail(f"{flag} {name}: is {other_flag} itself; it must be another model")
 
 
-def load_model(name, flag: str, device="cpu", dtype=None, like=None):
+def load_model(name, flag: str, device="cpu", dtype=None, like=None, base=None):
     """(model, tokenizer) from a folder or hub id, for the flag that named it: a missing or
-    damaged model, or weights that hold NaN, end in one line naming the flag. like=(who, model,
-    tokenizer): a model compared with that one token by token (a teacher with its student, a
-    model with its drift reference) must share its vocabulary, or that is one line too."""
+    damaged model, or weights that hold NaN, end in one line naming the flag. A LoRA adapter's
+    folder (PEFT's, such as a LoRA run's OUT_DIR/adapter) is its base model, named by `base`
+    (--base_model) or else by its config, with the adapter merged in (harness/adapter.py).
+    like=(who, model, tokenizer): a model compared with that one token by token (a teacher with
+    its student, a model with its drift reference) must share its vocabulary, or that is one line
+    too."""
     import torch
+    from harness.adapter import adapter_base, is_adapter, merge_adapter
     from model import Qwen3, Tokenizer
+    if base is not None and not is_adapter(name):
+        fail(f"--base_model {base}: {flag} {name} is no LoRA adapter folder (it has no "
+             "adapter_config.json); give --base_model only with an adapter")
     try:
-        tokenizer = Tokenizer.from_pretrained(name)  # first: it is quick to find broken
-        model = Qwen3.from_pretrained(name, device=device, dtype=dtype or torch.float32)
+        if is_adapter(name):  # its base model (itself perhaps an adapter), the adapter merged in
+            model, tokenizer = load_model(base or adapter_base(name), f"{flag} {name}: its base "
+                                          "model", device=device, dtype=dtype)
+            merge_adapter(model, name)
+        else:
+            tokenizer = Tokenizer.from_pretrained(name)  # first: it is quick to find broken
+            model = Qwen3.from_pretrained(name, device=device, dtype=dtype or torch.float32)
     except (FileNotFoundError, ValueError) as e:
         fail(f"{flag}: {e}")
     if not all(torch.isfinite(p).all() for p in model.parameters()):

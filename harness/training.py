@@ -23,12 +23,14 @@ from pathlib import Path
 import torch
 
 from eval import evaluate, gsm8k_prompt, kl_to_start, load_gsm8k
+from harness.adapter import write_adapter
 from harness.cli import fail, finite_or_null, load_model, progress
 from harness.checkpoint import check_room, final_model_size, load_checkpoint, prepare_out_dir
 from harness.faults import check_run_fits, how_to_continue, start_metrics
 from harness.parallel import all_finite, gathered, rank_and_world, unwrap, wrap
 from harness.resources import append_whole, new_step, room_for
 from harness.tracking import Tracker
+from harness.watch import Watch
 from model import add_lora
 # What the trainers take from the rest of harness/ through this module, their one door to it:
 # the --out_dir guard, checkpoints and --resume, flag checks, the one-line stops of a trainer
@@ -159,15 +161,18 @@ class MetricsLog:
     """metrics.jsonl, one JSON line per step (and one per eval), a progress line per step and a
     progress bar with rate and ETA (rank 0). "step" is the number of steps done: the eval at step N
     scores the model a checkpoint at N holds. A figure that is NaN or infinite is written null, its
-    name listed in not_finite."""
+    name listed in not_finite. A run that trains on nothing says so (watch.py's warnings, each a
+    line after its step's, and in its record under "warnings")."""
 
     def __init__(self, out_dir, steps: int, first_step: int = 0, args=None):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.steps = steps
         self.on = rank_and_world()[0] == 0
         self.tracker = Tracker(args if self.on else None, first_step)  # args: --wandb, ...
+        self.watch = Watch(steps)
         if self.on:  # after --resume: the lines up to the checkpoint's step (a last line torn
             start_metrics(self.path, first_step)  # by a crash dropped); afresh: none. faults.py
+            self.watch.replay(self.path)  # the watch goes on where those steps left it
         self.bar = progress(total=steps, initial=first_step, desc="training", unit="step",
                             disable=not self.on or None)
         self.t_last = time.time()
@@ -186,10 +191,13 @@ class MetricsLog:
         self.t_last = now  # so an eval's time never counts as a step's
         if not self.on:
             return
+        warnings = self.watch.check(step, figures) if "step_s" in figures else []
         clean, n_not_finite = finite_or_null(figures)
         if n_not_finite:
             clean["not_finite"] = [k for k in figures
                                    if clean[k] is None and figures[k] is not None]
+        if warnings:
+            clean["warnings"] = warnings
         # the line whole, or (a full disk) none of it: resources.py
         append_whole(self.path, json.dumps({"step": step, **clean}, allow_nan=False) + "\n")
         self.tracker.send(step, clean)  # the same record to W&B, TensorBoard: tracking.py
@@ -199,6 +207,8 @@ class MetricsLog:
                            for k, v in figures.items())
         hours, minutes = eta // 3600, eta % 3600 // 60
         self.bar.write(f"step {step}/{self.steps} | {shown} | eta {hours:.0f}h{minutes:02.0f}m")
+        for warning in warnings:  # one line each
+            self.bar.write(f"warning: step {step}: {warning}")
         sys.stdout.flush()
 
 
@@ -239,16 +249,19 @@ def evaluate_and_log(steps_done: int, model, tokenizer, metrics, args, dtype):
 # The final model ----------------------------------------------------------------------------------
 
 
-def finish(model, tokenizer, out_dir):
-    """Write the final model to out_dir (Hugging Face layout, LoRA merged); leave the group. A
-    full disk is one line (save_pretrained's temporary folder gone) with the command that
-    continues from the last checkpoint (faults.what_ran_out)."""
+def finish(model, tokenizer, out_dir, base_model: str):
+    """Write the final model to out_dir (Hugging Face layout, LoRA merged) and, with LoRA, its
+    adapter of base_model (the run's --model) in PEFT's format to out_dir/adapter; leave the
+    group. A full disk is one line (the temporary folders gone) with the command that continues
+    from the last checkpoint (faults.what_ran_out)."""
     with gathered(model):  # FSDP: whole weights on every GPU (in the compute dtype), for rank 0
         if rank_and_world()[0] == 0:
             final = unwrap(model)
             with room_for(out_dir, "the final model", final_model_size(final, tokenizer)):
                 final.save_pretrained(out_dir, tokenizer=tokenizer)
-            print(f"saved the final model to {out_dir}")
+                adapter = write_adapter(final, out_dir, base=base_model)  # adapter.py
+            print(f"saved the final model to {out_dir}"
+                  + (f", its LoRA adapter (PEFT's format) to {adapter}" if adapter else ""))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # no process leaves before rank 0 has saved
         torch.distributed.destroy_process_group()
