@@ -25,9 +25,10 @@ import torch
 from eval import evaluate, gsm8k_prompt, kl_to_start, load_gsm8k
 from harness.adapter import write_adapter
 from harness.cli import fail, finite_or_null, load_model, progress
-from harness.checkpoint import load_checkpoint, prepare_out_dir
+from harness.checkpoint import check_room, final_model_size, load_checkpoint, prepare_out_dir
 from harness.faults import check_run_fits, how_to_continue, start_metrics
 from harness.parallel import all_finite, gathered, rank_and_world, unwrap, wrap
+from harness.resources import append_whole, new_step, room_for
 from harness.tracking import Tracker
 from harness.watch import Watch
 from model import add_lora
@@ -66,6 +67,7 @@ def setup(args):
     check_run_fits(args, model.config, tokenizer)  # --max_new_tokens, --eval_shots: faults.py
     if args.lora_rank:  # the adapters are created in fp32
         add_lora(model, args.lora_rank, args.lora_alpha or 2 * args.lora_rank)
+    check_room(args, model, tokenizer)  # for the checkpoints and the final model: checkpoint.py
     model = wrap(model, fsdp=args.fsdp, device=device, dtype=dtype)
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay)
@@ -185,6 +187,7 @@ class MetricsLog:
             figures["tokens_per_s"] = figures.pop("tokens") / self.step_times[-1]
             figures["step_s"] = self.step_times[-1]
             self.bar.update(1)
+            new_step()  # the peak memory that an out-of-memory line gives is the next step's
         self.t_last = now  # so an eval's time never counts as a step's
         if not self.on:
             return
@@ -195,8 +198,8 @@ class MetricsLog:
                                    if clean[k] is None and figures[k] is not None]
         if warnings:
             clean["warnings"] = warnings
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **clean}, allow_nan=False) + "\n")
+        # the line whole, or (a full disk) none of it: resources.py
+        append_whole(self.path, json.dumps({"step": step, **clean}, allow_nan=False) + "\n")
         self.tracker.send(step, clean)  # the same record to W&B, TensorBoard: tracking.py
         recent = self.step_times[-20:]
         eta = (self.steps - step) * sum(recent) / max(1, len(recent))
@@ -231,9 +234,10 @@ def evaluate_and_log(steps_done: int, model, tokenizer, metrics, args, dtype):
     prompts = tokenizer.encode_batch([gsm8k_prompt(q["question"]) for q in questions])
     with autocast(model.device, dtype):
         scores = evaluate(model, tokenizer, args.eval_tasks, limit=args.eval_limit, data_dir=
-                          args.data_dir, gsm8k_shots=args.eval_shots, mmlu_shots=args.eval_shots)
+                          args.data_dir, gsm8k_shots=args.eval_shots, mmlu_shots=args.eval_shots,
+                          batch_size=args.eval_batch_size)
         kl = kl_to_start(model=model, start_model=starting_model(args, model.device, dtype),
-                         tokenizer=tokenizer, prompts=prompts,
+                         tokenizer=tokenizer, prompts=prompts, batch_size=args.eval_batch_size,
                          max_new_tokens=args.max_new_tokens, seed=args.seed)
     # as task_metric: gsm8k_flexible, gsm8k_strict, mmlu_acc, truthfulqa_mc1_acc, truthfulqa_mc2
     named = {task if task.endswith(name) else f"{task}_{name.split('_')[-1]}": value
@@ -248,11 +252,14 @@ def evaluate_and_log(steps_done: int, model, tokenizer, metrics, args, dtype):
 def finish(model, tokenizer, out_dir, base_model: str):
     """Write the final model to out_dir (Hugging Face layout, LoRA merged) and, with LoRA, its
     adapter of base_model (the run's --model) in PEFT's format to out_dir/adapter; leave the
-    group."""
+    group. A full disk is one line (the temporary folders gone) with the command that continues
+    from the last checkpoint (faults.what_ran_out)."""
     with gathered(model):  # FSDP: whole weights on every GPU (in the compute dtype), for rank 0
         if rank_and_world()[0] == 0:
-            unwrap(model).save_pretrained(out_dir, tokenizer=tokenizer)
-            adapter = write_adapter(unwrap(model), out_dir, base=base_model)  # adapter.py
+            final = unwrap(model)
+            with room_for(out_dir, "the final model", final_model_size(final, tokenizer)):
+                final.save_pretrained(out_dir, tokenizer=tokenizer)
+                adapter = write_adapter(final, out_dir, base=base_model)  # adapter.py
             print(f"saved the final model to {out_dir}"
                   + (f", its LoRA adapter (PEFT's format) to {adapter}" if adapter else ""))
     if torch.distributed.is_initialized():

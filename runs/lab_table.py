@@ -13,6 +13,7 @@ import json
 import statistics
 
 import paper
+from harness.resources import write_whole
 from plot import read_metrics
 
 RETENTION_TASKS = ("mmlu", "truthfulqa_mc2")  # the paper's Forgetting and Retention average these
@@ -319,9 +320,7 @@ def write_tables(args, runs):
                     "state NLL: mean over training steps of the trainer's state_nll; local "
                     f"quality: the share of the student's states (first {EARLY_STEPS} steps) "
                     "that the teacher's continuation takes to a right answer"}
-    tmp = args.out / "table.json.tmp"
-    tmp.write_text(json.dumps(out, indent=1) + "\n")
-    tmp.replace(args.out / "table.json")
+    write_whole(args.out / "table.json", json.dumps(out, indent=1) + "\n")  # a full disk: a line
     n = len(args.bases) * len(args.seeds)
     six = [name for name in paper.RUNS if name in per]  # "base" first: it is always in per
     lines = markdown(summary, six, COLUMNS)
@@ -333,7 +332,7 @@ def write_tables(args, runs):
                  "the base (eval.py --drift_reference).")
     lines += findings_markdown(found)
     table = "\n".join(lines) + "\n"
-    (args.out / "table.md").write_text(table)
+    write_whole(args.out / "table.md", table)
     print("\n" + table, flush=True)
     study = [name for name in per if name not in six and name != "base"]
     if study:
@@ -349,7 +348,7 @@ def write_tables(args, runs):
                      f"the student beats its teacher on the target for "
                      f"{fmt(None if agreement is None else 100 * agreement)}% of them.")
         study_table = "\n".join(lines) + "\n"
-        (args.out / "distill.md").write_text(study_table)
+        write_whole(args.out / "distill.md", study_table)
         print(study_table, flush=True)
     if not args.no_plot:
         import lab_plot
