@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import eval as ev
 from harness import training as T
-from conftest import (ROOT, ByteTokenizer, args_for, assert_final_model, train_lines,
+from conftest import (ROOT, ByteTokenizer, args_for, assert_final_model, run_whole, train_lines,
                       write_byte_tokenizer)
 from model import Qwen3, Tokenizer
 
@@ -234,13 +234,12 @@ def test_a_bad_model_flag_is_one_line_naming_the_flag(tmp_path, make_checkpoint)
 def test_ddp_with_torchrun_on_two_cpu_processes(script, extra, prepared_data, byte_model, tmp_path):
     """The same script under torchrun (gloo on CPU): ranks train on disjoint data, gradients and
     token counts are reduced, only rank 0 writes, and the run ends with a loadable model."""
-    import subprocess
     import sys
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / script), "--model", str(byte_model()), "--data_dir", str(prepared_data),
            "--out_dir", str(out), "--device", "cpu", "--steps", "2", "--batch_size", "1",
            "--grad_accum", "2", "--eval_every", "0", "--save_every", "1", *extra]
-    finished = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    finished = run_whole(cmd, timeout=300)
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert_final_model(out, steps=2)
