@@ -42,8 +42,8 @@ import torch
 from harness.cli import (ArgumentParser, check_device, check_writable_file, fail, limits_of,
                          load_model, nonnegative_float, nonnegative_int, positive_int, progress,
                          stops_cleanly)
-from harness.report import (format_score, headline, headline_stderrs, report, task_means,
-                            with_stderrs, write_results)
+from harness.report import report, scores_line, task_means, with_stderrs, write_results
+from harness.resources import memory_bound_by, print_whole
 from harness.stats import DRIFT_PERMUTATIONS, drift_distances, mean
 from model import completion_logprobs
 from sample import rollout
@@ -526,7 +526,9 @@ def main(argv=None):
     parser = ArgumentParser(description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     a = parser.add_argument
-    a("--model", help="model folder or Hugging Face hub id (with its tokenizer.json)")
+    a("--model", help="model folder or Hugging Face hub id (with its tokenizer.json), or a LoRA "
+      "adapter folder (PEFT's, a LoRA run's OUT_DIR/adapter)")
+    a("--base_model", help="an adapter's base model (default: the one its config names)")
     a("--tasks", default=",".join(TASKS),
       help=f"comma-separated subset of {','.join(TASKS)}; '' or none: no task (drift only)")
     a("--limit", type=limits_of(TASKS, paper=PAPER_LIMITS), default=None,
@@ -562,12 +564,13 @@ def main(argv=None):
       help="which TruthfulQA score Forgetting and Retention average with MMLU")
     args = parser.parse_args(argv)
     if args.report:
-        print(report(args.report, args.truthfulqa_metric))
+        print_whole(report(args.report, args.truthfulqa_metric))  # a full disk: one line
         return
     tasks = check_args(parser, args)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
         args.dtype, torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
-    model, tokenizer = load_model(args.model, "--model", device=args.device, dtype=dtype)
+    model, tokenizer = load_model(args.model, "--model", device=args.device, dtype=dtype,
+                                  base=args.base_model)
     model.eval()
     reference = None
     # loaded before any scoring: a bad reference must not cost the evaluation
@@ -576,9 +579,10 @@ def main(argv=None):
                                   dtype=dtype, like=(f"--model {args.model}", model, tokenizer))
         reference.eval()
     check_data(parser, args, tasks)
-    results = evaluate(model, tokenizer, tasks, args.limit, args.seed, args.batch_size,
-                       args.data_dir, args.gsm8k_shots, args.mmlu_shots, args.fewshot_seed,
-                       args.max_new_tokens, verbose=True, stderr=True)
+    with memory_bound_by("--batch_size", args.batch_size, "scoring"):  # else one line
+        results = evaluate(model, tokenizer, tasks, args.limit, args.seed, args.batch_size,
+                           args.data_dir, args.gsm8k_shots, args.mmlu_shots, args.fewshot_seed,
+                           args.max_new_tokens, verbose=True, stderr=True)
     settings = {**results["settings"], "device": args.device,
                 "dtype": str(dtype).replace("torch.", "")}
     results = {"model": args.model, "settings": settings, "tasks": results["tasks"]}
@@ -586,18 +590,19 @@ def main(argv=None):
         test = load_gsm8k("test", args.data_dir)
         prompts = [gsm8k_prompt(test[i]["question"])
                    for i in subset(len(test), args.drift_prompts, args.drift_seed)]
-        drift = state_drift(model, reference, tokenizer, prompts, args.drift_max_new_tokens,
-                            args.drift_temperature, args.drift_seed, args.batch_size)
+        with memory_bound_by("--batch_size", args.batch_size, "the drift's rollouts"):
+            drift = state_drift(model, reference, tokenizer, prompts, args.drift_max_new_tokens,
+                                args.drift_temperature, args.drift_seed, args.batch_size)
         results["drift"] = {"reference": args.drift_reference, **drift}
         del reference  # free its memory for whatever runs next in this process
         torch.cuda.empty_cache()  # a no-op where CUDA was never used
         print(f"drift: MMD² lexical {drift['lexical']['mmd2']:.4f} hidden "
               f"{drift['hidden']['mmd2']:.4f}",
               file=sys.stderr)
-    write_results(args.out, results)  # whole or not at all: an older results file survives
-    errors = headline_stderrs(results)  # each score ± its standard error, in points
-    print(", ".join(f"{name} {format_score(score, errors[name])}"
-                    for name, score in headline(results).items()), f"-> {args.out}")
+    # whole or not at all: an older results file survives; a full disk prints the scores and
+    # saves the file beside the model (report.py)
+    write_results(args.out, results, beside=args.model)
+    print(scores_line(results), f"-> {args.out}")  # each score ± its standard error, in points
 
 
 def check_args(parser, args) -> list:

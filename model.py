@@ -596,6 +596,16 @@ def in_row_chunks(fn, *rows):
     return torch.cat([run(*chunk) for chunk in chunks])
 
 
+def target_nll(logprobs, mask, first_target, n_tokens):
+    """Eq. 5's and eq. 7's loss, one cross-entropy on different states: the summed NLL of the
+    target tokens over n_tokens (the step's targets: a mean over tokens). logprobs, mask (B, L) as
+    completion_logprobs gives them; first_target (B,): each row's first target column, the columns
+    before it its state (SFT: 0; OPD: the student's own prefix). Returns (loss, targets (B, L))."""
+    first = torch.as_tensor(first_target, device=mask.device).view(-1, 1)  # (B, 1) or (1, 1)
+    targets = mask & (torch.arange(mask.shape[1], device=mask.device) >= first)
+    return -(logprobs * targets).sum() / n_tokens, targets
+
+
 # LoRA ---------------------------------------------------------------------------------------------
 
 

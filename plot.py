@@ -20,8 +20,10 @@ The pieces draw any figure of runs (runs/lab.py's is made of them):
     quantities_of(curves)                the quantities the curves hold, in QUANTITIES' order
     figure_of(curves, quantities)        a grid of panels, one per quantity
     pyplot()                             matplotlib's pyplot, or None: matplotlib is optional
+    save_figure(fig, path, dpi)          the picture written whole (a full disk: one line)
 """
 import argparse
+import io
 import json
 import math
 import sys
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from harness.cli import ArgumentParser, check_writable_file, fail
+from harness.resources import write_whole
 
 # What can be drawn --------------------------------------------------------------------------------
 
@@ -184,6 +187,14 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path, dpi: int):
+    """The figure drawn into memory, then written whole (resources.write_whole): a full disk is
+    one line naming the folder and the bytes, and an earlier picture at path stays as it was."""
+    picture = io.BytesIO()
+    fig.savefig(picture, format=Path(path).suffix.lstrip(".").lower(), dpi=dpi)
+    write_whole(path, picture.getvalue(), what="the figure")
+
+
 def draw_panel(ax, curves: list, quantity: Quantity, title: Optional[str] = None) -> bool:
     """Every curve's values of `quantity` over the steps, on `ax` (a matplotlib axis; pyplot()
     first). Returns whether any curve had a value."""
@@ -265,7 +276,7 @@ def main(argv=None):
         fail(f"{', '.join(runs)}: no figure to draw yet (metrics.jsonl holds no step)")
     # One panel per quantity, every run on each
     fig = figure_of(drawn, quantities)
-    fig.savefig(args.out, dpi=100)
+    save_figure(fig, args.out, dpi=100)
     plt.close("all")
     print(f"wrote {args.out}: {len(quantities)} panels, {len(runs)} run(s)")
 

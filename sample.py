@@ -74,7 +74,9 @@ def rollout(model, tokenizer, prompts: list, max_new_tokens: int, temperature: f
 
 parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="Qwen/Qwen3-0.6B-Base",
-                    help="model folder or Hugging Face hub id")
+                    help="model folder or Hugging Face hub id, or a LoRA adapter folder (PEFT's)")
+parser.add_argument("--base_model",
+                    help="an adapter's base model (default: the one its config names)")
 parser.add_argument("--prompt", default="Question: What is 12 * 7?\nAnswer:",
                     help="the prompt text")
 parser.add_argument("--prompt_file",
@@ -123,7 +125,8 @@ def main(argv=None) -> list:
         parser.error("--prompt: not valid UTF-8 text")
     if not args.prompt:
         parser.error(f"{source}: the prompt is empty")
-    model, tokenizer = load_model(args.model, "--model", device=args.device, dtype=dtype)
+    model, tokenizer = load_model(args.model, "--model", device=args.device, dtype=dtype,
+                                  base=args.base_model)
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
         parser.error(f"{source}: the prompt is empty")

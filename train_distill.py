@@ -31,7 +31,7 @@ import torch
 # The method's pieces: the task and the state lens, the model's log-probs, the sampler
 from eval import (GSM8K_STOP_STRINGS, continuation_quality, gsm8k_prompt, load_gsm8k,
                   state_nll)
-from model import completion_logprobs, in_row_chunks
+from model import completion_logprobs, in_row_chunks, target_nll
 from sample import rollout
 # The machinery: sums over GPUs; flags, set-up, the update, logs, eval, checkpoints
 from harness.parallel import gathered, global_rows, micro_batches, tokens_per_rank
@@ -77,10 +77,9 @@ def collect_states(student, teacher, tokenizer, questions, step, args, dtype):
     rows = global_rows(len(prompts))  # each question's index among every GPU's
     sampler = student if args.states == "student" else teacher
     with autocast(student.device, dtype), gathered(sampler):  # FSDP: whole weights to sample
-        answers = rollout(model=sampler,
-                          tokenizer=tokenizer, prompts=prompts, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, seed=seed, stop_strings=GSM8K_STOP_STRINGS,
-                          batch_size=args.gen_batch_size, rows=rows)
+        answers = rollout(model=sampler, tokenizer=tokenizer, prompts=prompts, rows=rows, seed=seed,
+                          max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          stop_strings=GSM8K_STOP_STRINGS, batch_size=args.gen_batch_size)
     answer_len = sum(map(len, answers)) / len(answers)
     if args.signal != "continuation":  # the KL signals act at every state of the answer
         return dict(seqs=[p + a for p, a in zip(prompts, answers)],
@@ -122,25 +121,29 @@ def token_kl_loss(logprobs, teacher_logprobs, mask, n_tokens):
     return -(advantage * logprobs * mask).sum() / n_tokens
 
 
+def next_token_kl(logits, other_logits, temperature):
+    """The exact KL(p || q) at each of n states, p = softmax(logits / temperature) and q =
+    softmax(other_logits / temperature) its next-token distributions, (n, vocab) each -> (n,)."""
+    log_p = (logits / temperature).log_softmax(-1)
+    log_q = (other_logits / temperature).log_softmax(-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)  # Σ over the vocabulary of p (log p - log q)
+
+
 def next_token_figures(student, student_rows, teacher, teacher_rows, forward: bool,
                        temperature: float, n_real_tokens=None):
     """Σ over n states of the exact KL(π_θ || π_T) of the next-token distributions at temperature
     (forward: KL(π_T || π_θ)) and of the student's NLL (temperature 1) of the teacher's most likely
-    token, from the models' hidden states (n, hidden) each: (KL sum, NLL sum). A chunk of rows at a
-    time (model.py's in_row_chunks), never a whole (n, vocab) tensor in memory."""
+    token, from the models' hidden states (n, hidden) each: (KL sum, NLL sum), chunk by chunk."""
     student_head = student.lm_head.weight[:n_real_tokens]
     teacher_head = teacher.lm_head.weight[:n_real_tokens]
 
     def of_chunk(student_rows, teacher_rows):  # (chunk, hidden) each -> (chunk, 2)
         student_logits = (student_rows @ student_head.t()).float()  # (chunk, vocab)
         teacher_logits = (teacher_rows @ teacher_head.t()).float()
-        s = (student_logits / temperature).log_softmax(-1)
-        t = (teacher_logits / temperature).log_softmax(-1)
-        p, q = (t, s) if forward else (s, t)
-        kl = (p.exp() * (p - q)).sum(-1)
+        p, q = (teacher_logits, student_logits) if forward else (student_logits, teacher_logits)
         greedy = teacher_logits.argmax(-1)  # the teacher's most likely token (chunk,)
         nll = -student_logits.log_softmax(-1).gather(-1, greedy[:, None]).squeeze(-1)
-        return torch.stack([kl, nll.detach()], -1)
+        return torch.stack([next_token_kl(p, q, temperature), nll.detach()], -1)
     kl, nll = in_row_chunks(of_chunk, student_rows, teacher_rows).t().contiguous()  # (n,) each
     return kl.sum(), nll.sum().item()
 
@@ -165,25 +168,22 @@ def apply_teacher(student, teacher, batch, args, dtype, n_real_tokens=None):
         with autocast(student.device, dtype):
             # The student's log-probs of every answer token (micro, L), the mask of real ones,
             # and the (N, hidden) states that predict them (full_kl projects them itself)
-            logprobs, mask, rows = completion_logprobs(student, mb_seqs, mb_starts,
-                                                       temperature=temperature,
-                                                       n_real_tokens=n_real_tokens,
-                                                       return_hidden=True)
+            logprobs, mask, rows = completion_logprobs(
+                student, mb_seqs, mb_starts, temperature=temperature,
+                n_real_tokens=n_real_tokens, return_hidden=True)
             # The teacher's log-probs (micro, L) and states (N, hidden) at the same tokens
             with torch.no_grad():
                 teacher_logprobs, _, teacher_rows = completion_logprobs(
                     teacher, mb_seqs, mb_starts, temperature=temperature,
                     n_real_tokens=n_real_tokens, return_hidden=True)
-            # Split the answer's columns: state tokens first, then those that carry the
-            # signal. is_signal (micro, L); continuation: the teacher's tokens after the state
+            # The answer's columns (micro, L): state tokens, then the signal's. Continuation fits
+            # the teacher's tokens after the state with SFT's cross-entropy (eq. 7 is eq. 5 on
+            # other states); for the KL signals every token carries the signal (their loss below)
             offsets = [s - st for s, st in zip(signal_starts[i:i + micro], mb_starts)]
-            offset = torch.tensor(offsets, device=mask.device)
-            is_signal = torch.arange(mask.shape[1], device=mask.device) >= offset[:, None]
-            signal = mask & is_signal
-            state = mask & ~is_signal if continuation else mask
-            if continuation:  # the teacher's tokens are the targets: plain cross-entropy
-                loss = -(logprobs * signal).sum() / n_signal
-                signal_nll = loss.item()  # the loss is the student's NLL of the teacher's tokens
+            loss, signal = target_nll(logprobs, mask, first_target=offsets, n_tokens=n_signal)
+            state = mask & ~signal if continuation else mask
+            if continuation:  # the loss is the student's NLL of the teacher's tokens
+                signal_nll = loss.item()
             else:  # at each of the N states: the exact KL, the NLL of the teacher's greedy token
                 with torch.set_grad_enabled(args.signal == "full_kl"):
                     kl_sum, signal_nll = next_token_figures(
@@ -243,7 +243,7 @@ def main(argv=None):
                     tokens=sum(map(len, batch["seqs"])))
         periodic_eval(step + 1, student, tokenizer, metrics, args, dtype)
         save_when_due(args, student, optimizer, step + 1)  # and at SIGTERM's stop
-    finish(student, tokenizer, args.out_dir)
+    finish(student, tokenizer, args.out_dir, base_model=args.model)
 
 
 if __name__ == "__main__":

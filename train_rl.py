@@ -88,20 +88,24 @@ def group_advantages(rewards, std_adv=False):
     return advantages, std.squeeze(1) > 0
 
 
+def k3_kl(logprobs, ref_logprobs):
+    """The k3 estimate of KL(π || π_ref) at each sampled token (B, L): exp(r) - r - 1 with r =
+    log π_ref - log π. Its mean over π's samples is the KL (unbiased) and it is never negative; as
+    a loss on π's samples its gradient is that of KL(π_ref || π), as in GRPO."""
+    r = ref_logprobs - logprobs
+    return torch.exp(r) - r - 1
+
+
 def policy_loss(logprobs, old_logprobs, advantages, mask, n_tokens, clip_eps, ref_logprobs=None,
                 kl_coef=0.0):
     """Eq. 6 as a loss over tokens (B, L). With old_logprobs = logprobs.detach() the ratio is 1
     and its gradient is exactly -A ∇log π; PPO's clip only acts when a batch is reused. Optional
-    k3 KL penalty, exp(r) - r - 1 with r = log π_ref - log π: its value is an unbiased, never
-    negative estimate of KL(π || π_ref); as a loss on π's samples its gradient is that of
-    KL(π_ref || π), as in GRPO. Returns (loss, the KL estimate), each a mean over n_tokens."""
+    KL penalty to ref_logprobs' model, k3_kl weighted by kl_coef. Returns (loss, the KL
+    estimate), each a mean over n_tokens."""
     ratio = torch.exp(logprobs - old_logprobs)
     adv = advantages[:, None]
     per_token = -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
-    kl = torch.zeros_like(logprobs)
-    if ref_logprobs is not None:
-        r = ref_logprobs - logprobs
-        kl = torch.exp(r) - r - 1
+    kl = torch.zeros_like(logprobs) if ref_logprobs is None else k3_kl(logprobs, ref_logprobs)
     loss = ((per_token + kl_coef * kl) * mask).sum() / n_tokens
     return loss, (kl.detach() * mask).sum() / n_tokens
 
@@ -158,7 +162,8 @@ def apply_reward(model, ref_model, batch, args, dtype, n_real_tokens=None):
     figures = dict(loss=loss_sum, reward=rewards.mean().item(),
                    pass_rate=(rewards.max(1).values > 0).float().mean().item(),  # any right
                    zero_var_frac=1 - keep.float().mean().item(),
-                   response_len=sum(lengths) / len(lengths))
+                   response_len=sum(lengths) / len(lengths),  # and the share cut off at the limit:
+                   truncated_frac=sum(n >= args.max_new_tokens for n in lengths) / len(lengths))
     if seqs:  # the mean -log π of the sampled tokens: a one-sample entropy estimate, and the
         figures.update(entropy=nll_sum, state_nll=nll_sum)  # state NLL of the learner's states
     if seqs and ref_model is not None:
@@ -199,7 +204,7 @@ def main(argv=None):
                     tokens=sum(map(len, batch["seqs"])))
         periodic_eval(step + 1, model, tokenizer, metrics, args, dtype)
         save_when_due(args, model, optimizer, step + 1)  # and at SIGTERM's stop
-    finish(model, tokenizer, args.out_dir)
+    finish(model, tokenizer, args.out_dir, base_model=args.model)
 
 
 if __name__ == "__main__":

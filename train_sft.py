@@ -36,7 +36,7 @@ import math
 
 # The method's pieces: the task, the model's log-probs, the sampler (for --states self)
 from eval import GSM8K_STOP_STRINGS, gsm8k_prompt, gsm8k_reward, load_gsm8k
-from model import completion_logprobs
+from model import completion_logprobs, target_nll
 from sample import rollout
 # The machinery: sums over GPUs; flags, set-up, the update, logs, eval, checkpoints
 from harness.parallel import (gathered, global_rows, micro_batches, rank_and_world,
@@ -102,9 +102,10 @@ def collect_states(model, tokenizer, questions, step, args, dtype):
 
 def fit_states(model, seqs, starts, args, dtype, n_real_tokens=None):
     """Backpropagate eq. 5 on these states, --batch_size sequences at a time: the NLL of the
-    answer tokens, averaged over all of the step's answer tokens (so --grad_accum only trades
-    memory for time). The caller's optimizer_step applies the gradient. Returns this GPU's mean
-    NLL: the loss, and also the state NLL, since the answers are the states here."""
+    answer tokens (model.target_nll), averaged over all of the step's answer tokens (so
+    --grad_accum only trades memory for time). The caller's optimizer_step applies the gradient.
+    Returns this GPU's mean NLL: the loss, and also the state NLL, since the answers are the
+    states here."""
     # The loss is a sum over answer tokens divided by the step's answer tokens on all GPUs:
     # the same number whatever the micro-batching and however many GPUs share the step.
     n_tokens = sum(len(s) - st for s, st in zip(seqs, starts))
@@ -117,10 +118,12 @@ def fit_states(model, seqs, starts, args, dtype, n_real_tokens=None):
             logprobs, mask = completion_logprobs(model, seqs[i:i + args.batch_size],
                                                  starts[i:i + args.batch_size],
                                                  n_real_tokens=n_real_tokens)
-            nll = -(logprobs * mask).sum()  # the micro-batch's summed NLL, a scalar
+            # The micro-batch's NLL over the step's answer tokens, a scalar: every column is a
+            # target (first_target 0), the prompt being the state, outside the columns
+            loss, _ = target_nll(logprobs, mask, first_target=0, n_tokens=norm)
         # Gradients add up over micro-batches: each adds its share of the step's mean
-        (nll / norm).backward()
-        nll_sum += nll.item()
+        loss.backward()
+        nll_sum += loss.item() * norm
     return nll_sum / max(n_tokens, 1)
 
 
@@ -162,7 +165,7 @@ def main(argv=None):
         metrics.log(step + 1, **figures, tokens=sum(map(len, seqs)))
         periodic_eval(step + 1, model, tokenizer, metrics, args, dtype)
         save_when_due(args, model, optimizer, step + 1)  # and at SIGTERM's stop
-    finish(model, tokenizer, args.out_dir)
+    finish(model, tokenizer, args.out_dir, base_model=args.model)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ in eval.py. docs/harness.md maps these files.
     cli.py         bad input in one line (flag types, device and file checks, load_model), the
                    progress bar, the one-line stop on SIGINT or SIGTERM of every script
     stats.py       error bars, paired differences, permutation tests, two-sample distances
+    adapter.py     LoRA adapters in PEFT's format: a LoRA run's out, any script's in
+    watch.py       no silent no-ops: the warnings of a run that trains on nothing
     report.py      eval.py's results files, written whole and read; Table 2 with error bars
     flags.py       the flags every trainer shares, checked together before any work
     parallel.py    DDP and FSDP2 on torch's own engines; a loss's sums over GPUs

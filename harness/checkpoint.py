@@ -6,6 +6,8 @@ one before it goes and checked again when --resume loads it.
 
     prepare_out_dir   before any work: lock the folder, refuse or clear an earlier run, prove the
                       folder writable
+    check_room        before the first step: room on its disk for the checkpoints and the final
+                      model (a full disk at a save: resources.NoRoom, one line)
     save_when_due     the end of a step: a checkpoint every --save_every steps, and at SIGTERM's
                       stop
     save_checkpoint   trained weights, AdamW state and RNG in safetensors, renamed in whole
@@ -18,10 +20,10 @@ to disk and read back before it counts, and meta.json names how it was written (
 or FSDP, and how many processes), so that a run of another kind is told, not left guessing.
 """
 import json
+import math
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -36,9 +38,12 @@ from torch.distributed.fsdp import FSDPModule
 from harness.cli import Stop, check_writable_dir, fail
 from harness.faults import hold_out_dir, same_flags, stop_requested
 from harness.parallel import rank_and_world, unwrap
+from harness.resources import NoRoom, room_for, size
 from model import load_safetensors, make_readable, read_json
 
 KEEP_CHECKPOINTS = 2  # the newest and the one before it, in case the newest turns out unreadable
+HEADER_BYTES = 128  # about what safetensors' header takes for one tensor (its name, shape, offsets)
+NO_ROOM = "no room"  # what rank 0 tells the other GPUs when a sharded checkpoint did not fit
 
 
 def prepare_out_dir(args):
@@ -85,6 +90,55 @@ def prepare_out_dir(args):
                 shutil.rmtree(old)
 
 
+def check_room(args, model, tokenizer):
+    """Before the first step (rank 0; --skip_space_check skips it): the disk of --out_dir has room
+    for what this run adds there, its checkpoints (the newest KEEP_CHECKPOINTS stay, and a new
+    one is written whole before the oldest goes: one more at once, fewer those --resume finds)
+    and the final model; else one line saying what each takes, what is free, and what to lower.
+    model: the learner as setup holds it (LoRA added, not wrapped for DDP or FSDP)."""
+    if args.skip_space_check or rank_and_world()[0] != 0:
+        return
+    out = Path(args.out_dir)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    # a trained weight, AdamW's two moments of it (its dtype, fp32) and AdamW's step; the RNG
+    checkpoint = sum(size_on_disk([p] * 3) + size_on_disk([torch.zeros(())]) for p in trained)
+    checkpoint += size_on_disk([torch.get_rng_state()])
+    final = final_model_size(model, tokenizer)
+    there = sorted((out / "checkpoints").glob("step_*")) if args.resume else []
+    done = int(there[-1].name.removeprefix("step_")) if there else 0
+    saves = 0  # the checkpoints this run writes (as many as can be while --epochs sets --steps)
+    if args.save_every:
+        saves = (args.steps or math.inf) // args.save_every - done // args.save_every
+    at_once = max(0, min(len(there) + saves, KEEP_CHECKPOINTS + 1) - len(there))
+    beside_final = max(0, min(len(there) + saves, KEEP_CHECKPOINTS) - len(there))
+    needed = max(at_once * checkpoint, beside_final * checkpoint + final)
+    free = shutil.disk_usage(out).free
+    if needed <= free:
+        return
+    lower = ["free space there", "choose another --out_dir"]
+    if saves:
+        lower.append("save no checkpoints (--save_every 0: no --resume then)")
+    if not args.lora_rank and saves:
+        lower.append("train LoRA adapters (--lora_rank 64: small checkpoints)")
+    writes = [f"the final model, {size(final)}"]
+    if at_once:
+        writes.insert(0, f"{at_once} checkpoint{'s' * (at_once > 1)} at once (the newest "
+                      f"{KEEP_CHECKPOINTS} stay, and the next is written whole before the oldest "
+                      f"goes), {size(checkpoint)} each: the trained weights and AdamW's state, 12 "
+                      "bytes a trained weight")
+    fail(f"--out_dir {out}: its disk has {size(free)} free, and this run writes up to "
+         f"{size(needed)} there ({'; '.join(writes)}); {', '.join(lower)}, or pass "
+         "--skip_space_check")
+
+
+def final_model_size(model, tokenizer) -> int:
+    """What the final model takes on disk, about: its weights (LoRA merged: the base's shapes
+    and dtype), its tokenizer.json, and with LoRA its adapter (adapter.py's: the LoRA weights)."""
+    adapter = [p for name, p in model.named_parameters() if "lora_" in name]
+    return (size_on_disk(model.hf_state_dict().values()) + size_on_disk(adapter)
+            + Path(tokenizer.path).stat().st_size)
+
+
 def due(steps_done: int, every: int) -> bool:
     """Is this a step to act on, for a flag such as --save_every N (0: never)?"""
     return every > 0 and steps_done > 0 and steps_done % every == 0
@@ -121,12 +175,22 @@ def save_checkpoint(out_dir, model, optimizer, step: int):
         tensors[f"param.{names[p]}"] = p.detach().cpu().contiguous()
         for k, v in optimizer.state.get(p, {}).items():
             tensors[f"adam.{i}.{k}"] = v.detach().cpu().contiguous()
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    save_file(tensors, tmp / "state.safetensors")
-    (tmp / "meta.json").write_text(json.dumps({"step": step, **kind}))
-    problem = seal(tmp, root / f"step_{step:07d}", tensors.keys())
+    tmp = root / f".tmp-step_{step:07d}"
+    # A full disk: the half-written folder goes, and one line names the folder and the bytes
+    with room_for(root, f"the checkpoint of step {step}", needed=size_on_disk(tensors.values()),
+                  partial=[tmp]):
+        tmp.mkdir(exist_ok=True)
+        save_file(tensors, tmp / "state.safetensors")
+        (tmp / "meta.json").write_text(json.dumps({"step": step, **kind}))
+        problem = seal(tmp, root / f"step_{step:07d}", tensors.keys())
     if problem:
         fail(problem)
+
+
+def size_on_disk(tensors) -> int:
+    """What a safetensors file of these tensors takes, about: their bytes (a DTensor's whole
+    size) and a line of the file's JSON header each."""
+    return sum(t.numel() * t.element_size() + HEADER_BYTES for t in tensors)
 
 
 def seal(tmp: Path, final: Path, keys):
@@ -309,13 +373,22 @@ def save_sharded(out_dir, model, optimizer, step: int):
     tmp = Path(tmp[0])
     flat = sharded_state(model, optimizer)[0]
     writer = dcp.HuggingFaceStorageWriter(str(tmp), save_distributed=True)
-    dcp.save(flat, storage_writer=writer)
+    what = f"the checkpoint of step {step}"
+    needed = size_on_disk(flat.values())
+    with room_for(root, what, needed=needed, partial=[tmp]):  # dcp.save fails on every GPU
+        dcp.save(flat, storage_writer=writer)
     dist.barrier()  # every shard is written
     problem = [None]
     if rank_and_world()[0] == 0:
-        (tmp / "meta.json").write_text(json.dumps({"step": step, **run_kind(model)}))
-        problem = [seal(tmp, root / f"step_{step:07d}", flat.keys())]  # every GPU's tensors
+        try:
+            with room_for(root, what, needed=needed, partial=[tmp]):
+                (tmp / "meta.json").write_text(json.dumps({"step": step, **run_kind(model)}))
+                problem = [seal(tmp, root / f"step_{step:07d}", flat.keys())]  # every GPU's
+        except NoRoom:
+            problem = [NO_ROOM]
     dist.broadcast_object_list(problem)  # all stop together if it failed
+    if problem[0] == NO_ROOM:
+        raise NoRoom(root, what, needed)
     if problem[0]:
         fail(problem[0])
 

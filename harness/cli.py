@@ -25,7 +25,12 @@ from pathlib import Path
 def fail(message: str):
     """End the program with one line on stderr and exit status 1, prefixed as argparse prefixes
     its errors: "train_rl.py: error: ..."."""
-    raise SystemExit(f"{os.path.basename(sys.argv[0])}: error: {message}")
+    raise SystemExit(error_line(message))
+
+
+def error_line(message: str) -> str:
+    """The one line of a program's error: "train_rl.py: error: ..." (fail's, resources.NoRoom's)."""
+    return f"{os.path.basename(sys.argv[0])}: error: {message}"
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -165,16 +170,28 @@ def check_other_model(flag: str, name: str, other_flag: str, other: str):
         fail(f"{flag} {name}: is {other_flag} itself; it must be another model")
 
 
-def load_model(name, flag: str, device="cpu", dtype=None, like=None):
+def load_model(name, flag: str, device="cpu", dtype=None, like=None, base=None):
     """(model, tokenizer) from a folder or hub id, for the flag that named it: a missing or
-    damaged model, or weights that hold NaN, end in one line naming the flag. like=(who, model,
-    tokenizer): a model compared with that one token by token (a teacher with its student, a
-    model with its drift reference) must share its vocabulary, or that is one line too."""
+    damaged model, or weights that hold NaN, end in one line naming the flag. A LoRA adapter's
+    folder (PEFT's, such as a LoRA run's OUT_DIR/adapter) is its base model, named by `base`
+    (--base_model) or else by its config, with the adapter merged in (harness/adapter.py).
+    like=(who, model, tokenizer): a model compared with that one token by token (a teacher with
+    its student, a model with its drift reference) must share its vocabulary, or that is one line
+    too."""
     import torch
+    from harness.adapter import adapter_base, is_adapter, merge_adapter
     from model import Qwen3, Tokenizer
+    if base is not None and not is_adapter(name):
+        fail(f"--base_model {base}: {flag} {name} is no LoRA adapter folder (it has no "
+             "adapter_config.json); give --base_model only with an adapter")
     try:
-        tokenizer = Tokenizer.from_pretrained(name)  # first: it is quick to find broken
-        model = Qwen3.from_pretrained(name, device=device, dtype=dtype or torch.float32)
+        if is_adapter(name):  # its base model (itself perhaps an adapter), the adapter merged in
+            model, tokenizer = load_model(base or adapter_base(name), f"{flag} {name}: its base "
+                                          "model", device=device, dtype=dtype)
+            merge_adapter(model, name)
+        else:
+            tokenizer = Tokenizer.from_pretrained(name)  # first: it is quick to find broken
+            model = Qwen3.from_pretrained(name, device=device, dtype=dtype or torch.float32)
     except (FileNotFoundError, ValueError) as e:
         fail(f"{flag}: {e}")
     if not all(torch.isfinite(p).all() for p in model.parameters()):
@@ -226,14 +243,16 @@ class Stop(KeyboardInterrupt):
 RECEIVED = set()  # the signals this process received in the current main(): {"SIGTERM"}, ...
 
 
-def stops_cleanly(main, kept, sigterm_waits=False, at_end=None):
+def stops_cleanly(main, kept, sigterm_waits=False, at_end=None, ran_out=None):
     """main(argv) of a script, ended by SIGINT (Ctrl-C) or SIGTERM with one line on stderr and exit
     status 128 + the signal's number, instead of a traceback: what was kept, and the command that
     continues. kept: a text (and the same command runs it again), or a function (script, argv) ->
     the rest of the line (a trainer's: its last checkpoint and the command with --resume).
     sigterm_waits: SIGTERM only notes the stop, which a trainer makes at the end of its step
-    (faults.stop_requested). at_end: run however main ended (a trainer's lock goes). Under
-    torchrun every process stops and rank 0 alone says so."""
+    (faults.stop_requested). at_end: run however main ended (a trainer's lock goes). ran_out: a
+    function (script, argv, error) -> the line for an error that is running out of disk or
+    memory, None for any other (a trainer's: faults.what_ran_out). Under torchrun every process
+    stops and rank 0 alone says so."""
     script = Path(getattr(sys.modules.get(main.__module__), "__file__", None) or sys.argv[0])
     if main.__module__ == "__main__":  # the script as it was typed
         script = Path(sys.argv[0])
@@ -245,6 +264,9 @@ def stops_cleanly(main, kept, sigterm_waits=False, at_end=None):
         try:
             return main(argv)
         except BaseException as error:
+            line = ran_out(script, argv, error) if ran_out else None
+            if line:  # out of disk or memory: one line, from the process that ran out
+                raise SystemExit(f"{script.name}: error: {line}") from None
             name = getattr(error, "signal", "SIGINT" if isinstance(error, KeyboardInterrupt)
                            else None)
             rank = int(os.environ.get("RANK", 0))  # parallel.rank_and_world's, without torch
@@ -295,9 +317,11 @@ def note(signum, frame):
     RECEIVED.add(signal.Signals(signum).name)
 
 
-def command_line(script, argv, resume=False) -> str:
+def command_line(script, argv, resume=False, changes=None) -> str:
     """The command that runs script with argv again (under torchrun, a torchrun command); with
-    resume, continuing the run (--resume in place of --overwrite)."""
+    resume, continuing the run (--resume in place of --overwrite); changes: {flag: value} to give
+    (a lower --gen_batch_size after running out of memory)."""
+    argv = with_flags(argv, changes or {})
     if resume:
         argv = [a for a in argv if a != "--overwrite"]
         if "--resume" not in argv:
@@ -309,3 +333,17 @@ def command_line(script, argv, resume=False) -> str:
         nodes = [f"--nnodes={world // per_node}"] if world > per_node else []
         launcher = ["torchrun", *nodes, f"--nproc_per_node={per_node}"]
     return shlex.join([*launcher, str(script), *argv])
+
+
+def with_flags(argv, changes: dict) -> list:
+    """argv with each flag of changes ({"--batch_size": 4}) set to its value: given at the end,
+    and taken out where argv gave it ("--batch_size 8" or "--batch_size=8")."""
+    kept = []
+    values = iter(argv)
+    for arg in values:
+        flag, equals, _ = arg.partition("=")
+        if flag not in changes:
+            kept.append(arg)
+        elif not equals:
+            next(values, None)  # its value, the next argument
+    return kept + [str(item) for flag, value in changes.items() for item in (flag, value)]

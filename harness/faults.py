@@ -10,6 +10,8 @@ and the flags that only the model and the data can check, checked before any wor
     training_run     a trainer's main(): SIGINT (Ctrl-C) ends it at once, SIGTERM (a scheduler's
                      notice before preemption) at the end of the current step, after a checkpoint
                      (stop_requested), each in one line (cli.stops_cleanly); then the lock goes
+    what_ran_out     out of disk or memory in one line: the folder and the bytes, or the phase
+                     and its flags with values to try; the command that continues
     start_metrics    metrics.jsonl as the run starts: on --resume the lines up to its checkpoint,
                      a last line torn by a crash or power cut dropped; the run's flags beside it
     check_run_fits   every sequence a step samples fits the model's positions; the periodic eval
@@ -21,6 +23,7 @@ import os
 import socket
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch.distributed as dist
@@ -28,12 +31,13 @@ import torch.distributed as dist
 from eval import gsm8k_prompt, load_gsm8k, most_mmlu_shots
 from harness.cli import RECEIVED, Stop, command_line, fail, stops_cleanly
 from harness.parallel import rank_and_world, reduced
+from harness.resources import NoRoom, out_of_memory, peak_memory, write_whole
 from model import read_json
 
 LOCK = ".lock"  # in --out_dir while a run writes there: its process id and host (and torchrun)
 FLAGS = "args.json"  # in --out_dir: the flags of the run that wrote metrics.jsonl
 
-RUN = {}  # the run this process trains (rank 0): out_dir, the lock's open file, its flags
+RUN = {}  # the run this process trains: out_dir, its flags, and on rank 0 the lock's open file
 
 
 # One run per --out_dir ----------------------------------------------------------------------------
@@ -44,6 +48,7 @@ def hold_out_dir(args):
     takes the lock; under torchrun the other processes wait until it has (wait_for_rank_0)."""
     out = Path(args.out_dir)
     if rank_and_world()[0] != 0:
+        RUN.update(out_dir=out, flags=run_flags(args))  # for this process's one-line stops
         return wait_for_rank_0(out / LOCK)
     created = not out.exists()
     try:
@@ -102,7 +107,8 @@ def take_lock(path: Path):
 def release_out_dir():
     """The run's end, however it ended: the lock goes, and a start that failed before writing
     anything leaves no empty folders (checkpoints/, an --out_dir it made) behind."""
-    if not RUN:
+    if "lock" not in RUN:  # not rank 0, or it never held the lock
+        RUN.clear()
         return
     out = RUN["out_dir"]
     (out / LOCK).unlink(missing_ok=True)  # before the lock is released: see take_lock
@@ -116,10 +122,10 @@ def release_out_dir():
 
 
 def run_flags(args) -> dict:
-    """The flags that make a run what it is (all but --resume and --overwrite), as JSON reads them
-    back (tuples as lists)."""
+    """The flags that make a run what it is (all but --resume, --overwrite and
+    --skip_space_check), as JSON reads them back (tuples as lists)."""
     flags = json.loads(json.dumps(vars(args), default=str))
-    return {k: v for k, v in flags.items() if k not in ("resume", "overwrite")}
+    return {k: v for k, v in flags.items() if k not in ("resume", "overwrite", "skip_space_check")}
 
 
 def same_flags(args) -> bool:
@@ -148,25 +154,92 @@ def how_to_continue(out_dir) -> str:
     return f"the last good checkpoint is {saved}: continue with --resume"
 
 
-def what_training_kept(script, argv) -> str:
+def what_training_kept(script, argv, changes=None) -> str:
     """The rest of a stopped trainer's line: its last checkpoint and the command that continues
-    from it, or that there is none and the same command starts again."""
+    from it, or that there is none and the same command starts again. changes: flags that the
+    command gives new values (a lower --gen_batch_size): then --resume starts it over, since a
+    run stopped before its first checkpoint is refused other flags without it."""
     if not RUN:
         return f"it had not started; run it again with: {command_line(script, argv)}"
     saved = last_checkpoint(RUN["out_dir"])
     if saved is None:
+        how = ("with the same command (or --resume, which starts over)" if not changes else
+               "(--resume starts it over) with")
         return (f"no checkpoint in {RUN['out_dir']} yet, nothing to continue from; start it "
-                f"again with the same command (or --resume, which starts over): "
-                f"{command_line(script, argv)}")
+                f"again {how}: {command_line(script, argv, bool(changes), changes)}")
     return (f"kept {saved} ({int(saved.name.removeprefix('step_'))} steps done); continue with: "
-            f"{command_line(script, argv, resume=True)}")
+            f"{command_line(script, argv, resume=True, changes=changes)}")
 
 
 def training_run(main):
     """A trainer's main(argv): stopped in one line (cli.stops_cleanly), SIGTERM at the end of a
-    step; the --out_dir lock released however it ends."""
+    step, and out of disk or memory in one line too (what_ran_out); the --out_dir lock released
+    however it ends."""
     return stops_cleanly(main, kept=what_training_kept, sigterm_waits=True,
-                         at_end=release_out_dir)
+                         at_end=release_out_dir, ran_out=what_ran_out)
+
+
+# Out of disk, out of memory: one line, the flags to lower, the command that continues ----------
+
+# What ran out of memory, told by the trainer's function in the traceback: the phases of a step
+MEMORY_PHASES = {"setup": "loading the models", "starting_model": "loading the models",
+                 "frozen_model": "loading the models", "collect_states": "sampling",
+                 "fit_states": "the update", "apply_reward": "the update",
+                 "apply_teacher": "the update", "optimizer_step": "AdamW's update",
+                 "periodic_eval": "the periodic eval"}
+
+
+def what_ran_out(script, argv, error):
+    """A trainer's line when it ran out of disk (resources.NoRoom: its folder, the bytes) or of
+    memory (its phase, the peak, the flags to lower with their values and values to try); then
+    the last checkpoint and the command that continues from it. None for any other error."""
+    if not RUN:  # (the run had not begun)
+        return None
+    if isinstance(error, NoRoom):
+        return (f"{error.problem()}; free space there (or move {RUN['out_dir']} to a larger disk "
+                f"and pass its new --out_dir), then: {what_training_kept(script, argv)}")
+    if not out_of_memory(error):
+        return None
+    names = [frame.name for frame in traceback.extract_tb(error.__traceback__)]
+    phase = next((MEMORY_PHASES[name] for name in names if name in MEMORY_PHASES), None)
+    advice, changes = lower_memory(phase, RUN["flags"])
+    return (f"out of memory in {phase or 'the run'}{peak_memory()}: {advice}; "
+            f"{what_training_kept(script, argv, changes)}")
+
+
+def lower_memory(phase, flags: dict):
+    """(What to lower, in words, with each flag's value and a value to try; {flag: that value}
+    for the command that continues) for the phase of a step that ran out of memory."""
+    sampled, micro, accum = flags["gen_batch_size"], flags["batch_size"], flags["grad_accum"]
+    if phase == "sampling" and sampled > 1:
+        return (f"it samples --gen_batch_size {sampled} sequences at once: try "
+                f"--gen_batch_size {sampled // 2}", {"--gen_batch_size": sampled // 2})
+    if phase == "the update" and micro > 1:  # smaller micro-batches, more of them: the same step
+        smaller = max(d for d in range(1, micro) if micro % d == 0)
+        more = accum * micro // smaller
+        return (f"its micro-batches hold --batch_size {micro} questions, --grad_accum {accum} a "
+                f"step: try --batch_size {smaller} --grad_accum {more}, the same "
+                f"{micro * accum} questions a step",
+                {"--batch_size": smaller, "--grad_accum": more})
+    scored = flags["eval_batch_size"]
+    if phase == "the periodic eval" and scored > 1:
+        return (f"it scores --eval_batch_size {scored} sequences at once: try --eval_batch_size "
+                f"{scored // 2}", {"--eval_batch_size": scored // 2})
+    less_per_gpu = ("train LoRA adapters (--lora_rank 64, a new run) or shard the model over "
+                    "GPUs (torchrun ... --fsdp)")
+    if phase == "AdamW's update":
+        return ("AdamW's state (two numbers for each trained weight) does not fit beside the "
+                f"model: {less_per_gpu}", {})
+    if phase == "loading the models":
+        return (f"the weights do not fit on the device: {less_per_gpu}, or take a smaller "
+                "--model", {})
+    lower = []  # what is left to lower (in a phase not told: everything)
+    if sampled > 1 and phase != "the update":
+        lower.append(f"--gen_batch_size ({sampled})")
+    if micro > 1 and phase != "sampling":
+        lower.append(f"--batch_size ({micro}, with --grad_accum ({accum}) raised to keep the step)")
+    lower.append(f"--max_new_tokens ({flags['max_new_tokens']}: shorter answers)")
+    return f"lower {' or '.join(lower)}, or use a device with more memory", {}
 
 
 def stop_requested() -> bool:
@@ -200,11 +273,9 @@ def start_metrics(path: Path, first_step: int):
         if row["step"] <= first_step:
             kept.append(line + "\n")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    write_whole(path, "".join(kept))
     if RUN:
-        (RUN["out_dir"] / FLAGS).write_text(json.dumps(RUN["flags"], indent=1) + "\n")
+        write_whole(RUN["out_dir"] / FLAGS, json.dumps(RUN["flags"], indent=1) + "\n")
 
 
 # The flags that only the model and the data can check ---------------------------------------------

@@ -60,11 +60,15 @@ def training_args(description: str, **defaults) -> argparse.ArgumentParser:
       help="test questions per task per periodic eval (a fixed subset)")
     a("--eval_shots", type=nonnegative_int, default=5,
       help="GSM8K and MMLU few-shot examples in the periodic eval")
+    a("--eval_batch_size", type=positive_int, default=16,
+      help="sequences per forward pass in the periodic eval (memory; eval.py's --batch_size)")
     a("--save_every", type=nonnegative_int, default=50,
       help="checkpoint (for --resume) every N steps (0: never)")
     a("--resume", action="store_true", help="continue from the latest checkpoint in --out_dir")
     a("--overwrite", action="store_true", help="start afresh in an --out_dir that holds an "
       "earlier run, replacing it (without this, or --resume, such an --out_dir is refused)")
+    a("--skip_space_check", action="store_true", help="start even where the disk of --out_dir "
+      "has less room than the run's checkpoints and final model need")
     a("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and AdamW "
       "state over the GPUs (FSDP2) instead of copying them to each (DDP)")
     add_tracking_flags(p)  # --wandb, --tensorboard: tracking.py

@@ -14,11 +14,12 @@ errors, and the table says so. A results file from before error bars still reads
 samples hold no per-question score, the error bar is a dash.
 """
 import json
-import os
 import sys
+import tempfile
 from pathlib import Path
 
 from harness.cli import fail, finite_or_null
+from harness.resources import NoRoom, write_whole
 from harness.stats import (average_of_differences, clustered_stderr, mean, mean_stderr,
                            paired_difference, sample_stddev, unpaired_difference)
 
@@ -148,12 +149,43 @@ def format_difference(d: dict) -> str:
 # The table of eval.py --report --------------------------------------------------------------------
 
 
-def write_results(path, results: dict):
-    """Write a results file whole, then rename it into place: a failure leaves an older file as
-    it was. NaN becomes null (no_nan)."""
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(no_nan(results), indent=1, allow_nan=False))
-    os.replace(tmp, path)
+def scores_line(results: dict) -> str:
+    """Each headline score with its standard error, in points: "gsm8k_flexible 45.2 ± 1.4, ..."."""
+    errors = headline_stderrs(results)
+    return ", ".join(f"{name} {format_score(score, errors[name])}"
+                     for name, score in headline(results).items())
+
+
+def write_results(path, results: dict, beside=None):
+    """Write a results file whole (resources.write_whole: a failure leaves an older file as it
+    was). NaN becomes null (no_nan). Where path's disk is full, the scores are printed and the
+    whole file goes, under its name, to the folder `beside` names (eval.py's: the model's) or
+    else to the system's temporary folder, the first with room that holds no file of that name;
+    then the one line (NoRoom) says where it went."""
+    text = json.dumps(no_nan(results), indent=1, allow_nan=False)
+    try:
+        write_whole(path, text, what="the results file")
+    except NoRoom as full:
+        print(f"{scores_line(results)} (not written to {path}: its disk is full)", flush=True)
+        saved = write_elsewhere(Path(path).name, text, [beside, tempfile.gettempdir()])
+        where = (f"the whole results file went to {saved} instead (move it to {path} once there "
+                 "is room)" if saved else "no other folder had room for the whole file")
+        raise NoRoom(full.folder, full.what, full.needed,
+                     then=f"the scores are printed above, and {where}") from None
+
+
+def write_elsewhere(name: str, text: str, folders: list):
+    """name written whole into the first of folders (None or not a folder: passed over) that has
+    room and holds no file of that name; returns its path, or None."""
+    for folder in folders:
+        if folder is None or not Path(folder).is_dir() or Path(folder, name).exists():
+            continue
+        try:
+            write_whole(Path(folder, name), text)
+            return Path(folder, name)
+        except (NoRoom, OSError):  # full too, or not writable: the next one
+            continue
+    return None
 
 
 def no_nan(results: dict) -> dict:

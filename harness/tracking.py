@@ -21,6 +21,7 @@ import urllib.parse
 from pathlib import Path
 
 from harness.cli import fail
+from harness.resources import disk_full, room_for
 
 
 def add_tracking_flags(parser: argparse.ArgumentParser):
@@ -71,19 +72,23 @@ class Tracker:
     nowhere (no flag given, or a rank other than 0: Tracker(None))."""
 
     def __init__(self, args=None, first_step: int = 0):
-        self.sinks = []  # functions (step, {name: number}) that send one record
+        self.sinks = []  # (its folder in --out_dir, a function (step, {name: number}) sending one)
         if args is not None and args.wandb:
-            self.sinks.append(start_wandb(args))
+            with room_for(Path(args.out_dir, "wandb"), "W&B's run"):  # else one line: resources
+                self.sinks.append((Path(args.out_dir, "wandb"), start_wandb(args)))
         if args is not None and args.tensorboard:
-            self.sinks.append(start_tensorboard(args, first_step))
+            folder = Path(args.out_dir, "tensorboard")
+            with room_for(folder, "TensorBoard's event file"):
+                self.sinks.append((folder, start_tensorboard(args, first_step)))
 
     def send(self, step: int, figures: dict):
         """One record's numbers (a figure written null, not finite, is left out; so is the list
-        of their names)."""
+        of their names). A full disk is one line naming the folder (resources.NoRoom)."""
         numbers = {name: value for name, value in figures.items()
                    if isinstance(value, (int, float)) and not isinstance(value, bool)}
-        for sink in self.sinks:
-            sink(step, numbers)
+        for folder, sink in self.sinks:
+            with room_for(folder, f"the record of step {step}"):
+                sink(step, numbers)
 
 
 def wandb_server_answers(timeout: float = 5.0) -> bool:
@@ -111,6 +116,8 @@ def start_wandb(args):
         run = wandb.init(project=args.wandb, name=Path(args.out_dir).resolve().name,
                          config=vars(args), dir=args.out_dir, mode=mode)
     except Exception as e:  # W&B's own errors: no API key, a refused project, ...
+        if disk_full(e):
+            raise  # one line naming the folder (Tracker's room_for)
         why = str(e).strip().splitlines()[0] if str(e).strip() else ""
         fail(f"--wandb {args.wandb}: W&B could not start a run ({type(e).__name__}: {why}); "
              "log in with `wandb login`, or run with WANDB_MODE=offline")

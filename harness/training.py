@@ -23,11 +23,14 @@ from pathlib import Path
 import torch
 
 from eval import evaluate, gsm8k_prompt, kl_to_start, load_gsm8k
+from harness.adapter import write_adapter
 from harness.cli import fail, finite_or_null, load_model, progress
-from harness.checkpoint import load_checkpoint, prepare_out_dir
+from harness.checkpoint import check_room, final_model_size, load_checkpoint, prepare_out_dir
 from harness.faults import check_run_fits, how_to_continue, start_metrics
 from harness.parallel import all_finite, gathered, rank_and_world, unwrap, wrap
+from harness.resources import append_whole, new_step, room_for
 from harness.tracking import Tracker
+from harness.watch import Watch
 from model import add_lora
 # What the trainers take from the rest of harness/ through this module, their one door to it:
 # the --out_dir guard, checkpoints and --resume, flag checks, the one-line stops of a trainer
@@ -64,6 +67,7 @@ def setup(args):
     check_run_fits(args, model.config, tokenizer)  # --max_new_tokens, --eval_shots: faults.py
     if args.lora_rank:  # the adapters are created in fp32
         add_lora(model, args.lora_rank, args.lora_alpha or 2 * args.lora_rank)
+    check_room(args, model, tokenizer)  # for the checkpoints and the final model: checkpoint.py
     model = wrap(model, fsdp=args.fsdp, device=device, dtype=dtype)
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay)
@@ -157,15 +161,18 @@ class MetricsLog:
     """metrics.jsonl, one JSON line per step (and one per eval), a progress line per step and a
     progress bar with rate and ETA (rank 0). "step" is the number of steps done: the eval at step N
     scores the model a checkpoint at N holds. A figure that is NaN or infinite is written null, its
-    name listed in not_finite."""
+    name listed in not_finite. A run that trains on nothing says so (watch.py's warnings, each a
+    line after its step's, and in its record under "warnings")."""
 
     def __init__(self, out_dir, steps: int, first_step: int = 0, args=None):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.steps = steps
         self.on = rank_and_world()[0] == 0
         self.tracker = Tracker(args if self.on else None, first_step)  # args: --wandb, ...
+        self.watch = Watch(steps)
         if self.on:  # after --resume: the lines up to the checkpoint's step (a last line torn
             start_metrics(self.path, first_step)  # by a crash dropped); afresh: none. faults.py
+            self.watch.replay(self.path)  # the watch goes on where those steps left it
         self.bar = progress(total=steps, initial=first_step, desc="training", unit="step",
                             disable=not self.on or None)
         self.t_last = time.time()
@@ -180,15 +187,19 @@ class MetricsLog:
             figures["tokens_per_s"] = figures.pop("tokens") / self.step_times[-1]
             figures["step_s"] = self.step_times[-1]
             self.bar.update(1)
+            new_step()  # the peak memory that an out-of-memory line gives is the next step's
         self.t_last = now  # so an eval's time never counts as a step's
         if not self.on:
             return
+        warnings = self.watch.check(step, figures) if "step_s" in figures else []
         clean, n_not_finite = finite_or_null(figures)
         if n_not_finite:
             clean["not_finite"] = [k for k in figures
                                    if clean[k] is None and figures[k] is not None]
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **clean}, allow_nan=False) + "\n")
+        if warnings:
+            clean["warnings"] = warnings
+        # the line whole, or (a full disk) none of it: resources.py
+        append_whole(self.path, json.dumps({"step": step, **clean}, allow_nan=False) + "\n")
         self.tracker.send(step, clean)  # the same record to W&B, TensorBoard: tracking.py
         recent = self.step_times[-20:]
         eta = (self.steps - step) * sum(recent) / max(1, len(recent))
@@ -196,6 +207,8 @@ class MetricsLog:
                            for k, v in figures.items())
         hours, minutes = eta // 3600, eta % 3600 // 60
         self.bar.write(f"step {step}/{self.steps} | {shown} | eta {hours:.0f}h{minutes:02.0f}m")
+        for warning in warnings:  # one line each
+            self.bar.write(f"warning: step {step}: {warning}")
         sys.stdout.flush()
 
 
@@ -221,9 +234,10 @@ def evaluate_and_log(steps_done: int, model, tokenizer, metrics, args, dtype):
     prompts = tokenizer.encode_batch([gsm8k_prompt(q["question"]) for q in questions])
     with autocast(model.device, dtype):
         scores = evaluate(model, tokenizer, args.eval_tasks, limit=args.eval_limit, data_dir=
-                          args.data_dir, gsm8k_shots=args.eval_shots, mmlu_shots=args.eval_shots)
+                          args.data_dir, gsm8k_shots=args.eval_shots, mmlu_shots=args.eval_shots,
+                          batch_size=args.eval_batch_size)
         kl = kl_to_start(model=model, start_model=starting_model(args, model.device, dtype),
-                         tokenizer=tokenizer, prompts=prompts,
+                         tokenizer=tokenizer, prompts=prompts, batch_size=args.eval_batch_size,
                          max_new_tokens=args.max_new_tokens, seed=args.seed)
     # as task_metric: gsm8k_flexible, gsm8k_strict, mmlu_acc, truthfulqa_mc1_acc, truthfulqa_mc2
     named = {task if task.endswith(name) else f"{task}_{name.split('_')[-1]}": value
@@ -235,12 +249,19 @@ def evaluate_and_log(steps_done: int, model, tokenizer, metrics, args, dtype):
 # The final model ----------------------------------------------------------------------------------
 
 
-def finish(model, tokenizer, out_dir):
-    """Write the final model to out_dir (Hugging Face layout, LoRA merged); leave the group."""
+def finish(model, tokenizer, out_dir, base_model: str):
+    """Write the final model to out_dir (Hugging Face layout, LoRA merged) and, with LoRA, its
+    adapter of base_model (the run's --model) in PEFT's format to out_dir/adapter; leave the
+    group. A full disk is one line (the temporary folders gone) with the command that continues
+    from the last checkpoint (faults.what_ran_out)."""
     with gathered(model):  # FSDP: whole weights on every GPU (in the compute dtype), for rank 0
         if rank_and_world()[0] == 0:
-            unwrap(model).save_pretrained(out_dir, tokenizer=tokenizer)
-            print(f"saved the final model to {out_dir}")
+            final = unwrap(model)
+            with room_for(out_dir, "the final model", final_model_size(final, tokenizer)):
+                final.save_pretrained(out_dir, tokenizer=tokenizer)
+                adapter = write_adapter(final, out_dir, base=base_model)  # adapter.py
+            print(f"saved the final model to {out_dir}"
+                  + (f", its LoRA adapter (PEFT's format) to {adapter}" if adapter else ""))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # no process leaves before rank 0 has saved
         torch.distributed.destroy_process_group()

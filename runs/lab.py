@@ -62,6 +62,7 @@ import multiprocessing.connection
 import os
 import random
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -73,6 +74,7 @@ import lab_table  # noqa: E402
 import lab_world  # noqa: E402
 import paper  # noqa: E402  (its has_final_model, has_results, call_main)
 from harness.cli import fail  # noqa: E402  (paper.py put the project on the path)
+from harness.resources import room_for, size, write_whole  # noqa: E402
 
 ROOT = paper.ROOT
 SIX = paper.RUNS  # the paper's six rows: base, sft_mild, sft_stress, opd_mild, opd_stress, rl
@@ -297,9 +299,7 @@ def check_settings(args):
         versions.append(version)
     if len(versions) > 1:
         say(f"note: {args.out} holds work of {len(versions)} code versions ({path})")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**settings, "versions": versions}, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_whole(path, json.dumps({**settings, "versions": versions}, indent=1) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -336,8 +336,9 @@ def make_tokenizer(args, world):
     # spelled with tokens the base has read, unlikely states rather than untrained embeddings
     texts = list(pretraining_text(world, 5000, seed=12345)) + [TRUTHFULQA_PREAMBLE]
     tmp = path.with_suffix(".tmp")
-    lab_world.train_tokenizer(texts, tmp, VOCAB)
-    os.replace(tmp, path)
+    with room_for(args.out, "the tokenizer", partial=[tmp]):  # a full disk: one line
+        lab_world.train_tokenizer(texts, tmp, VOCAB)
+        os.replace(tmp, path)
     say(f"tokenizer: {path}")
 
 
@@ -400,9 +401,10 @@ def pretrain(out: Path, base: int, mini: bool):
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     folder = out / f"b{base}"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "pretrain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    write_whole(folder / "pretrain.jsonl", "".join(json.dumps(r) + "\n" for r in log))
     # atomic; the tokenizer too, so the folder is whole
-    model.save_pretrained(folder / "base", tokenizer=tokenizer)
+    with room_for(folder / "base", "the base model"):
+        model.save_pretrained(folder / "base", tokenizer=tokenizer)
     print(f"pretrain base {base}: final loss "
           f"{sum(r['loss'] for r in log[-20:]) / min(20, len(log)):.3f}", flush=True)
 
@@ -538,9 +540,11 @@ def run_all(tasks, args):
                 if process.exitcode:
                     tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
                     stop(running)
+                    free = size(shutil.disk_usage(args.out).free)  # (a full disk cuts a log)
                     fail(f"{t['name']} failed (exit status {process.exitcode}; its log {log} ends "
-                         f"{tail[0][:200]!r}); fix the cause and run lab.py again: what finished "
-                         "is skipped, a trainer continues from its last checkpoint")
+                         f"{tail[0][:200]!r}; {free} free on the disk of {args.out}); fix the "
+                         "cause and run lab.py again: what finished is skipped, a trainer "
+                         "continues from its last checkpoint")
                 finished.add(t["name"])
                 done_cost += t["cost"]
                 elapsed = time.time() - began

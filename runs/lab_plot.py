@@ -50,7 +50,7 @@ def plot_lab(args, summary, runs):
         ax.set_title(title)
     axes[3].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(args.out / "lab.png", dpi=110)
+    plot.save_figure(fig, args.out / "lab.png", dpi=110)  # whole
     plt.close(fig)
     print(f"[lab] figure: {args.out / 'lab.png'}", flush=True)
 
@@ -77,6 +77,6 @@ def plot_condition(args, points):
     axes[0].set_title("does the student beat its teacher? (each point: a teacher, base, seed)")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(args.out / "distill.png", dpi=110)
+    plot.save_figure(fig, args.out / "distill.png", dpi=110)
     plt.close(fig)
     print(f"[lab] figure: {args.out / 'distill.png'}", flush=True)

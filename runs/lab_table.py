@@ -17,6 +17,7 @@ import json
 import statistics
 
 import paper
+from harness.resources import write_whole
 from plot import read_metrics
 
 RETENTION_TASKS = ("mmlu", "truthfulqa_mc2")  # the paper's Forgetting and Retention average these
@@ -504,9 +505,7 @@ def write_tables(args, runs):
                     "that the teacher's continuation takes to a right answer; log-prob: the mean "
                     "log-probability of the true choices (nats), its drop base - run; MDF: the "
                     "minimum detectable forgetting, 1.96 x the paired standard error (points)"}
-    tmp = args.out / "table.json.tmp"
-    tmp.write_text(json.dumps(out, indent=1) + "\n")
-    tmp.replace(args.out / "table.json")
+    write_whole(args.out / "table.json", json.dumps(out, indent=1) + "\n")  # a full disk: a line
     n = len(args.bases) * len(args.seeds)
     # the six ("base" first: it is always in per) and the positive control
     six = [name for name in (*paper.RUNS, CONTROL) if name in per]
@@ -521,7 +520,7 @@ def write_tables(args, runs):
     lines += findings_markdown(found)
     lines += instruments_markdown(measured) + paper_question_markdown(answer)
     table = "\n".join(lines) + "\n"
-    (args.out / "table.md").write_text(table)
+    write_whole(args.out / "table.md", table)
     print("\n" + table, flush=True)
     study = [name for name in per if name not in six and name != "base"]
     if study:
@@ -537,7 +536,7 @@ def write_tables(args, runs):
                      f"the student beats its teacher on the target for "
                      f"{fmt(None if agreement is None else 100 * agreement)}% of them.")
         study_table = "\n".join(lines) + "\n"
-        (args.out / "distill.md").write_text(study_table)
+        write_whole(args.out / "distill.md", study_table)
         print(study_table, flush=True)
     if not args.no_plot:
         import lab_plot

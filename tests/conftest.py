@@ -11,7 +11,10 @@ and one CPU step takes seconds. test_train_sft.py runs one step with the real to
 """
 import importlib.util
 import json
+import os
 import shutil
+import signal
+import subprocess
 from argparse import Namespace
 from pathlib import Path
 
@@ -44,6 +47,20 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tokenizer_file(shared_data) -> Path:
     return shared_data / "qwen3-0.6b" / "tokenizer.json"
+
+
+def run_whole(command, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run with captured text output, in a process group of its own that is killed
+    whole on a timeout: torchrun's worker processes go with it instead of lingering."""
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True, **kwargs)
+    try:
+        stdout, stderr = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
+        raise
+    return subprocess.CompletedProcess(command, child.returncode, stdout, stderr)
 
 
 def load_script(relative_path):

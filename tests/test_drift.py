@@ -1,6 +1,6 @@
-"""The state drift: the MMD / centroid / sliced-Wasserstein math (harness/stats.py) against direct
-computations, the two featurisations and state_drift on tiny models (eval.py). (eval.py's --drift_reference
-and --report's drift column are tested in test_eval.py.)"""
+"""The state drift: the MMD / centroid / sliced-Wasserstein math (harness/stats.py) against
+direct computations, the two featurisations and state_drift on tiny models (eval.py). (eval.py's
+--drift_reference and --report's drift column are tested in test_eval.py.)"""
 import json
 import zlib
 

@@ -195,7 +195,7 @@ def test_non_finite_numbers_are_null_with_the_reason_never_nan_in_json():
     assert clean["tasks"]["gsm8k"]["metrics"]["exact_match_strict"] == 0.5
     assert "NaN," not in text
     # no MMLU score, not 25%
-    assert ev.headline(clean) == {"gsm8k_flexible": 50.0, "gsm8k_strict": 50.0}
+    assert R.headline(clean) == {"gsm8k_flexible": 50.0, "gsm8k_strict": 50.0}
 
 
 def test_subset_is_seeded_sorted_and_full_without_limit():

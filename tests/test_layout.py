@@ -19,21 +19,25 @@ MAX_TRAINER_IMPORTS = 5
 
 
 def project_files() -> list:
-    """Every Python file of the project but its tests, as paths relative to the root."""
+    """Every Python file of the project but its tests, as paths relative to the root. course/'s
+    graders (test_*.py, conftest.py and their grading.py) are tests; its exercises and run.py are
+    not."""
+    course = [p for p in ROOT.glob("course/*.py")
+              if not p.name.startswith("test_") and p.name not in ("conftest.py", "grading.py")]
     found = [*ROOT.glob("*.py"), *ROOT.glob("harness/*.py"), *ROOT.glob("runs/*.py"),
-             *ROOT.glob("data/*.py")]
+             *ROOT.glob("data/*.py"), *course]
     return sorted(p.relative_to(ROOT).as_posix() for p in found)
 
 
 def module_names(files) -> dict:
-    """The name each file is imported by -> the file: top-level files and runs/ scripts by their
-    stem (runs/ puts its own folder on the path), harness/ files as harness.NAME."""
+    """The name each file is imported by -> the file: top-level files, runs/ and course/ scripts
+    by their stem (each puts its own folder on the path), harness/ files as harness.NAME."""
     names = {}
     for file in files:
         stem = file.rsplit("/", 1)[-1][:-3]
         if file.startswith("harness/"):
             names["harness" if stem == "__init__" else f"harness.{stem}"] = file
-        elif file.startswith(("runs/", "data/")) or "/" not in file:
+        elif file.startswith(("runs/", "data/", "course/")) or "/" not in file:
             names[stem] = file
     return names
 
@@ -135,11 +139,12 @@ def test_the_sampler_is_model_pys_alone():
 
 
 def documented_scripts() -> list:
-    """Every `python SCRIPT` that README.md and docs/ print, as paths relative to the root."""
+    """Every `python SCRIPT` that README.md and docs/ print, as paths relative to the root (not
+    the test files that `python -m pytest` is given)."""
     pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
     found = set()
     for page in pages:
-        found |= set(re.findall(r"python (?:-m \S+ )?([\w/]+\.py)\b", page.read_text()))
+        found |= set(re.findall(r"python (?:-m (?!pytest)\S+ )?([\w/]+\.py)\b", page.read_text()))
     return sorted(found)
 
 

@@ -4,13 +4,12 @@ resumes to the same result; the final folder loads in transformers. Each run is 
 (about 10 s), so these are slow tests."""
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, train_lines
+from conftest import ROOT, run_whole, train_lines
 from model import Qwen3, load_safetensors
 
 pytestmark = pytest.mark.slow
@@ -45,8 +44,7 @@ def run(tmp_path, method, out, processes, *flags):
     cmd = [*launcher, str(driver), method, "--out_dir", str(out), "--batch_size", batch_size,
            *SHARED, *METHOD[method], *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    finished = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env,
-                              cwd=tmp_path)
+    finished = run_whole(cmd, timeout=180, env=env, cwd=tmp_path)
     errors = [line for line in finished.stderr.splitlines() if "Error" in line or "error:" in line]
     assert finished.returncode == 0, "\n".join(errors[-5:]) or finished.stderr[-3000:]
     return out

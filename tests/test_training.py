@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import eval as ev
 from harness import training as T
-from conftest import (ROOT, ByteTokenizer, args_for, assert_final_model, train_lines,
+from conftest import (ROOT, ByteTokenizer, args_for, assert_final_model, run_whole, train_lines,
                       write_byte_tokenizer)
 from model import Qwen3, Tokenizer
 
@@ -121,12 +121,14 @@ def run_sft(data_dir, model_dir, out_dir, *extra):
                     "--save_every", "2", *extra])
 
 
-def test_resume_is_bit_identical(prepared_data, byte_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("lora", [[], ["--lora_rank", "4"]], ids=["full", "lora"])
+def test_resume_is_bit_identical(lora, prepared_data, byte_model, tmp_path, monkeypatch):
     """Killed during step 3 and resumed from the step-2 checkpoint, a run ends with exactly the
-    weights and losses of an uninterrupted one (full fine-tuning: every weight has AdamW state)."""
+    weights and losses of an uninterrupted one (full fine-tuning: every weight has AdamW state;
+    LoRA: the adapters have, and the PEFT adapter written beside the model is the same too)."""
     import train_sft
     model_dir = byte_model()
-    run_sft(prepared_data, model_dir, tmp_path / "straight")
+    run_sft(prepared_data, model_dir, tmp_path / "straight", *lora)
 
     fit_states, calls = train_sft.fit_states, []
 
@@ -137,16 +139,18 @@ def test_resume_is_bit_identical(prepared_data, byte_model, tmp_path, monkeypatc
         return fit_states(*args, **kwargs)
     monkeypatch.setattr(train_sft, "fit_states", dies_in_step_3)
     with pytest.raises(SystemExit) as stop:  # a Ctrl-C ends main in one line (test_faults.py)
-        run_sft(prepared_data, model_dir, tmp_path / "resumed")
+        run_sft(prepared_data, model_dir, tmp_path / "resumed", *lora)
     assert stop.value.code == 130
     monkeypatch.setattr(train_sft, "fit_states", fit_states)
     checkpoints = tmp_path / "resumed" / "checkpoints"
     assert [p.name for p in checkpoints.iterdir()] == ["step_0000002"]
-    run_sft(prepared_data, model_dir, tmp_path / "resumed", "--resume")
+    run_sft(prepared_data, model_dir, tmp_path / "resumed", "--resume", *lora)
 
-    a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("straight", "resumed"))
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for weights in ["model.safetensors"] + ["adapter/adapter_model.safetensors"] * bool(lora):
+        a, b = (load_file(tmp_path / run / weights) for run in ("straight", "resumed"))
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "resumed" / "adapter").exists() == bool(lora)
     losses = [[row["loss"] for row in train_lines(tmp_path / run)]
               for run in ("straight", "resumed")]
     assert losses[0] == losses[1]
@@ -158,10 +162,11 @@ def test_overwrite_replaces_an_earlier_run_and_stale_temporary_folders_go(prepar
                                                                           byte_model, tmp_path):
     """--overwrite starts afresh (the earlier run's checkpoints would pass for this one's); a
     folder that an interrupted save left behind is removed; the earlier final model stays until
-    the new one replaces it."""
+    the new one replaces it, and so does its LoRA adapter (this run fine-tunes fully)."""
     model_dir = byte_model()
     out = tmp_path / "run"
-    run_sft(prepared_data, model_dir, out)  # 4 steps, checkpoints at 2 and 4
+    run_sft(prepared_data, model_dir, out, "--lora_rank", "4")  # 4 steps, checkpoints at 2, 4
+    assert (out / "adapter" / "adapter_config.json").exists()
     (out / ".tmp-interrupted").mkdir()
     (out / "checkpoints" / ".tmp-interrupted").mkdir()
     with pytest.raises(SystemExit, match="holds a finished model"):
@@ -170,6 +175,7 @@ def test_overwrite_replaces_an_earlier_run_and_stale_temporary_folders_go(prepar
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002"]
     assert not list(out.glob(".tmp-*"))
     assert [row["step"] for row in train_lines(out)] == [1, 2]
+    assert not (out / "adapter").exists()
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(prepared_data, byte_model,
@@ -233,13 +239,12 @@ def test_a_bad_model_flag_is_one_line_naming_the_flag(tmp_path, make_checkpoint)
 def test_ddp_with_torchrun_on_two_cpu_processes(script, extra, prepared_data, byte_model, tmp_path):
     """The same script under torchrun (gloo on CPU): ranks train on disjoint data, gradients and
     token counts are reduced, only rank 0 writes, and the run ends with a loadable model."""
-    import subprocess
     import sys
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / script), "--model", str(byte_model()), "--data_dir", str(prepared_data),
            "--out_dir", str(out), "--device", "cpu", "--steps", "2", "--batch_size", "1",
            "--grad_accum", "2", "--eval_every", "0", "--save_every", "1", *extra]
-    finished = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    finished = run_whole(cmd, timeout=300)
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert_final_model(out, steps=2)
