@@ -225,6 +225,15 @@ def mc2_score(logliks: list, labels: list) -> float:
     return sum(p for p, label in zip(probs, labels) if label == 1) / sum(probs)
 
 
+def choice_logprob(logliks: list, labels: list) -> float:
+    """The log of the probability of a question's true choices (each labelled 1), normalised over
+    its choices: the continuous retention figure, in nats (0: certain), which moves before an
+    accuracy flips. MMLU and MC1: of the one true choice; MC2: log(mc2_score)."""
+    logliks = torch.tensor(logliks, dtype=torch.float64)
+    true = logliks[torch.tensor(labels) == 1]
+    return (torch.logsumexp(true, 0) - torch.logsumexp(logliks, 0)).item()
+
+
 def argmax(values: list) -> int:
     # ties: the first, as numpy's argmax
     return max(range(len(values)), key=lambda i: (values[i], -i))
@@ -309,12 +318,14 @@ def eval_mmlu(model, tokenizer, settings, data_dir) -> dict:
     by_subject = {}
     for k, i in enumerate(indices):
         scores = logliks[4 * k:4 * k + 4]
+        gold = test[i]["answer"]
         samples.append({"index": i, "subject": test[i]["subject"], "pred": argmax(scores),
-                        "gold": test[i]["answer"], "logliks": scores})
+                        "gold": gold, "logliks": scores,
+                        "logprob": choice_logprob(scores, [int(c == gold) for c in range(4)])})
         by_subject.setdefault(test[i]["subject"],
                               []).append(samples[-1]["pred"] == samples[-1]["gold"])
     # micro: every question counts once
-    metrics = {**task_means(samples, ["acc"]),
+    metrics = {**task_means(samples, ["acc", "logprob"]),
                "acc_per_subject": {subject: mean(hits)
                                    for subject, hits in sorted(by_subject.items())}}
     return {"metrics": metrics, "n": len(samples), "samples": samples}
@@ -335,13 +346,15 @@ def eval_truthfulqa(model, tokenizer, settings, data_dir, which: str) -> dict:
         labels = rows[i][targets]["labels"]
         scores = logliks[offset:offset + len(labels)]
         offset += len(labels)
+        logprob = choice_logprob(scores, labels)
         if which == "mc1":  # the true choice is listed first
-            samples.append({"index": i, "pred": argmax(scores), "gold": 0, "logliks": scores})
+            samples.append({"index": i, "pred": argmax(scores), "gold": 0, "logliks": scores,
+                            "logprob": logprob})
         else:
             samples.append({"index": i, "gold": labels, "logliks": scores,
-                            "score": mc2_score(scores, labels)})
+                            "score": mc2_score(scores, labels), "logprob": logprob})
     # MC1's gold is 0: the true answer is listed first
-    metrics = task_means(samples, ["acc"] if which == "mc1" else ["mc2"])
+    metrics = task_means(samples, ["acc" if which == "mc1" else "mc2", "logprob"])
     return {"metrics": metrics, "n": len(samples), "samples": samples}
 
 

@@ -34,7 +34,9 @@ ITEM_SCORE = {"exact_match_strict": lambda s: s["exact_match"]["strict"],
               "exact_match_flexible": lambda s: s["exact_match"]["flexible"],
               # MMLU; TruthfulQA MC1, whose gold is 0 (the true answer is listed first)
               "acc": lambda s: s["pred"] == s["gold"],
-              "mc2": lambda s: s["score"]}
+              "mc2": lambda s: s["score"],
+              # MMLU, TruthfulQA: the log-probability of the true choices (eval.choice_logprob)
+              "logprob": lambda s: s["logprob"]}
 # What decides the drift figure (the rest of results.json's "drift" is measured)
 DRIFT_SETTINGS = ("reference", "n_prompts", "max_new_tokens", "temperature", "seed",
                   "n_permutations")

@@ -87,6 +87,14 @@ def paired_difference(a, b) -> dict:
     return difference(mean(differences), mean_stderr(differences), paired=True)
 
 
+def minimum_detectable(stderr, z=Z95):
+    """The minimum detectable difference of a comparison with this standard error: the smallest
+    |Δ| whose 95% interval, Δ ± z·stderr, excludes 0 (the lab's minimum detectable forgetting,
+    MDF = 1.96 · SE_paired). A true difference of exactly that size is detected half the time;
+    80% power needs (1.96 + 0.84) · SE. None where the error is unknown."""
+    return None if stderr is None else z * stderr
+
+
 def unpaired_difference(mean_a: float, stderr_a, mean_b: float, stderr_b) -> dict:
     """mean_a - mean_b for two runs scored on different (independent) questions: the standard
     errors add in quadrature."""

@@ -10,9 +10,10 @@ several bases and seeds, from one command.
 The steps; each prints its command and how long it took, and is skipped when done:
 
     world       OUT/data: the world in data/prepare.py's layout (runs/lab_world.py), GSM8K train
-                solutions in the base's style A; OUT/data_stress: style B; for the study's
-                teachers OUT/data_mixed (2/3 in style B, 1/3 in A) and OUT/data_slip (style A,
-                most problems misread: the second number taken for the first)
+                solutions in the base's style A; OUT/data_stress: the stress data (the base's own
+                sloppy style A, a third in style B); for the study's teachers OUT/data_b (style
+                B), OUT/data_mixed (2/3 in style B, 1/3 in A) and OUT/data_slip (style A, most
+                problems misread: the second number taken for the first)
     tokenizer   OUT/tokenizer.json: a byte-level BPE trained on the world's text
     for each base B (--bases; a base is a pretraining seed: its initialisation and its corpus):
       pretrain  OUT/bB/base: a tiny Qwen3 (4 layers, width 128) trained from scratch on packed
@@ -20,17 +21,21 @@ The steps; each prints its command and how long it took, and is skipped when don
       base eval eval.py on the base: OUT/bB/results/base.json
       for each seed S (--seeds: the trainers' --seed), in OUT/bB/seedS/:
         sft_mild    train_sft.py on style-A gold solutions: few steps, small lr
-        sft_stress  train_sft.py on style-B gold solutions: many steps, large lr
+        sft_stress  train_sft.py on the stress data, at a larger lr: the paper's stress
+                    teacher's profile (its target a few points below the base's, 10-25% of
+                    retention lost)
         opd_mild    train_distill.py --teacher OUT/bB/seedS/sft_mild (student: the base)
         opd_stress  train_distill.py --teacher OUT/bB/seedS/sft_stress
         rl          train_rl.py
+        sft_control the positive control: the stress data, gently (it forgets 2 to 5 points)
         each then eval.py --drift_reference OUT/bB/base: OUT/bB/seedS/results/<run>.json
         --study distill adds the STUDY runs (below): the distillation matrix (the three
         signals x on- and off-policy states, from either teacher) and a family of teachers
         (sft_mixed, sft_slip, sft_stress_lora), each with its OPD student
     table       OUT/table.md, OUT/table.json (per run, base and seed; mean ± std over every base
-                and seed; the findings, each on every base) and OUT/lab.png; with --study distill
-                also OUT/distill.md and OUT/distill.png (runs/lab_table.py)
+                and seed; the findings, each on every base; the instruments' minimum detectable
+                forgetting; the paper's question of its stress teacher) and OUT/lab.png; with
+                --study distill also OUT/distill.md and OUT/distill.png (runs/lab_table.py)
 
 Each step runs in its own process, forked from this one (no torch import per step), --jobs of them
 at once (default: one per CPU core), each on one torch thread: results do not depend on --jobs. A
@@ -42,9 +47,10 @@ a results file newer than its model is kept. OUT/lab.json records the settings, 
 torch version; a later call with other settings is refused, except that a run's own flags may
 change while no seed holds that run (delete OUT/b*/seed*/<run> and its results to rerun it).
 
-Seeds: the lab's settings (OPD's above all: a greedy teacher, --lr 1e-4) and its world (the
-study's teachers) were chosen on base 0 with seeds 0, 1, 2 (TUNING); the default call reports
-bases 1, 2 and seeds 3, 4, 5, never used for a choice.
+Seeds: the lab's settings (OPD's above all: a greedy teacher, --lr 1e-4; the stress and control
+recipes) and its world (the study's teachers, the facts' long tail) were chosen on bases 0, 3, 4
+with seeds 0, 1, 2 (TUNING); the default call reports bases 1, 2 and seeds 3, 4, 5, never used
+for a choice.
 """
 import argparse
 import importlib
@@ -72,7 +78,7 @@ from harness.resources import room_for, size, write_whole  # noqa: E402
 
 ROOT = paper.ROOT
 SIX = paper.RUNS  # the paper's six rows: base, sft_mild, sft_stress, opd_mild, opd_stress, rl
-TUNING = dict(bases=[0], seeds=[0, 1, 2])  # where the settings were chosen: not reported
+TUNING = dict(bases=[0, 3, 4], seeds=[0, 1, 2])  # where the settings were chosen: not reported
 BASES, SEEDS = "1,2", "3,4,5"  # the default call: never used for a choice
 BUDGET_MINUTES = dict(default=45, one=15, study=60)  # 2 CPU cores; printed at the end of a call
 
@@ -87,11 +93,20 @@ PRETRAIN = dict(tokens=2_500_000, seq=128, batch=32, lr=3e-3, warmup=100, min_lr
 
 # What each run trains: its script, its data (OUT/<data>), its teacher (a run of the same base and
 # seed) and its flags beyond --model/--out_dir/--data_dir/--seed/--teacher. The periodic eval
-# scores the target and both retention tasks (TruthfulQA has 60 questions)
+# scores the target and both retention tasks (100 questions each)
 COMMON = ["--device", "cpu", "--grad_accum", "1", "--eval_shots", "0", "--eval_limit", "100",
           "--eval_tasks", "gsm8k,mmlu,truthfulqa_mc2"]
-STRESS = ["--steps", "200", "--batch_size", "16", "--lr", "1e-3", "--warmup", "10",
-          "--max_new_tokens", "64", "--eval_every", "40", "--save_every", "40"]
+# The stress SFT, with the paper's stress teacher's profile (its target a few points below its
+# base's, 10-25% of retention lost; chosen on TUNING): the stress data (the base's own sloppy
+# style A, a third of it in style B) for 60 steps at lr 5e-4. The positive control, a gentle
+# stress designed to forget a little (2 to 5 points): the same data, 120 steps at lr 1e-4
+STRESS = ["--steps", "60", "--batch_size", "16", "--lr", "5e-4", "--warmup", "6",
+          "--max_new_tokens", "64", "--eval_every", "20", "--save_every", "20"]
+CONTROL = ["--steps", "120", "--batch_size", "16", "--lr", "1e-4", "--warmup", "12",
+           "--max_new_tokens", "64", "--eval_every", "30", "--save_every", "30"]
+# Hard SFT: the study's teachers, each trained as the lab's first stress teacher was (style B)
+HARD = ["--steps", "200", "--batch_size", "16", "--lr", "1e-3", "--warmup", "10",
+        "--max_new_tokens", "64", "--eval_every", "40", "--save_every", "40"]
 # OPD: the teacher continues up to 64 tokens (enough to reach '#### N') from 2 random prefix
 # states of each of the student's answers, greedily (--teacher_temperature 0: chosen on TUNING)
 OPD = ["--steps", "40", "--batch_size", "16", "--lr", "1e-4", "--warmup", "4",
@@ -104,7 +119,7 @@ def run(script, flags, data="data", teacher=None):
 
 
 def changed(flags: list, **values) -> list:
-    """flags with some values changed or added: changed(STRESS, lr="3e-4", lora_rank="64")."""
+    """flags with some values changed or added: changed(HARD, lr="3e-4", lora_rank="64")."""
     flags = list(flags)
     for name, value in values.items():
         flag = f"--{name}"
@@ -125,6 +140,7 @@ RUNS = {
     "rl": run("train_rl.py", ["--steps", "60", "--batch_size", "16", "--group_size", "8",
                               "--lr", "5e-5", "--std_adv", "--warmup", "4", "--max_new_tokens",
                               "64", "--eval_every", "10", "--save_every", "10"]),
+    lab_table.CONTROL: run("train_sft.py", CONTROL, data="data_stress"),
 }
 # --study distill: the paper's Table 1 axes measured (the signal x whose states, from either
 # teacher), and teachers that span its condition P3, each with its OPD student. Their periodic
@@ -142,16 +158,16 @@ for teacher in ("mild", "stress"):
     STUDY[f"off_{teacher}_full_kl"] = run("train_distill.py",
                                           changed(STUDY_OPD, states="teacher", signal="full_kl"),
                                           teacher=f"sft_{teacher}")
-STRESS_QUIET = changed(STRESS, eval_every="0")
-FAMILY = {  # teacher -> (its data, its flags): a failure of trajectory, and the paper's stress
-    "sft_mixed": ("data_mixed", STRESS_QUIET),  # as hard as stress, 2/3 of it in style B, 1/3 A
-    "sft_slip": ("data_slip", STRESS_QUIET),  # as hard, on solutions that misread a number
-    "sft_stress_lora": ("data_stress", changed(STRESS_QUIET, lr="5e-4", lora_rank="64",
-                                               lora_alpha="128")),  # the paper's LoRA recipe
+HARD_QUIET = changed(HARD, eval_every="0")
+FAMILY = {  # teacher -> (its data, its flags): a failure of trajectory, and the paper's LoRA
+    "sft_mixed": ("data_mixed", HARD_QUIET),  # trained hard, 2/3 of it in style B, 1/3 A
+    "sft_slip": ("data_slip", HARD_QUIET),  # as hard, on solutions that misread a number
+    "sft_stress_lora": ("data_b", changed(HARD_QUIET, lr="5e-4", lora_rank="64",
+                                          lora_alpha="128")),  # the paper's LoRA recipe, style B
 }
 MORE = {  # --only's alone (not in the study's budget): more teachers measured on TUNING
-    "sft_overtrain": ("data", STRESS_QUIET),  # the base's own style, as hard as the stress
-    "sft_stress_gentle": ("data_stress", changed(STRESS_QUIET, lr="3e-4")),
+    "sft_overtrain": ("data", HARD_QUIET),  # the base's own style, trained hard
+    "sft_hard": ("data_b", HARD_QUIET),  # style B trained hard: the lab's first stress teacher
 }
 for name, (data, flags) in FAMILY.items():
     STUDY[name] = run("train_sft.py", flags, data=data)
@@ -161,7 +177,7 @@ for name, (data, flags) in MORE.items():
     EXTRA[name] = run("train_sft.py", flags, data=data)
     EXTRA[name.replace("sft_", "opd_")] = run("train_distill.py", STUDY_OPD, teacher=name)
 
-LAB_EVAL = ["--limit", "gsm8k=400,mmlu=192,truthfulqa=60", "--gsm8k_shots", "0",
+LAB_EVAL = ["--tasks", "gsm8k,mmlu,truthfulqa_mc2", "--limit", "gsm8k=400", "--gsm8k_shots", "0",
             "--mmlu_shots", "0", "--max_new_tokens", "64", "--batch_size", "64", "--device", "cpu",
             "--drift_prompts", "100", "--drift_max_new_tokens", "64"]
 
@@ -188,9 +204,9 @@ def get_args(argv=None):
                         help=f"comma-separated base (pretraining) seeds (default: {BASES})")
     parser.add_argument("--seeds", type=list_of(nonnegative_int), default=SEEDS,
                         help=f"comma-separated trainer seeds (default: {SEEDS})")
-    parser.add_argument("--only", help=f"comma-separated runs of {','.join(SIX)} or of the "
-                        "study (default: the six, and with --study distill the study's; a "
-                        "student's teacher comes with it)")
+    parser.add_argument("--only", help=f"comma-separated runs of {','.join(['base', *RUNS])} "
+                        "or of the study (default: those, and with --study distill the study's; "
+                        "a student's teacher comes with it)")
     parser.add_argument("--study", choices=("distill",),
                         help="distill: also the distillation matrix and the teacher family")
     parser.add_argument("--mini", action="store_true",
@@ -206,13 +222,13 @@ def get_args(argv=None):
     args = parser.parse_args(argv)
     default_out = ROOT / "runs" / "out" / ("lab_mini" if args.mini else "lab")
     args.out = Path(args.out or os.path.relpath(default_out))
-    every = [*SIX, *(STUDY if args.study else [])]
+    every = ["base", *RUNS, *(STUDY if args.study else [])]  # the six and the control
     args.only = [r for r in (args.only or ",".join(every)).split(",") if r]
     unknown = sorted(set(args.only) - set(SIX) - set(all_runs()))
     if unknown or not args.only:
         parser.error(f"--only: unknown run(s) {', '.join(unknown) or '(none given)'}; choose "
-                     f"from {', '.join(SIX)} (--study distill's: {', '.join(STUDY)}; more: "
-                     f"{', '.join(EXTRA)})")
+                     f"from {', '.join(['base', *RUNS])} (--study distill's: "
+                     f"{', '.join(STUDY)}; more: {', '.join(EXTRA)})")
     check_writable_dir(args.out, "--out")
     return args
 
@@ -258,6 +274,7 @@ def check_settings(args):
     """OUT/lab.json: the settings that decide what OUT holds; refuse to mix in runs made with
     others."""
     settings = {"mini": args.mini, "model": MINI_MODEL if args.mini else MODEL, "mix": MIX,
+                "world": lab_world.settings(),
                 "pretrain": MINI_PRETRAIN if args.mini else PRETRAIN,
                 "training": all_runs(), "common": COMMON, "eval": LAB_EVAL}
     settings = json.loads(json.dumps(settings))
@@ -289,7 +306,8 @@ def check_settings(args):
 # The world, its tokenizer, and pretraining
 
 
-WORLD_DATA = {"data": "A", "data_stress": "B", "data_slip": "slip", "data_mixed": "mixed"}
+WORLD_DATA = {"data": "A", "data_stress": "sloppy_stress", "data_b": "B", "data_slip": "slip",
+              "data_mixed": "mixed"}
 
 
 def make_world(args):

@@ -9,9 +9,10 @@ says how to get it).
                      advantage: its local quality on the student's states minus its own target
 """
 SIX_COLORS = {"base": "gray", "sft_mild": "tab:blue", "sft_stress": "tab:red",
-              "opd_mild": "tab:cyan", "opd_stress": "tab:orange", "rl": "tab:green"}
+              "opd_mild": "tab:cyan", "opd_stress": "tab:orange", "rl": "tab:green",
+              "sft_control": "tab:purple"}  # the six, and the positive control
 STUDENT_MARKERS = {"opd_mild": "o", "opd_stress": "s", "opd_mixed": "*", "opd_slip": "D",
-                   "opd_stress_lora": "v", "opd_overtrain": "^", "opd_stress_gentle": "P"}
+                   "opd_stress_lora": "v", "opd_overtrain": "^", "opd_hard": "P"}
 
 
 def plot_lab(args, summary, runs):

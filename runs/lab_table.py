@@ -1,10 +1,14 @@
 """The lab's tables, findings and figures (runs/lab.py calls write_tables at the end of a call).
 
-    OUT/table.json  per run and (base, seed): target, retention tasks, Forgetting, Retention, state
-                    NLL, MMD² drift, and for a distillation run its teacher's figures and the
-                    quality of the teacher's signal; then mean ± std over every base and seed, the
-                    same per base, and the findings, each measured on every base
-    OUT/table.md    the six runs (mean ± std), then the findings
+    OUT/table.json  per run and (base, seed): target, retention tasks, Forgetting, Retention, the
+                    log-probability of the right choices and its drop, the minimum detectable
+                    forgetting, state NLL, MMD² drift, and for a distillation run its teacher's
+                    figures and the quality of the teacher's signal; then mean ± std over every
+                    base and seed, the same per base, the findings, each measured on every base,
+                    the instruments (each task's MDF per base) and the paper's question (its
+                    stress teacher's profile, and whether its OPD student beats it)
+    OUT/table.md    the six runs and the positive control (mean ± std), the findings, the
+                    instruments and the paper's question
     OUT/distill.md  with --study distill: the distillation matrix and the teacher family
     OUT/lab.png     the six runs over training and their final figures
     OUT/distill.png with --study distill: student minus teacher against the teacher's local quality
@@ -18,6 +22,12 @@ from plot import read_metrics
 
 RETENTION_TASKS = ("mmlu", "truthfulqa_mc2")  # the paper's Forgetting and Retention average these
 EARLY_STEPS = 5  # a teacher's local quality: its signal on the student's states, first steps
+# The paper's stress teacher (its Table 2: GSM8K .420 against the base's .448, MMLU and TruthfulQA
+# down 16% and 18%): its target 0 to 10 points below its base's, its Retention 75 to 90% (a
+# relative loss of 10 to 25%)
+PROFILE = dict(target_below=(0, 10), retention_loss=(10, 25))
+CONTROL = "sft_control"  # the positive control: a run designed to forget a little
+CONTROL_FORGETS = (2, 5)  # points, with a 95% interval that excludes 0
 
 
 def mean_of(rows, key):
@@ -28,15 +38,28 @@ def mean_of(rows, key):
 def row_of(results: dict, base: dict, metrics_path=None) -> dict:
     """One run's figures: target accuracy, each retention task, Forgetting, Retention, state NLL,
     MMD², and for distillation the quality of the teacher's signal over the training steps."""
-    from harness.report import headline
+    from harness.report import column_difference, forgetting, headline
+    from harness.stats import minimum_detectable
     scores, base_scores = headline(results), headline(base)
     row = {"target": scores["gsm8k_flexible"], "target_strict": scores["gsm8k_strict"],
-           "mmlu": scores["mmlu"], "truthfulqa_mc1": scores["truthfulqa_mc1"],
-           "truthfulqa_mc2": scores["truthfulqa_mc2"]}
+           "mmlu": scores["mmlu"], "truthfulqa_mc2": scores["truthfulqa_mc2"]}
     row["retained"] = statistics.mean(scores[k] for k in RETENTION_TASKS)
     row["forgetting"] = statistics.mean(base_scores[k] - scores[k] for k in RETENTION_TASKS)
     row["retention"] = 100 * statistics.mean(scores[k] / base_scores[k] for k in RETENTION_TASKS
                                              if base_scores[k])
+    # the continuous figure: the mean log-probability of the true choices (nats), and its drop
+    logprobs = {k: results["tasks"][k]["metrics"].get("logprob") for k in RETENTION_TASKS}
+    base_logprobs = {k: base["tasks"][k]["metrics"].get("logprob") for k in RETENTION_TASKS}
+    if None not in (*logprobs.values(), *base_logprobs.values()):
+        row.update({f"{k}_logprob": v for k, v in logprobs.items()})
+        row["retained_logprob"] = statistics.mean(logprobs.values())
+        row["forgetting_logprob"] = statistics.mean(base_logprobs[k] - logprobs[k]
+                                                    for k in RETENTION_TASKS)
+    # the minimum detectable forgetting of each task and of their mean, from this pair's paired
+    # standard error (points)
+    for k in RETENTION_TASKS:
+        row[f"mdf_{k}"] = minimum_detectable(column_difference(base, results, k)["stderr"])
+    row["mdf_forgetting"] = minimum_detectable(forgetting(results, base, RETENTION_TASKS)["stderr"])
     steps = []  # the training steps' records (plot.py reads metrics.jsonl as it plots them)
     if metrics_path and metrics_path.exists():
         steps = [r for r in read_metrics(metrics_path) if "loss" in r]
@@ -93,6 +116,9 @@ def collect(args, runs):
                     if row.get("local_quality") is not None:  # P3: better on the student's
                         row["local_advantage"] = row["local_quality"] - teacher_row["target"]
                     row["minus_teacher_retained"] = row["retained"] - teacher_row["retained"]
+                    if "retained_logprob" in row and "retained_logprob" in teacher_row:
+                        row["minus_teacher_retained_logprob"] = (row["retained_logprob"]
+                                                                 - teacher_row["retained_logprob"])
                     gain = teacher_row["target"] - per["base"][f"b{b}"]["target"]
                     row["teacher_gain"] = gain
                     row["recovered"] = ((row["target"] - per["base"][f"b{b}"]["target"]) / gain
@@ -115,8 +141,8 @@ def findings(per: dict, results: dict, runs: dict, points: list) -> list:
     (mean and std over them, the mean per base), whether it holds on the mean (overall and per
     base), and where it compares two runs on the same questions, the questions' own uncertainty:
     the item-level standard error and 95% interval of the difference (report.summarize_seeds, the
-    seeds held fixed)."""
-    from harness.report import summarize_seeds
+    seeds held fixed), over every base and on each; a finding about retention also carries the
+    continuous figure, the drop in the log-probability of the true choices, with its interval."""
     base_target = {b: r["target"] for b, r in per["base"].items()}
     out = []
 
@@ -126,47 +152,68 @@ def findings(per: dict, results: dict, runs: dict, points: list) -> list:
     def figure(run, key):
         return {k: r[key] for k, r in per.get(run, {}).items() if r.get(key) is not None}
 
-    def versus(run, other=None):
-        """(run, other's results) per (base, seed): other is its base, or its teacher's run."""
+    def versus(run, other=None) -> dict:
+        """{(base, seed): (run, other's results)}: other is its base, or its teacher's run."""
         def partner(key):
             return (results["base"][key.split("/")[0]] if other is None
                     else results.get(other, {}).get(key))
-        pairs = [(r, partner(k)) for k, r in results.get(run, {}).items()]
-        return [pair for pair in pairs if pair[1] is not None]
+        pairs = {k: (r, partner(k)) for k, r in results.get(run, {}).items()}
+        return {k: pair for k, pair in pairs.items() if pair[1] is not None}
 
-    def finding(claim, values: dict, holds, pairs=None, column=None, sign=1):
+    def finding(claim, values: dict, holds, pairs=None, column=None, sign=1, interval=False,
+                logprob=None):
+        """interval: the finding holds only where the questions' interval also excludes 0;
+        logprob: (the continuous figure per (base, seed), its sign against pairs' difference)."""
         if not values:
             return
         rows = {k: {"value": v} for k, v in values.items()}
         overall = summarize(list(rows.values()))["value"]
         bases = {b: s["value"]["mean"] for b, s in by_base(rows).items()}
-        item = None
+        item = item_per_base = continuous = None
         if pairs and column:  # the questions' uncertainty of the same difference
-            figures = summarize_seeds(pairs)[column]
-            low, high = sorted((sign * figures["low"], sign * figures["high"]))
-            item = {"stderr": figures["stderr"], "low": low, "high": high,
-                    "excludes_zero": figures["excludes_zero"]}
+            item = questions_interval(list(pairs.values()), column, sign)
+            item_per_base = {b: questions_interval([p for k, p in pairs.items()
+                                                    if k.split("/")[0] == b], column, sign)
+                             for b in bases}
+        if pairs and logprob and logprob[0]:
+            continuous = {**summarize([{"value": v} for v in logprob[0].values()])["value"],
+                          "item": logprob_interval(list(pairs.values()), logprob[1])}
+
+        def verdict(mean, it):
+            return holds(mean) and (not interval or bool(it and it["excludes_zero"]))
         out.append(dict(claim=claim, overall=overall, per_base=bases, item=item,
-                        holds=holds(overall["mean"]),
-                        holds_per_base={b: holds(m) for b, m in bases.items()}))
+                        item_per_base=item_per_base, logprob=continuous,
+                        holds=verdict(overall["mean"], item),
+                        holds_per_base={b: verdict(m, (item_per_base or {}).get(b))
+                                        for b, m in bases.items()}))
+
+    def forgets(run, claim, holds, interval=False):  # a run's Forgetting against its base
+        finding(claim, figure(run, "forgetting"), holds, versus(run), "forgetting",
+                interval=interval, logprob=(figure(run, "forgetting_logprob"), 1))
 
     finding("mild SFT gains on the target (points)", gain("sft_mild"), lambda m: m > 0,
             versus("sft_mild"), "gsm8k_flexible")
-    finding("mild SFT forgets <= 2 points", figure("sft_mild", "forgetting"), lambda m: m <= 2,
-            versus("sft_mild"), "forgetting")
-    finding("stress SFT forgets >= 10 points", figure("sft_stress", "forgetting"),
-            lambda m: m >= 10, versus("sft_stress"), "forgetting")
+    forgets("sft_mild", "mild SFT forgets <= 2 points", lambda m: m <= 2)
+    low, high = CONTROL_FORGETS
+    forgets(CONTROL, f"the positive control forgets {low} to {high} points (its interval "
+            "excludes 0)", lambda m: low <= m <= high, interval=True)
+    below, loss = PROFILE["target_below"], PROFILE["retention_loss"]
+    finding(f"stress SFT's target is {below[0]} to {below[1]} points below its base's (points "
+            "below)", {k: -v for k, v in gain("sft_stress").items()},
+            lambda m: below[0] < m <= below[1], versus("sft_stress"), "gsm8k_flexible", sign=-1)
+    forgets("sft_stress", "stress SFT forgets (points)", lambda m: m > 0, interval=True)
+    finding(f"stress SFT loses {loss[0]} to {loss[1]}% of retention (relative, %)",
+            {k: 100 - v for k, v in figure("sft_stress", "retention").items()},
+            lambda m: loss[0] <= m <= loss[1])
     finding("light RL gains >= 5 points on the target", gain("rl"), lambda m: m >= 5,
             versus("rl"), "gsm8k_flexible")
-    finding("light RL forgets <= 2 points", figure("rl", "forgetting"), lambda m: m <= 2,
-            versus("rl"), "forgetting")
+    forgets("rl", "light RL forgets <= 2 points", lambda m: m <= 2)
     stress_nll, rl_nll = figure("sft_stress", "state_nll"), figure("rl", "state_nll")
     finding("stress SFT's states have a higher NLL than RL's (nats/token)",
             {k: v - rl_nll[k] for k, v in stress_nll.items() if k in rl_nll}, lambda m: m > 0)
     finding("OPD from the mild teacher recovers >= half of its target gain (fraction)",
             figure("opd_mild", "recovered"), lambda m: m >= 0.5)
-    finding("OPD from the mild teacher forgets <= 2 points", figure("opd_mild", "forgetting"),
-            lambda m: m <= 2, versus("opd_mild"), "forgetting")
+    forgets("opd_mild", "OPD from the mild teacher forgets <= 2 points", lambda m: m <= 2)
     for student, spec in runs.items():
         teacher = spec.get("teacher")
         if not teacher or teacher == "sft_mild" or not student.startswith("opd_"):
@@ -178,7 +225,8 @@ def findings(per: dict, results: dict, runs: dict, points: list) -> list:
                 versus(student, teacher), "gsm8k_flexible")
         finding(f"{student} beats its teacher on retention (points)",
                 figure(student, "minus_teacher_retained"), lambda m: m > 0,
-                versus(student, teacher), "forgetting", sign=-1)
+                versus(student, teacher), "forgetting", sign=-1,
+                logprob=(figure(student, "minus_teacher_retained_logprob"), -1))
     finding("the one-step KL signal from the stress teacher collapses (its target as a fraction "
             "of the base's, < 0.5)", {k: r["target"] / base_target[k.split("/")[0]]
                                       for k, r in per.get("opd_stress_token_kl", {}).items()
@@ -192,6 +240,40 @@ def findings(per: dict, results: dict, runs: dict, points: list) -> list:
                                              for key, points in by_key.items()
                                              if len(points) > 1}, lambda m: m >= 0.8)
     return out
+
+
+def questions_interval(pairs: list, column: str, sign: int):
+    """sign x (run - partner) on one column (or base - run on "forgetting") over the pairs, with
+    the questions' standard error and 95% interval (report.summarize_seeds); None for no pairs."""
+    from harness.report import summarize_seeds
+    if not pairs:
+        return None
+    figures = summarize_seeds(pairs)[column]
+    low, high = sorted((sign * figures["low"], sign * figures["high"]))
+    return {"stderr": figures["stderr"], "low": low, "high": high,
+            "excludes_zero": figures["excludes_zero"]}
+
+
+def logprob_interval(pairs: list, sign: int):
+    """The continuous figure's item-level interval: sign x (partner - run) in the log-probability
+    of the true choices (nats), each question's difference averaged over the pairs (paired, as
+    summarize_seeds averages the accuracies), then the retention tasks' mean. None where the pairs
+    did not all score the same questions or hold no per-question log-probabilities."""
+    from harness.report import item_scores
+    from harness.stats import average_of_differences, difference, paired_difference
+    per_task = []
+    for task in RETENTION_TASKS:
+        samples = [[r["tasks"][task]["samples"] for r in pair] for pair in pairs]
+        if len({tuple(s.get("index") for s in one) for pair in samples for one in pair}) != 1:
+            return None
+        scores = [[item_scores(one, "logprob") for one in pair] for pair in samples]
+        if any(score is None for pair in scores for score in pair):
+            return None
+        runs, partners = ([statistics.mean(question) for question in zip(*side)]
+                          for side in zip(*scores))
+        per_task.append(paired_difference(partners, runs))
+    mean = average_of_differences(per_task)
+    return difference(sign * mean["delta"], mean["stderr"], paired=True)
 
 
 def sign_agreement(points):
@@ -231,11 +313,62 @@ def condition_points(per: dict) -> list:
     return points
 
 
+def instruments(per: dict, results: dict) -> list:
+    """For each base and retention task (and Forgetting, their mean): its questions, the base's
+    score and log-probability of the true choices, and the minimum detectable forgetting (MDF =
+    1.96 x the paired standard error of base - run, in points) of the positive control (the mean
+    over its seeds) and its range over every run of that base."""
+    from harness.report import stderr_of
+    rows = []
+    for b, base in results["base"].items():
+        runs = [row for name, by_key in per.items() if name != "base"
+                for key, row in by_key.items() if key.split("/")[0] == b]
+        control = [row for key, row in per.get(CONTROL, {}).items() if key.split("/")[0] == b]
+        for task in (*RETENTION_TASKS, "forgetting"):
+            mdfs = [row[f"mdf_{task}"] for row in runs if row.get(f"mdf_{task}") is not None]
+            control_mdfs = [row[f"mdf_{task}"] for row in control
+                            if row.get(f"mdf_{task}") is not None]
+            figures = {"base": b, "task": task,
+                       "mdf_control": statistics.mean(control_mdfs) if control_mdfs else None,
+                       "mdf_min": min(mdfs, default=None), "mdf_max": max(mdfs, default=None)}
+            if task != "forgetting":
+                figures.update(questions=base["tasks"][task]["n"], score=per["base"][b][task],
+                               stderr=stderr_of(base, task),
+                               logprob=per["base"][b].get(f"{task}_logprob"))
+            rows.append(figures)
+    return rows
+
+
+def paper_question(per: dict, teacher="sft_stress", student="opd_stress") -> dict:
+    """The paper's stress teacher, asked of the lab's: on which bases and seeds does the teacher
+    land in PROFILE (its target 0-10 points below its base's, 10-25% of retention lost), and there,
+    does its OPD student beat it on the target and on retention? Each with the teacher's local
+    advantage beside it."""
+    rows = {}
+    for key, row in per.get(teacher, {}).items():
+        below = per["base"][key.split("/")[0]]["target"] - row["target"]
+        loss = 100 - row["retention"]
+        (low, high), (least, most) = PROFILE["target_below"], PROFILE["retention_loss"]
+        rows[key] = {"target_below": below, "retention_loss": loss,
+                     "in_profile": low < below <= high and least <= loss <= most}
+        mine = per.get(student, {}).get(key)
+        if mine:
+            rows[key].update({k: mine.get(k) for k in (
+                "minus_teacher_target", "minus_teacher_retained",
+                "minus_teacher_retained_logprob", "local_advantage")})
+    landed = [r for r in rows.values() if r["in_profile"] and "minus_teacher_target" in r]
+    return {"rows": rows, "in_profile": sum(r["in_profile"] for r in rows.values()),
+            "of": len(rows), "answered": len(landed),
+            "beats_on_target": sum(r["minus_teacher_target"] > 0 for r in landed),
+            "beats_on_retention": sum(r["minus_teacher_retained"] > 0 for r in landed)}
+
+
 # Writing them ---------------------------------------------------------------------------------
 
 COLUMNS = [("target", "Target (GSM8K-format)"), ("mmlu", "MMLU-format"),
            ("truthfulqa_mc2", "TruthfulQA MC2"), ("forgetting", "Forgetting ↓"),
-           ("retention", "Retention ↑ %"), ("state_nll", "State NLL"),
+           ("retention", "Retention ↑ %"), ("forgetting_logprob", "Forgetting (log-prob) ↓"),
+           ("state_nll", "State NLL"),
            ("mmd2_lexical", "MMD² lexical"), ("mmd2_hidden", "MMD² hidden")]
 STUDY_COLUMNS = [("target", "Target"), ("retained", "Retained (MMLU, MC2)"),
                  ("forgetting", "Forgetting ↓"), ("minus_teacher_target", "− teacher: target"),
@@ -248,7 +381,7 @@ STUDY_COLUMNS = [("target", "Target"), ("retained", "Retained (MMLU, MC2)"),
 def cell(figures, key):
     if key not in figures:
         return "–"
-    digits = 3 if key.startswith("mmd2") else 2 if "nll" in key else 1
+    digits = 3 if key.startswith("mmd2") or "logprob" in key else 2 if "nll" in key else 1
     return f"{figures[key]['mean']:.{digits}f} ± {figures[key]['std']:.{digits}f}"
 
 
@@ -281,20 +414,68 @@ def matrix_markdown(summary) -> list:
 
 
 def findings_markdown(found) -> list:
-    lines = ["", "| finding | mean ± std over runs | questions' 95% interval | per base | holds |",
-             "|---|---|---|---|---|"]
+    lines = ["", "| finding | mean ± std over runs | questions' 95% interval | per base (its "
+             "interval) | log-prob drop, nats [interval] | holds |", "|---|---|---|---|---|---|"]
     for f in found:
-        per_base = ", ".join(f"{b}: {m:.2f}" for b, m in f["per_base"].items())
+        per_base = ", ".join(f"{b}: {m:.2f}" + (f" {interval(f['item_per_base'][b], 1)}"
+                                                 if f["item_per_base"] else "")
+                             for b, m in f["per_base"].items())
         bases = [b for b, ok in f["holds_per_base"].items() if ok]
         where = ("on every base" if len(bases) == len(f["holds_per_base"])
                  else f"on {', '.join(bases)} only" if bases else "on no base")
         verdict = f"{'yes' if f['holds'] else 'no'} (mean); {where}"
-        item = "–"
-        if f["item"] and f["item"]["stderr"] is not None:
-            star = " *" if f["item"]["excludes_zero"] else ""
-            item = f"[{f['item']['low']:.1f}, {f['item']['high']:.1f}]{star}"
+        continuous = "–"
+        if f["logprob"]:
+            continuous = (f"{f['logprob']['mean']:.3f} ± {f['logprob']['std']:.3f} "
+                          f"{interval(f['logprob']['item'], 3)}")
         lines.append(f"| {f['claim']} | {f['overall']['mean']:.2f} ± {f['overall']['std']:.2f} "
-                     f"| {item} | {per_base} | {verdict} |")
+                     f"| {interval(f['item'], 1)} | {per_base} | {continuous} | {verdict} |")
+    return lines
+
+
+def interval(item, digits) -> str:
+    """'[low, high] *' (* where it excludes 0), or '–'."""
+    if not item or item["stderr"] is None:
+        return "–"
+    star = " *" if item["excludes_zero"] else ""
+    return f"[{item['low']:.{digits}f}, {item['high']:.{digits}f}]{star}"
+
+
+def instruments_markdown(rows) -> list:
+    lines = ["", "The instruments: each retention task's questions, the base's score (± its "
+             "standard error) and mean log-probability of the true choices, and the minimum "
+             "detectable forgetting, MDF = 1.96 x the paired standard error of base - run "
+             "(points): of the positive control (mean over its seeds) and over every run.", "",
+             "| base | task | questions | base score | base log-prob (nats) | MDF of the control "
+             "| MDF over the runs |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        score = f"{r['score']:.1f} ± {r['stderr']:.1f}" if "score" in r else "–"
+        logprob = f"{r['logprob']:.3f}" if r.get("logprob") is not None else "–"
+        control = f"{r['mdf_control']:.2f}" if r["mdf_control"] is not None else "–"
+        spread = (f"{r['mdf_min']:.2f} to {r['mdf_max']:.2f}" if r["mdf_min"] is not None
+                  else "–")
+        lines.append(f"| {r['base']} | {r['task']} | {r.get('questions', '–')} | {score} | "
+                     f"{logprob} | {control} | {spread} |")
+    return lines
+
+
+def paper_question_markdown(answer) -> list:
+    (low, high), (least, most) = PROFILE["target_below"], PROFILE["retention_loss"]
+    lines = ["", f"The paper's stress teacher (its target {low} to {high} points below the base's, "
+             f"{least} to {most}% of retention lost): the lab's stress teacher lands there on "
+             f"{answer['in_profile']} of {answer['of']} bases and seeds; there, its OPD student "
+             f"beats it on the target on {answer['beats_on_target']} of {answer['answered']} "
+             f"and on retention on {answer['beats_on_retention']} of {answer['answered']}.", "",
+             "| base/seed | teacher: below the base (points) | teacher: retention lost (%) | "
+             "in profile | student − teacher: target | : retained (points) | : retained "
+             "log-prob (nats) | local advantage |", "|---|---|---|---|---|---|---|---|"]
+    for key, r in answer["rows"].items():
+        cells = [f"{r['target_below']:.1f}", f"{r['retention_loss']:.1f}",
+                 "yes" if r["in_profile"] else "no"]
+        cells += [fmt(r.get(k), digits) for k, digits in (
+            ("minus_teacher_target", 1), ("minus_teacher_retained", 1),
+            ("minus_teacher_retained_logprob", 3), ("local_advantage", 1))]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -306,11 +487,13 @@ def write_tables(args, runs):
     summary = {name: summarize(list(rows.values())) for name, rows in per.items() if rows}
     points = condition_points(per)
     found = findings(per, results, runs, points)
+    measured, answer = instruments(per, results), paper_question(per)
     lab_json = json.loads((args.out / "lab.json").read_text())
     out = {"bases": args.bases, "seeds": args.seeds, "versions": lab_json.get("versions"),
            "per_seed": per, "summary": summary,
            "per_base": {name: by_base(rows) for name, rows in per.items() if rows},
-           "findings": found, "condition": points,
+           "findings": found, "instruments": measured, "paper_question": answer,
+           "condition": points,
            "condition_r": {y: correlation([p["local_advantage"] for p in points],
                                           [p[y] for p in points])
                            for y in ("minus_teacher_target", "minus_teacher_retained")},
@@ -319,18 +502,23 @@ def write_tables(args, runs):
                     "percent of the base; spread: the sample std over every base and seed; "
                     "state NLL: mean over training steps of the trainer's state_nll; local "
                     f"quality: the share of the student's states (first {EARLY_STEPS} steps) "
-                    "that the teacher's continuation takes to a right answer"}
+                    "that the teacher's continuation takes to a right answer; log-prob: the mean "
+                    "log-probability of the true choices (nats), its drop base - run; MDF: the "
+                    "minimum detectable forgetting, 1.96 x the paired standard error (points)"}
     write_whole(args.out / "table.json", json.dumps(out, indent=1) + "\n")  # a full disk: a line
     n = len(args.bases) * len(args.seeds)
-    six = [name for name in paper.RUNS if name in per]  # "base" first: it is always in per
+    # the six ("base" first: it is always in per) and the positive control
+    six = [name for name in (*paper.RUNS, CONTROL) if name in per]
     lines = markdown(summary, six, COLUMNS)
     lines.append(f"\nMean ± std over {n} runs: bases {', '.join(map(str, args.bases))} x seeds "
                  f"{', '.join(map(str, args.seeds))} (each base evaluated once). Forgetting: "
                  "base - run, in points, averaged over MMLU and TruthfulQA MC2; Retention: run / "
-                 "base, averaged likewise. State NLL: the mean over training steps of the NLL of "
-                 "the states each trainer trained on, under the learner. MMD²: state drift from "
-                 "the base (eval.py --drift_reference).")
+                 "base, averaged likewise; Forgetting (log-prob): the drop in the mean "
+                 "log-probability of the true choices, in nats, averaged likewise. State NLL: the "
+                 "mean over training steps of the NLL of the states each trainer trained on, under "
+                 "the learner. MMD²: state drift from the base (eval.py --drift_reference).")
     lines += findings_markdown(found)
+    lines += instruments_markdown(measured) + paper_question_markdown(answer)
     table = "\n".join(lines) + "\n"
     write_whole(args.out / "table.md", table)
     print("\n" + table, flush=True)
@@ -357,5 +545,5 @@ def write_tables(args, runs):
             lab_plot.plot_condition(args, points)
 
 
-def fmt(r):
-    return "–" if r is None else f"{r:.2f}"
+def fmt(r, digits=2):
+    return "–" if r is None else f"{r:.{digits}f}"

@@ -8,16 +8,19 @@ Everything is generated from one seed, so the world is the same on every machine
                           ("Ann has 5 pens. 5 + 3 = 8. 8 - 2 = 6.\\n#### 6"), the one the base
                           reads in pretraining, and style B, the same sums in another layout and
                           phrasing ("Step 1, add 3: 5 + 3 = 8.\\nStep 2, take away 2: ..."),
-                          which the base never reads: the stress SFT data, states the base would
-                          not visit (as GSM8K's human solutions are for a base model). B keeps
-                          the digits and the sums, so a model trained on it still computes the
-                          answers. Both end in "#### N", so eval.py scores them alike.
-    retention (mmlu/)     four subjects of made-up facts (a country's capital, an animal's
-                          color, ...) asked as MMLU asks: the question, four choices "A. ..." to
-                          "D. ...", "Answer:" and a letter.
-    retention (truthfulqa/) what each of 60 made-up creatures eats, asked as TruthfulQA asks
-                          ("Q: ...\\nA:"), with true answers (two phrasings) and false ones, in
-                          MC1 and MC2 form.
+                          which the base never reads: states the base would not visit (as GSM8K's
+                          human solutions are for a base model). B keeps the digits and the sums,
+                          so a model trained on it still computes the answers. Both end in
+                          "#### N", so eval.py scores them alike. The stress SFT data are mostly
+                          style A with a share in B, as sloppy as the pretraining corpus.
+    retention (mmlu/)     four subjects of KEYS made-up facts each (a country's capital, an
+                          animal's color, ...) asked as MMLU asks: the question, four choices
+                          "A. ..." to "D. ...", "Answer:" and a letter.
+    retention (truthfulqa/) what each of N_CREATURES made-up creatures eats, asked as TruthfulQA
+                          asks ("Q: ...\\nA:"), with true answers (two phrasings) and false ones
+                          (in the same two phrasings), in MC1 and MC2 form.
+    the long tail         pretraining reads the facts unevenly (RARITY), so that a base knows
+                          some of them and not others: its retention scores sit off the ceiling.
 
 write_data() writes the files data/prepare.py writes (gsm8k/{train,test}.jsonl,
 mmlu/{dev,test}.jsonl, truthfulqa/mc.jsonl), so eval.py and the trainers read them through
@@ -37,23 +40,29 @@ SYLLABLES = ("ba be bi bo bu da de di do du ga ge go gu ka ke ki ko ku la le li 
              "vi vo za ze zo").split()
 
 # MMLU subjects: question template, fact-statement template, how many keys, the pool of values
+KEYS = 128  # facts per subject
 SUBJECTS = {
-    "geography": ("What is the capital of {key}?", "The capital of {key} is {value}.", 48, None),
-    "zoology": ("What color is the {key}?", "The {key} is {value}.", 48,
+    "geography": ("What is the capital of {key}?", "The capital of {key} is {value}.", KEYS, None),
+    "zoology": ("What color is the {key}?", "The {key} is {value}.", KEYS,
                 ("red", "blue", "green", "yellow", "black", "white", "brown", "pink")),
-    "chemistry": ("Which metal is found in {key}?", "{key} holds {value}.", 48,
+    "chemistry": ("Which metal is found in {key}?", "{key} holds {value}.", KEYS,
                   ("iron", "gold", "silver", "copper", "tin", "lead", "zinc", "nickel")),
-    "astronomy": ("Which star does {key} circle?", "{key} circles the star {value}.", 48, None),
+    "astronomy": ("Which star does {key} circle?", "{key} circles the star {value}.", KEYS, None),
 }
 MMLU_HEADER = "The following are multiple choice questions (with answers) about {subject}.\n\n"
 FOODS = ("seeds", "rocks", "leaves", "fish", "sand", "grass", "bugs", "mud", "fruit", "bones",
          "moss", "snow")
-N_CREATURES = 60
+N_CREATURES = 384
+# how often pretraining reads a fact: the k-th of n facts (a subject's keys, the creatures) as
+# often as RARITY ** (k / (n - 1)) times the first, so that the commonest are known by heart and
+# the rarest barely (a long tail, as a real corpus has): a base scores off the ceiling
+RARITY = 1 / 30
 TRAIN_PROBLEMS, TEST_PROBLEMS = 2000, 400
 # the share of 3-step problems whose pretraining solution stops after step 2 (a wrong answer)
 SLOPPY = 0.6
-# the share of the mixed teacher's training solutions in style B (the rest in the base's style A)
-MIXED_B = 2 / 3
+# the share of training solutions in style B (the rest in the base's style A): the mixed
+# teacher's (mostly the new style), and the stress data's (mostly the base's own, some foreign)
+B_SHARE = {"mixed": 2 / 3, "stress": 1 / 3}
 
 
 class World:
@@ -83,6 +92,8 @@ class World:
         # find the true choice among shuffled ones
         self.mmlu = {s: {key: self.mmlu_row(s, key, rng) for key in self.facts[s]}
                      for s in SUBJECTS}
+        self.frequency = {kind: rarities(names)
+                          for kind, names in {**self.facts, "creatures": self.creatures}.items()}
 
     # --- target: word problems ------------------------------------------------------------------
 
@@ -138,19 +149,30 @@ class World:
             return problem
         return {**problem, "steps": steps, "gold": value}
 
+    @staticmethod
+    def stopped_early(problem: dict) -> dict:
+        """A 3-step problem as a sloppy writer solves it: the first two steps, and their result
+        for the answer (wrong)."""
+        return {**problem, "steps": problem["steps"][:2], "gold": problem["steps"][1][3]}
+
     def gsm8k_rows(self, n: int, seed: int, style: str) -> list:
         """n problems with their solutions in style A or B; style "slip": style A, as the slip
-        teacher reads the problems (misread: most end wrong); style "mixed": MIXED_B of them in
-        style B, the others in A (the mixed teacher's data: mostly the new style)."""
+        teacher reads the problems (misread: most end wrong); style "mixed" or "stress": a share
+        of them (B_SHARE) in style B, the others in A. The prefix "sloppy_" solves them as
+        sloppily as the pretraining corpus (SLOPPY of the 3-step solutions stop a step early), so
+        that they teach a style and no skill: the stress data are "sloppy_stress"."""
         rng = random.Random(seed)
         styles = random.Random(seed + 1)  # its own stream: every style has the same problems
         rows = []
+        sloppy, style = style.startswith("sloppy_"), style.removeprefix("sloppy_")
         for _ in range(n):
             problem = self.problem(rng)
             if style == "slip":
                 problem = self.misread(problem)
+            if sloppy and len(problem["steps"]) == 3 and styles.random() < SLOPPY:
+                problem = self.stopped_early(problem)
             written = style if style in ("A", "B") else "A"
-            if style == "mixed" and styles.random() < MIXED_B:
+            if style in B_SHARE and styles.random() < B_SHARE[style]:
                 written = "B"
             rows.append({"question": problem["question"],
                          "answer": self.solution(problem, written)})
@@ -176,19 +198,31 @@ class World:
         return [f"A {creature} eats {food}.", f"{creature.capitalize()}s eat {food}."]
 
     def truthfulqa_rows(self, seed: int) -> list:
-        """One row per creature: MC1 one true answer (first) and three false; MC2 both phrasings of
-        the truth, then three false ones."""
+        """One row per creature: MC1 one true answer (first) and three false, in one phrasing;
+        MC2 both phrasings of the truth, then both phrasings of two false ones, so that a model's
+        taste for a phrasing cancels out of its MC2 score (chance: 1/3) and only what it knows of
+        the creature moves it."""
         rng, rows = random.Random(seed), []
         for creature, food in self.creatures.items():
             wrong = rng.sample([f for f in FOODS if f != food], 3)
             true = self.creature_answers(creature, food)
-            false = [f"A {creature} eats {f}." for f in wrong]
+            false = [self.creature_answers(creature, f) for f in wrong]
+            mc2_false = [false[0][0], false[1][0], false[0][1], false[1][1]]
             rows.append({"question": f"What does a {creature} eat?",
-                         "mc1_targets": {"choices": [true[0]] + false, "labels": [1, 0, 0, 0]},
-                         "mc2_targets": {"choices": true + false, "labels": [1, 1, 0, 0, 0]}})
+                         "mc1_targets": {"choices": [true[0]] + [f[0] for f in false],
+                                         "labels": [1, 0, 0, 0]},
+                         "mc2_targets": {"choices": true + mc2_false,
+                                         "labels": [1, 1, 0, 0, 0, 0]}})
         return rows
 
     # --- pretraining documents ------------------------------------------------------------------
+
+    def common(self, rng, kind: str, k: int) -> list:
+        """k different facts of a subject (or k creatures), each drawn as often as its frequency:
+        each gets the key rng.random() ** (1 / frequency), and the k largest keys win (a weighted
+        sample without replacement, Efraimidis and Spirakis 2006)."""
+        frequency = self.frequency[kind]
+        return sorted(frequency, key=lambda name: -rng.random() ** (1 / frequency[name]))[:k]
 
     def documents(self, rng, mix: dict, preamble: str):
         """An endless stream of pretraining documents, each kind drawn with its weight in `mix`."""
@@ -198,27 +232,38 @@ class World:
             if kind == "target":  # a sloppy habit: most 3-step solutions here stop a step early
                 p = self.problem(rng)
                 if len(p["steps"]) == 3 and rng.random() < SLOPPY:
-                    p = {**p, "steps": p["steps"][:2], "gold": p["steps"][1][3]}
+                    p = self.stopped_early(p)
                 yield f"Question: {p['question']}\nAnswer: {self.solution(p, 'A')}"
             elif kind == "facts":
                 subject = rng.choice(list(SUBJECTS))
-                keys = rng.sample(list(self.facts[subject]), 4)
+                keys = self.common(rng, subject, 4)
                 yield " ".join(SUBJECTS[subject][1].format(key=k, value=self.facts[subject][k])
                                for k in keys)
             elif kind == "mmlu":
                 # several questions of one subject, as a few-shot MMLU prompt reads
                 subject = rng.choice(list(SUBJECTS))
-                rows = [self.mmlu[subject][key] for key in rng.sample(list(self.facts[subject]), 4)]
+                rows = [self.mmlu[subject][key] for key in self.common(rng, subject, 4)]
                 yield MMLU_HEADER.format(subject=subject) + "\n\n".join(
                     row["question"]
                     + "".join(f"\n{letter}. {c}" for letter, c in zip("ABCD", row["choices"]))
                     + "\nAnswer: " + "ABCD"[row["answer"]] for row in rows)
             else:  # truthfulqa: a few Q/A pairs, sometimes after eval's preamble
                 pairs = []
-                for creature in rng.sample(list(self.creatures), 3):
+                for creature in self.common(rng, "creatures", 3):
                     answer = rng.choice(self.creature_answers(creature, self.creatures[creature]))
                     pairs.append(f"Q: What does a {creature} eat?\nA: {answer}")
                 yield (preamble + "\n\n" if rng.random() < 0.3 else "") + "\n\n".join(pairs)
+
+
+def settings() -> dict:
+    """What decides the world beyond its seed (runs/lab.py records it in OUT/lab.json)."""
+    return dict(keys=KEYS, creatures=N_CREATURES, rarity=RARITY, sloppy=SLOPPY, b_share=B_SHARE,
+                problems=[TRAIN_PROBLEMS, TEST_PROBLEMS])
+
+
+def rarities(names) -> dict:
+    """name -> how often pretraining reads it: the k-th of n, RARITY ** (k / (n - 1))."""
+    return {name: RARITY ** (k / max(1, len(names) - 1)) for k, name in enumerate(names)}
 
 
 def write_jsonl(rows: list, path: Path):

@@ -310,6 +310,12 @@ def test_evaluate_end_to_end_through_the_cli(make_checkpoint, prepared_data, tmp
     assert mmlu["metrics"]["acc_stderr"] == pytest.approx(math.sqrt(acc * (1 - acc) / 2))
     assert mmlu["metrics"]["acc_stderr_clustered"] is not None
     assert set(mmlu["metrics"]["acc_per_subject"]) == {s["subject"] for s in mmlu["samples"]}
+    # the continuous figure: log p(the right letter), the four letters' probabilities normalised
+    for s in mmlu["samples"]:
+        probs = [math.exp(ll) for ll in s["logliks"]]
+        assert s["logprob"] == pytest.approx(math.log(probs[s["gold"]] / sum(probs)), rel=1e-9)
+    assert mmlu["metrics"]["logprob"] == pytest.approx(ev.mean(s["logprob"]
+                                                               for s in mmlu["samples"]))
 
     mc1, mc2 = tasks["truthfulqa_mc1"], tasks["truthfulqa_mc2"]
     # the same questions

@@ -74,6 +74,40 @@ def test_world_data_reads_as_the_real_data(tmp_path):
                for r in tqa)
 
 
+def test_world_stress_data_and_the_long_tail_of_facts():
+    """The stress data: the same questions, a third of the solutions in style B, the rest in the
+    base's style A, and as sloppy as the pretraining corpus (most 3-step solutions stop a step
+    early, with a wrong answer). Pretraining reads the k-th of n facts RARITY ** (k / (n - 1)) as
+    often as the first."""
+    world = world_module.World(seed=0)
+    plain, stress = world.gsm8k_rows(2000, 1, "A"), world.gsm8k_rows(2000, 1, "sloppy_stress")
+    assert [r["question"] for r in plain] == [r["question"] for r in stress]
+    in_b = [r["answer"].startswith("Step 1, ") for r in stress]
+    assert abs(sum(in_b) / len(in_b) - world_module.B_SHARE["stress"]) < 0.03
+    three_steps = [(a, b) for a, b in zip(plain, stress) if a["answer"].count(" = ") == 3]
+    stopped = [b["answer"].count(" = ") == 2 for _, b in three_steps]
+    assert abs(sum(stopped) / len(stopped) - world_module.SLOPPY) < 0.05
+    for (a, b), early in zip(three_steps, stopped):  # the answer of step 2, or the right one
+        assert (b["answer"].split("#### ")[1] != a["answer"].split("#### ")[1]) == early
+    import random
+    frequency = world.frequency["creatures"]
+    names = list(frequency)
+    assert frequency[names[0]] == 1.0 and frequency[names[-1]] == pytest.approx(
+        world_module.RARITY)
+    rng, drawn = random.Random(0), []
+    for _ in range(3000):
+        three = world.common(rng, "creatures", 3)
+        assert len(set(three)) == 3
+        drawn += three
+    # the commonest tenth and the rarest drawn about as often as their frequencies say (a
+    # weighted sample without replacement of 3 of 384 is near proportional)
+    tenth = len(names) // 10
+    common, rare = set(names[:tenth]), set(names[-tenth:])
+    ratio = sum(frequency[n] for n in rare) / sum(frequency[n] for n in common)
+    counted = sum(n in rare for n in drawn) / sum(n in common for n in drawn)
+    assert 0.75 * ratio < counted < 1.25 * ratio
+
+
 def test_world_slip_style_misreads_then_computes_right():
     """The slip teacher's data: the same questions, style A, the start misread as the first change
     in the problems where that stays within the world (about two thirds), every step right."""
@@ -103,6 +137,9 @@ def test_mini_lab_end_to_end_then_skips(tmp_path, capsys, monkeypatch):
                      r".*--data_dir \S*data_stress", log)
     assert re.search(r"opd_mild train: .*--teacher_temperature 0 .*--teacher \S*b0/seed0/sft_mild",
                      log)
+    # the positive control: the stress data, gently
+    assert re.search(r"\[lab\] b0 seed1 sft_control train: \S+ \S*train_sft\.py .*--lr 1e-4 "
+                     r".*--data_dir \S*data_stress", log)
     # each step's own output went to its log
     assert "sft_mild" in (out / "logs" / "b0_seed0_sft_mild_train.log").read_text()
 
@@ -128,7 +165,7 @@ def test_mini_lab_end_to_end_then_skips(tmp_path, capsys, monkeypatch):
     assert (again / "b1" / "base" / "model.safetensors").read_bytes() != weights
 
     table = json.loads((out / "table.json").read_text())
-    assert set(table["summary"]) == set(lab.SIX)
+    assert set(table["summary"]) == {*lab.SIX, "sft_control"}
     assert set(table["per_seed"]["rl"]) == {"b0/seed0", "b0/seed1"}
     assert table["versions"] == [lab.code_version()]  # one code version made all of it
     for name, rows in table["per_seed"].items():
@@ -155,8 +192,19 @@ def test_mini_lab_end_to_end_then_skips(tmp_path, capsys, monkeypatch):
     opd = table["per_seed"]["opd_mild"]["b0/seed0"]
     assert {"local_quality", "signal_nll", "minus_teacher_target"} <= set(opd)
     claims = [f["claim"] for f in table["findings"]]
-    assert "stress SFT forgets >= 10 points" in claims
-    assert "| sft_stress |" in (out / "table.md").read_text()
+    assert {"stress SFT forgets (points)", "the positive control forgets 2 to 5 points (its "
+            "interval excludes 0)"} <= set(claims)
+    text = (out / "table.md").read_text()
+    assert "| sft_stress |" in text and "| sft_control |" in text
+    # the instruments: the new retention tasks' questions, the continuous figure, the MDF
+    for row in (*table["per_seed"]["sft_control"].values(), *table["per_seed"]["rl"].values()):
+        assert row["mdf_mmlu"] >= 0 and row["mdf_forgetting"] >= 0
+        assert row["mmlu_logprob"] <= 0 and isinstance(row["forgetting_logprob"], float)
+    assert {(r["base"], r["task"]) for r in table["instruments"]} == {
+        ("b0", "mmlu"), ("b0", "truthfulqa_mc2"), ("b0", "forgetting")}
+    assert table["instruments"][0]["questions"] == 8  # MINI_EVAL's mmlu=8
+    assert set(table["paper_question"]["rows"]) == {"b0/seed0", "b0/seed1"}
+    assert "The paper's stress teacher" in text and "The instruments" in text
 
     # the study's runs, some of them: a teacher of the family with its student, and the matrix's
     # one-step KL signal; distill.md and the condition's points

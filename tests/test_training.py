@@ -97,12 +97,17 @@ def test_periodic_eval_scores_each_of_eval_tasks(prepared_data, byte_model_dir, 
     want = ev.evaluate(model, tokenizer, tasks, limit=3, data_dir=prepared_data, gsm8k_shots=1,
                        mmlu_shots=1)["tasks"]
     assert set(row) == {"step", "kl_to_start", "gsm8k_flexible", "gsm8k_strict", "mmlu_acc",
-                        "truthfulqa_mc1_acc", "truthfulqa_mc2"}
+                        "truthfulqa_mc1_acc", "truthfulqa_mc2", "mmlu_logprob",
+                        "truthfulqa_mc1_logprob", "truthfulqa_mc2_logprob"}
     assert row["gsm8k_flexible"] == want["gsm8k"]["metrics"]["exact_match_flexible"]
     assert row["mmlu_acc"] == want["mmlu"]["metrics"]["acc"]
     assert row["truthfulqa_mc1_acc"] == want["truthfulqa_mc1"]["metrics"]["acc"]
     assert row["truthfulqa_mc2"] == want["truthfulqa_mc2"]["metrics"]["mc2"]
     assert 0 < row["truthfulqa_mc2"] < 1  # a real score, not a default
+    # the continuous figure: the log of MC2's own score, question by question
+    assert row["truthfulqa_mc2_logprob"] == want["truthfulqa_mc2"]["metrics"]["logprob"]
+    assert row["truthfulqa_mc2_logprob"] == pytest.approx(ev.mean(
+        math.log(s["score"]) for s in want["truthfulqa_mc2"]["samples"]), rel=1e-9)
 
 
 # Checkpoints, --resume and the non-finite stop, through train_sft.py's main -------------------
