@@ -125,31 +125,34 @@ def test_the_notebooks_outputs_are_stripped_in_git():
 @pytest.mark.slow
 def test_run_py_on_the_miniature_swaps_the_function_in(tmp_path, monkeypatch, capsys):
     """With the project's functions in the student's place, the run and its eval are the lab's
-    own, bit for bit; with a mutant (exercise 4's baseline over the whole batch, not each
-    question's), the run is trained anyway, after a warning, and ends elsewhere."""
+    own, bit for bit; with a mutant (exercise 1: each answer's mean NLL, then their mean), the
+    run is trained anyway, after a warning, and ends elsewhere. (SFT: in the miniature, RL's
+    few groups all have equal rewards, so its run would not move whatever the function.)"""
     course_run = load_script("course/run.py")
     out = tmp_path / "course"
-    rows = course_run.main(["rl", "--mini", "--solutions", "--out", str(out)])
+    rows = course_run.main(["sft", "--mini", "--solutions", "--out", str(out)])
     printed = capsys.readouterr().out
     assert rows["yours"] == rows["the project's"]
     assert "<- the figure that matters" in printed and "the project's again" in printed
     folder = out / "b1" / "seed3"
-    weights = (folder / "rl" / "model.safetensors").read_bytes()
-    assert (folder / "course" / "rl" / "model.safetensors").read_bytes() == weights
-    assert (json.loads((folder / "results" / "course" / "rl.json").read_text())["tasks"]
-            == json.loads((folder / "results" / "rl.json").read_text())["tasks"])
-    # a mutant of exercise 4 in the student's place; the other exercises the project's
-    mutant = grading.grader("ex4_group_advantages").mutant_a_baseline_over_the_whole_batch
+    base = (out / "b1" / "base" / "model.safetensors").read_bytes()
+    weights = (folder / "sft_mild" / "model.safetensors").read_bytes()
+    assert weights != base  # the run trained
+    assert (folder / "course" / "sft" / "model.safetensors").read_bytes() == weights
+    assert (json.loads((folder / "results" / "course" / "sft.json").read_text())["tasks"]
+            == json.loads((folder / "results" / "sft_mild.json").read_text())["tasks"])
+    # a mutant of exercise 1 in the student's place
+    mutant = grading.grader("ex1_target_nll").mutant_a_mean_over_sequences
     projects = grading.function_of
 
-    def a_mutant_in_exercise_4(exercise, solution=False):
-        return mutant if exercise == "ex4_group_advantages" else projects(exercise, solution=True)
-    monkeypatch.setattr(course_run.grading, "function_of", a_mutant_in_exercise_4)
-    course_run.main(["rl", "--mini", "--out", str(out)])
+    def a_mutant_in_exercise_1(exercise, solution=False):
+        return mutant if exercise == "ex1_target_nll" else projects(exercise, solution=True)
+    monkeypatch.setattr(course_run.grading, "function_of", a_mutant_in_exercise_1)
+    course_run.main(["sft", "--mini", "--out", str(out)])
     printed = capsys.readouterr().out
-    assert "warning: your mutant_a_baseline_over_the_whole_batch fails check_" in printed
+    assert "warning: your mutant_a_mean_over_sequences fails check_" in printed
     assert "replacing your last run" in printed
-    assert (folder / "course" / "rl" / "model.safetensors").read_bytes() != weights
+    assert (folder / "course" / "sft" / "model.safetensors").read_bytes() != weights
 
 
 @pytest.mark.slow
