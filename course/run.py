@@ -167,9 +167,7 @@ def figures(folder, name, base) -> dict:
 
 
 def shown(key, value) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.{3 if key.startswith('mmd2') else 2 if 'nll' in key else 1}f}"
+    return lab_table.fmt(value, lab_table.digits_of(key))
 
 
 def print_rows(args, spec, rows, swaps):

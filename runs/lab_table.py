@@ -30,6 +30,18 @@ CONTROL = "sft_control"  # the positive control: a run designed to forget a litt
 CONTROL_FORGETS = (2, 5)  # points, with a 95% interval that excludes 0
 
 
+def target_in_profile(below) -> bool:
+    """Is a target this many points below its base's in PROFILE (0 excluded: not below)?"""
+    low, high = PROFILE["target_below"]
+    return low < below <= high
+
+
+def retention_in_profile(loss) -> bool:
+    """Is this relative loss of retention (%) in PROFILE?"""
+    least, most = PROFILE["retention_loss"]
+    return least <= loss <= most
+
+
 def mean_of(rows, key):
     values = [r[key] for r in rows if r.get(key) is not None]
     return statistics.mean(values) if values else None
@@ -200,11 +212,11 @@ def findings(per: dict, results: dict, runs: dict, points: list) -> list:
     below, loss = PROFILE["target_below"], PROFILE["retention_loss"]
     finding(f"stress SFT's target is {below[0]} to {below[1]} points below its base's (points "
             "below)", {k: -v for k, v in gain("sft_stress").items()},
-            lambda m: below[0] < m <= below[1], versus("sft_stress"), "gsm8k_flexible", sign=-1)
+            target_in_profile, versus("sft_stress"), "gsm8k_flexible", sign=-1)
     forgets("sft_stress", "stress SFT forgets (points)", lambda m: m > 0, interval=True)
     finding(f"stress SFT loses {loss[0]} to {loss[1]}% of retention (relative, %)",
             {k: 100 - v for k, v in figure("sft_stress", "retention").items()},
-            lambda m: loss[0] <= m <= loss[1])
+            retention_in_profile)
     finding("light RL gains >= 5 points on the target", gain("rl"), lambda m: m >= 5,
             versus("rl"), "gsm8k_flexible")
     forgets("rl", "light RL forgets <= 2 points", lambda m: m <= 2)
@@ -348,9 +360,8 @@ def paper_question(per: dict, teacher="sft_stress", student="opd_stress") -> dic
     for key, row in per.get(teacher, {}).items():
         below = per["base"][key.split("/")[0]]["target"] - row["target"]
         loss = 100 - row["retention"]
-        (low, high), (least, most) = PROFILE["target_below"], PROFILE["retention_loss"]
         rows[key] = {"target_below": below, "retention_loss": loss,
-                     "in_profile": low < below <= high and least <= loss <= most}
+                     "in_profile": target_in_profile(below) and retention_in_profile(loss)}
         mine = per.get(student, {}).get(key)
         if mine:
             rows[key].update({k: mine.get(k) for k in (
@@ -378,10 +389,15 @@ STUDY_COLUMNS = [("target", "Target"), ("retained", "Retained (MMLU, MC2)"),
                  ("state_nll", "State NLL")]
 
 
+def digits_of(key) -> int:
+    """The decimals a figure is shown with: MMD² and log-probabilities 3, NLLs 2, points 1."""
+    return 3 if key.startswith("mmd2") or "logprob" in key else 2 if "nll" in key else 1
+
+
 def cell(figures, key):
     if key not in figures:
         return "–"
-    digits = 3 if key.startswith("mmd2") or "logprob" in key else 2 if "nll" in key else 1
+    digits = digits_of(key)
     return f"{figures[key]['mean']:.{digits}f} ± {figures[key]['std']:.{digits}f}"
 
 
@@ -450,12 +466,10 @@ def instruments_markdown(rows) -> list:
              "| MDF over the runs |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         score = f"{r['score']:.1f} ± {r['stderr']:.1f}" if "score" in r else "–"
-        logprob = f"{r['logprob']:.3f}" if r.get("logprob") is not None else "–"
-        control = f"{r['mdf_control']:.2f}" if r["mdf_control"] is not None else "–"
         spread = (f"{r['mdf_min']:.2f} to {r['mdf_max']:.2f}" if r["mdf_min"] is not None
                   else "–")
         lines.append(f"| {r['base']} | {r['task']} | {r.get('questions', '–')} | {score} | "
-                     f"{logprob} | {control} | {spread} |")
+                     f"{fmt(r.get('logprob'), 3)} | {fmt(r['mdf_control'])} | {spread} |")
     return lines
 
 
