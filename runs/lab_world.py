@@ -32,6 +32,8 @@ import json
 import random
 from pathlib import Path
 
+from harness.resources import write_whole
+
 NAMES = ("Ann", "Bob", "Cal", "Dee", "Eli", "Fay", "Gus", "Hal", "Ivy", "Jo", "Kim", "Lou")
 ITEMS = ("apples", "pens", "books", "cards", "coins", "cups", "eggs", "hats", "keys", "rocks")
 MAX_VALUE = 40  # every number in a problem, start, step or result, is within 0..40
@@ -267,10 +269,9 @@ def rarities(names) -> dict:
 
 
 def write_jsonl(rows: list, path: Path):
+    """The file whole, or (a full disk: one line) the one before it: resources.write_whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    tmp.replace(path)
+    write_whole(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def write_data(world: World, out: Path, style: str, n_train=TRAIN_PROBLEMS, n_test=TEST_PROBLEMS):

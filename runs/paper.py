@@ -62,6 +62,7 @@ if str(ROOT) not in sys.path:  # harness/, and the scripts that --in_process run
     sys.path.insert(0, str(ROOT))
 from harness.cli import (ArgumentParser, Stop, check_device, check_writable_dir,  # noqa: E402
                          fail, positive_int, stops_cleanly)
+from harness.resources import write_whole  # noqa: E402
 
 RUNS = ("base", "sft_mild", "sft_stress", "opd_mild", "opd_stress", "rl")
 TASKS = "gsm8k,mmlu,truthfulqa_mc1,truthfulqa_mc2"
@@ -204,9 +205,7 @@ def run_step(name, script, argv, args, stdout_to=None):
         fail(f"{name} failed (exit status {code}): {shown}; fix the cause and run paper.py again: "
              "what finished is skipped, a trainer continues from its last checkpoint")
     if stdout_to:
-        tmp = Path(str(stdout_to) + ".tmp")
-        tmp.write_text(captured.getvalue())
-        os.replace(tmp, stdout_to)
+        write_whole(stdout_to, captured.getvalue())  # whole, or (a full disk) one line
     say(f"{name}: done in {time.time() - began:.0f} s")
 
 
